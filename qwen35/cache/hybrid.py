@@ -1,0 +1,37 @@
+"""Device tensors of the hybrid cache: paged K/V for full-attention layers and per-slot conv history + fp32
+recurrent state for Gated DeltaNet layers. Pure storage; which request owns which block or slot is the block and
+slot managers' business (engine issue). The block size never depends on the recurrent state's size."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.models.qwen3_5 import AttentionCacheSpec, LinearCacheSpec
+
+
+class HybridCache:
+    def __init__(self, spec: dict, num_blocks: int, block_size: int, num_slots: int,
+                 dtype: torch.dtype, device="cpu", state_dtype: torch.dtype = torch.float32):
+        self.block_size, self.num_blocks, self.num_slots = block_size, num_blocks, num_slots
+        self.k, self.v, self.conv, self.ssm = {}, {}, {}, {}
+        for i, s in spec.items():
+            if isinstance(s, AttentionCacheSpec):
+                shape = (num_blocks, block_size, s.num_kv_heads, s.head_dim)
+                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+            elif isinstance(s, LinearCacheSpec):
+                self.conv[i] = torch.zeros(num_slots, s.conv_dim, s.conv_history, dtype=dtype, device=device)
+                self.ssm[i] = torch.zeros(num_slots, s.num_v_heads, s.k_head_dim, s.v_head_dim,
+                                          dtype=state_dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(spec: dict, dtype: torch.dtype) -> int:
+        size = torch.empty(0, dtype=dtype).element_size()
+        return sum(2 * s.num_kv_heads * s.head_dim * size for s in spec.values() if isinstance(s, AttentionCacheSpec))
+
+    @staticmethod
+    def bytes_per_slot(spec: dict, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
+        size = torch.empty(0, dtype=dtype).element_size()
+        ssize = torch.empty(0, dtype=state_dtype).element_size()
+        return sum(s.conv_dim * s.conv_history * size + s.num_v_heads * s.k_head_dim * s.v_head_dim * ssize
+                   for s in spec.values() if isinstance(s, LinearCacheSpec))

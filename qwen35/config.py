@@ -1,0 +1,312 @@
+"""Model configuration: frozen dataclasses parsed from a checkpoint's config.json.
+
+`ModelConfig.from_hf(dict)` accepts the multimodal wrappers (`qwen3_5`, `qwen3_5_moe`: a `text_config` plus a
+`vision_config`) and the text-only types (`qwen3_5_text`, `qwen3_5_moe_text`, `qwen3_next`). Unknown keys are
+ignored; derived values (layer pattern, rotary dims, GDN head ratio) are computed once here. A broken config is a
+`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+WRAPPER_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+LAYER_TYPES = ("linear_attention", "full_attention")
+SUPPORTED_ROPE_TYPES = ("default", "mrope")
+
+
+class ConfigError(ValueError):
+    """A config.json that qwen35 cannot run; the message names the field."""
+
+
+def _get(d: dict, key: str, kind: type | tuple, default: Any = ..., where: str = "") -> Any:
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise ConfigError(f"config{where}: required field '{key}' is missing")
+        return default
+    value = d[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config{where}: field '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _positive(value: int, name: str, where: str) -> int:
+    if value <= 0:
+        raise ConfigError(f"config{where}: field '{name}' must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text decoder: Gated DeltaNet + gated attention layers, dense or MoE FFNs."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    intermediate_size: int = 0  # dense FFN width; 0 when every layer is MoE
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    attention_bias: bool = False
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    num_experts: int = 0  # 0 = dense model
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # Qwen3.5 always renormalises; Qwen3-Next makes it a switch
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE FFN (True) or dense SwiGLU (False)
+    fused_gdn_projections: bool = False  # Qwen3-Next stores in_proj_qkvz / in_proj_ba, group-interleaved
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    # Derived sizes (see shared/spec/text-model.md §1.5).
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.moe_layers)
+
+    @property
+    def num_full_attention_layers(self) -> int:
+        return sum(t == "full_attention" for t in self.layer_types)
+
+    @property
+    def num_linear_attention_layers(self) -> int:
+        return sum(t == "linear_attention" for t in self.layer_types)
+
+    @staticmethod
+    def from_hf(d: dict, model_type: str | None = None, where: str = "") -> "TextConfig":
+        model_type = model_type or d.get("model_type")
+        if model_type not in TEXT_MODEL_TYPES:
+            raise ConfigError(
+                f"config{where}: unknown model_type {model_type!r}; qwen35 runs "
+                f"{', '.join(TEXT_MODEL_TYPES + tuple(WRAPPER_MODEL_TYPES))}"
+            )
+        is_next = model_type == "qwen3_next"
+        is_moe = model_type in ("qwen3_5_moe_text", "qwen3_next")
+        g = lambda key, kind, default=...: _get(d, key, kind, default, where)  # noqa: E731
+
+        num_layers = _positive(g("num_hidden_layers", int), "num_hidden_layers", where)
+        layer_types = g("layer_types", list, None)
+        if layer_types is None:
+            interval = _positive(g("full_attention_interval", int, 4), "full_attention_interval", where)
+            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
+        if len(layer_types) != num_layers:
+            raise ConfigError(
+                f"config{where}: field 'layer_types' has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
+            )
+        for i, t in enumerate(layer_types):
+            if t not in LAYER_TYPES:
+                raise ConfigError(f"config{where}: field 'layer_types[{i}]' is {t!r}; expected one of {LAYER_TYPES}")
+
+        # RoPE: `rope_parameters` (or legacy `rope_scaling`), then top-level legacy keys, then HF's defaults.
+        rope = g("rope_parameters", dict, None) or g("rope_scaling", dict, None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"config{where}: field 'rope_parameters.rope_type' {rope_type!r} is not supported yet")
+        rope_theta = _get(rope, "rope_theta", float, g("rope_theta", float, 10_000.0), f"{where}.rope_parameters")
+        partial = _get(rope, "partial_rotary_factor", float, g("partial_rotary_factor", float, 0.25),
+                       f"{where}.rope_parameters")
+        mrope_section = tuple(rope.get("mrope_section") or (11, 11, 10))
+
+        num_experts = g("num_experts", int, 0) if is_moe else 0
+        if is_moe and num_experts <= 0:
+            raise ConfigError(f"config{where}: required field 'num_experts' is missing or not positive")
+        if is_next:
+            step = g("decoder_sparse_step", int, 1)
+            mlp_only = set(g("mlp_only_layers", list, []))
+            moe_layers = tuple(
+                i not in mlp_only and num_experts > 0 and (i + 1) % max(step, 1) == 0 for i in range(num_layers)
+            )
+        else:
+            moe_layers = (is_moe,) * num_layers
+
+        eos = g("eos_token_id", (int, list), None)
+        cfg = TextConfig(
+            model_type=model_type,
+            vocab_size=_positive(g("vocab_size", int), "vocab_size", where),
+            hidden_size=_positive(g("hidden_size", int), "hidden_size", where),
+            num_hidden_layers=num_layers,
+            num_attention_heads=_positive(g("num_attention_heads", int), "num_attention_heads", where),
+            num_key_value_heads=_positive(g("num_key_value_heads", int), "num_key_value_heads", where),
+            head_dim=_positive(g("head_dim", int, 256), "head_dim", where),
+            layer_types=tuple(layer_types),
+            intermediate_size=g("intermediate_size", int, 0) if not all(moe_layers) else 0,
+            hidden_act=g("hidden_act", str, "silu"),
+            rms_norm_eps=g("rms_norm_eps", float, 1e-6),
+            max_position_embeddings=g("max_position_embeddings", int, 32768),
+            attention_bias=g("attention_bias", bool, False),
+            rope_theta=rope_theta,
+            partial_rotary_factor=partial,
+            mrope_section=mrope_section,
+            linear_conv_kernel_dim=_positive(g("linear_conv_kernel_dim", int, 4), "linear_conv_kernel_dim", where),
+            linear_key_head_dim=_positive(g("linear_key_head_dim", int, 128), "linear_key_head_dim", where),
+            linear_value_head_dim=_positive(g("linear_value_head_dim", int, 128), "linear_value_head_dim", where),
+            linear_num_key_heads=_positive(g("linear_num_key_heads", int, 16), "linear_num_key_heads", where),
+            linear_num_value_heads=_positive(g("linear_num_value_heads", int, 32), "linear_num_value_heads", where),
+            num_experts=num_experts,
+            num_experts_per_tok=g("num_experts_per_tok", int, 0) if is_moe else 0,
+            moe_intermediate_size=g("moe_intermediate_size", int, 0) if is_moe else 0,
+            shared_expert_intermediate_size=g("shared_expert_intermediate_size", int, 0) if is_moe else 0,
+            norm_topk_prob=g("norm_topk_prob", bool, True) if is_next else True,
+            moe_layers=moe_layers,
+            fused_gdn_projections=is_next,
+            tie_word_embeddings=g("tie_word_embeddings", bool, False),
+            bos_token_id=g("bos_token_id", int, None),
+            eos_token_id=tuple([eos] if isinstance(eos, int) else eos or []),
+            pad_token_id=g("pad_token_id", int, None),
+        )
+        cfg._validate(where)
+        return cfg
+
+    def _validate(self, where: str) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(f"config{where}: {msg}")
+
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail(f"field 'num_attention_heads' ({self.num_attention_heads}) is not a multiple of "
+                 f"'num_key_value_heads' ({self.num_key_value_heads})")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            fail(f"field 'linear_num_value_heads' ({self.linear_num_value_heads}) is not a multiple of "
+                 f"'linear_num_key_heads' ({self.linear_num_key_heads})")
+        if self.hidden_act != "silu":
+            fail(f"field 'hidden_act' {self.hidden_act!r} is not supported (Qwen3.5 uses 'silu')")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            fail(f"field 'partial_rotary_factor' ({self.partial_rotary_factor}) must give an even rotary dim "
+                 f"within head_dim {self.head_dim}")
+        if any(self.moe_layers):
+            for name in ("num_experts_per_tok", "moe_intermediate_size"):
+                if getattr(self, name) <= 0:
+                    fail(f"required field '{name}' is missing or not positive")
+            if self.num_experts_per_tok > self.num_experts:
+                fail(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds 'num_experts' "
+                     f"({self.num_experts})")
+        if not all(self.moe_layers) and self.intermediate_size <= 0:
+            fail("required field 'intermediate_size' is missing or not positive")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's geometry (the tower itself comes with the multimodal issue)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+
+    @staticmethod
+    def from_hf(d: dict) -> "VisionConfig":
+        known = {f.name for f in fields(VisionConfig)}
+        return VisionConfig(**{k: v for k, v in d.items() if k in known and v is not None})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole checkpoint: text decoder, optional vision tower, multimodal token ids."""
+
+    model_type: str
+    text: TextConfig
+    vision: VisionConfig | None = None
+    architectures: tuple[str, ...] = ()
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+    dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.model_type in WRAPPER_MODEL_TYPES
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text.tie_word_embeddings
+
+    @staticmethod
+    def from_hf(d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("config: expected a JSON object")
+        model_type = d.get("model_type")
+        if model_type is None:
+            raise ConfigError("config: required field 'model_type' is missing")
+        if d.get("quantization_config"):
+            method = d["quantization_config"].get("quant_method", "?")
+            raise ConfigError(f"config: field 'quantization_config' ({method}) is not supported yet; use a BF16 checkpoint")
+        dtype = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
+        archs = tuple(d.get("architectures") or ())
+        if model_type in WRAPPER_MODEL_TYPES:
+            text_d = _get(d, "text_config", dict, {})
+            text_d = dict(text_d)
+            # The wrapper's tie_word_embeddings is what the multimodal model uses; fall back to text_config's.
+            if d.get("tie_word_embeddings") is not None:
+                text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
+            text = TextConfig.from_hf(text_d, WRAPPER_MODEL_TYPES[model_type], where=".text_config")
+            vision = VisionConfig.from_hf(_get(d, "vision_config", dict, {}))
+            g = lambda key, default: _get(d, key, int, default)  # noqa: E731
+            return ModelConfig(
+                model_type=model_type, text=text, vision=vision, architectures=archs, dtype=str(dtype),
+                image_token_id=g("image_token_id", 248056), video_token_id=g("video_token_id", 248057),
+                vision_start_token_id=g("vision_start_token_id", 248053),
+                vision_end_token_id=g("vision_end_token_id", 248054),
+            )
+        text = TextConfig.from_hf(d, model_type)
+        return ModelConfig(model_type=model_type, text=text, architectures=archs, dtype=str(dtype))
+
+    @staticmethod
+    def from_dir(path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{cfg_path}: not found (is {path} a Hugging Face checkpoint directory?)")
+        try:
+            d = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        try:
+            return ModelConfig.from_hf(d)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from None

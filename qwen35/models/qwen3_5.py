@@ -1,0 +1,202 @@
+"""The Qwen3.5 text decoder (dense and MoE; Qwen3-Next shares it through its checkpoint mapping).
+
+Layers follow `config.layer_types`: Gated DeltaNet ("linear_attention") or gated full attention, each followed by
+a dense SwiGLU or sparse-MoE FFN. The forward works on packed sequences: input ids [N] with a `ForwardBatch`
+saying where each sequence starts, and an optional hybrid cache (paged K/V for attention layers, one conv +
+recurrent state slot per sequence for Gated DeltaNet layers). Parameter names match the HF text checkpoint.
+See shared/spec/text-model.md §2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import TextConfig
+from qwen35.layers.mlp import MLP, SparseMoeBlock
+from qwen35.layers.norm import GatedRMSNorm, RMSNorm
+from qwen35.models.batch import ForwardBatch
+from qwen35.ops.attention import varlen_attention, write_kv
+from qwen35.ops.conv import causal_conv1d
+from qwen35.ops.gated_delta import gated_delta_rule
+from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class AttentionCacheSpec:
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class LinearCacheSpec:
+    conv_dim: int
+    conv_history: int  # kernel width - 1 past inputs
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule; state per sequence = conv history + fp32 [Hv, K, V] matrix."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.k_head_dim, self.v_head_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = cfg.key_dim, cfg.value_dim
+        H = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(H, cfg.conv_dim, bias=False)  # rows [q | k | v], head-major
+        self.in_proj_z = nn.Linear(H, cfg.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(H, cfg.linear_num_value_heads, bias=False)
+        self.in_proj_a = nn.Linear(H, cfg.linear_num_value_heads, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim, groups=cfg.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(cfg.linear_num_value_heads))
+        self.A_log = nn.Parameter(torch.zeros(cfg.linear_num_value_heads))
+        self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(cfg.value_dim, H, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
+        N = x.shape[0]
+        mixed = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).view(N, self.num_v_heads, self.v_head_dim)
+        b, a = self.in_proj_b(x), self.in_proj_a(x)
+
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+            has = batch.has_initial_state[:, None, None]
+            conv_state = torch.where(has, conv_pool[batch.state_slots], 0)
+            ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
+        mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.view(N, self.num_k_heads, self.k_head_dim)
+        k = k.view(N, self.num_k_heads, self.k_head_dim)
+        v = v.view(N, self.num_v_heads, self.v_head_dim)
+
+        beta = b.sigmoid()
+        # Decay in fp32: in half precision exp(A_log) can overflow (HF's comment).
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        o, new_ssm_state = gated_delta_rule(q, k, v, g, beta, batch.cu_seqlens, ssm_state)
+        if cache is not None:
+            conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
+            ssm_pool[batch.state_slots] = new_ssm_state
+
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(N, self.value_dim))
+
+
+class Attention(nn.Module):
+    """Gated full attention: per-head [query | gate] packing in q_proj, q/k norms, partial M-RoPE, GQA, sigmoid gate."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(H, 2 * self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.scale = D**-0.5
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, cache=None):
+        N, D = x.shape[0], self.head_dim
+        # Each head's q_proj rows are [query_h | gate_h]; splitting the flat output in half would be wrong.
+        q, gate = self.q_proj(x).view(N, self.num_heads, 2 * D).chunk(2, dim=-1)
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D)), cos, sin)
+        v = self.v_proj(x).view(N, self.num_kv_heads, D)
+        if cache is None:
+            o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale)
+        else:
+            k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
+            o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale, k_cache=k_cache, v_cache=v_cache,
+                                 block_tables=batch.block_tables, context_lens=batch.context_lens)
+        o = o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
+        return self.o_proj(o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = cfg.layer_types[layer_idx]
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
+        if cfg.moe_layers[layer_idx]:
+            self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                      cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size,
+                                      renormalize=cfg.norm_topk_prob)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, batch, cache=None):
+        a = self.input_layernorm(h)
+        if self.layer_type == "linear_attention":
+            h = h + self.linear_attn(a, batch, cache)
+        else:
+            h = h + self.self_attn(a, cos, sin, batch, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+
+    def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch, cache)
+        return self.norm(h)
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    """Text decoder + LM head. `forward` returns final-normed hidden states [N, H]; `compute_logits` projects the
+    rows that need them. Ids at or above `vocab_limit` (the tokenizer's real size, when set) get -inf logits."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.vocab_limit: int | None = None
+
+    def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
+        return self.model(input_ids, batch, cache, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit:] = float("-inf")
+        return logits
+
+    def cache_spec(self) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
+        """What each layer keeps between steps: the model declares its cache, the cache manager allocates it."""
+        c = self.cfg
+        spec = {}
+        for i, t in enumerate(c.layer_types):
+            if t == "full_attention":
+                spec[i] = AttentionCacheSpec(c.num_key_value_heads, c.head_dim)
+            else:
+                spec[i] = LinearCacheSpec(c.conv_dim, c.linear_conv_kernel_dim - 1, c.linear_num_value_heads,
+                                          c.linear_key_head_dim, c.linear_value_head_dim)
+        return spec
