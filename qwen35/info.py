@@ -1,0 +1,98 @@
+"""Sizes of a model from its config alone: parameters (total and active per token), weight memory at several
+precisions, KV-cache bytes per token and recurrent-state bytes per sequence. Parameters are counted on the real
+module tree built on the meta device, so the numbers cannot drift from the model code."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.config import ModelConfig
+from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
+
+GIB = 1024**3
+
+
+def model_stats(config: ModelConfig) -> dict:
+    cfg = config.text
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size
+    lm_head = 0 if cfg.tie_word_embeddings else embed
+    routed = attention = linear_attention = shared_ffn = dense_ffn = router = norms = 0
+    for name, p in model.named_parameters():  # a tied head appears once, as the embedding
+        n = p.numel()
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            continue
+        if ".mlp.experts." in name:
+            routed += n
+        elif ".mlp.gate." in name:
+            router += n
+        elif ".mlp.shared_expert" in name:
+            shared_ffn += n
+        elif ".mlp." in name:
+            dense_ffn += n
+        elif ".self_attn." in name:
+            attention += n
+        elif ".linear_attn." in name:
+            linear_attention += n
+        else:
+            norms += n
+    body = routed + attention + linear_attention + shared_ffn + dense_ffn + router + norms
+    total = body + embed + lm_head
+    active_routed = routed * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0
+    active = body - routed + active_routed + embed + lm_head  # the embedding is a lookup, counted as HF cards do
+    # Quantised releases keep embeddings, LM head, norms, convs, gates and routers in bf16 (spec §4.4).
+    quantisable = routed + shared_ffn + dense_ffn + attention + linear_attention
+    keep16 = total - quantisable
+    kv_per_token = cfg.num_full_attention_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    conv = cfg.num_linear_attention_layers * cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * 2
+    ssm = cfg.num_linear_attention_layers * cfg.linear_num_value_heads * cfg.linear_key_head_dim * \
+        cfg.linear_value_head_dim * 4
+    return {
+        "model_type": config.model_type,
+        "layers": {"total": cfg.num_hidden_layers, "linear_attention": cfg.num_linear_attention_layers,
+                   "full_attention": cfg.num_full_attention_layers},
+        "experts": {"routed": cfg.num_experts, "per_token": cfg.num_experts_per_tok} if cfg.num_experts else None,
+        "params": {
+            "total": total, "active": active, "embedding": embed, "lm_head": lm_head,
+            "tied_embeddings": cfg.tie_word_embeddings, "decoder": body, "routed_experts": routed,
+            "attention": attention, "linear_attention": linear_attention, "ffn_dense_or_shared": dense_ffn + shared_ffn,
+        },
+        "weight_bytes": {
+            "bf16": 2 * total,
+            "fp8": quantisable + quantisable * 2 // (128 * 128) + 2 * keep16,  # 1 B + bf16 128x128 block scales
+            "int4": quantisable // 2 + quantisable * 2 // 128 + 2 * keep16,  # 0.5 B + bf16 scale per 128 group
+        },
+        "kv_cache_bytes_per_token": kv_per_token,
+        "recurrent_state_bytes_per_sequence": conv + ssm,
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_stats(name: str, s: dict) -> str:
+    p, w = s["params"], s["weight_bytes"]
+    lines = [
+        f"{name} ({s['model_type']})",
+        f"  layers           {s['layers']['total']} ({s['layers']['linear_attention']} Gated DeltaNet, "
+        f"{s['layers']['full_attention']} full attention)",
+    ]
+    if s["experts"]:
+        lines.append(f"  experts          {s['experts']['routed']} routed, {s['experts']['per_token']} per token + shared")
+    lm = "tied to the embedding" if p["tied_embeddings"] else _fmt(p["lm_head"])
+    lines += [
+        f"  parameters       {_fmt(p['total'])} total, {_fmt(p['active'])} active per token",
+        f"    embedding      {_fmt(p['embedding'])}",
+        f"    lm head        {lm}",
+        f"    decoder        {_fmt(p['decoder'])} (routed experts {_fmt(p['routed_experts'])})",
+        f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, fp8 {w['fp8'] / GIB:.2f} GiB, int4 {w['int4'] / GIB:.2f} GiB",
+        f"  KV cache         {s['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (bf16)",
+        f"  recurrent state  {s['recurrent_state_bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
+        "(fp32 state + bf16 conv history)",
+    ]
+    return "\n".join(lines)
