@@ -1,0 +1,237 @@
+"""The gated delta rule of Qwen3.5's Gated DeltaNet layers, over packed variable-length sequences.
+
+Owns three pure functions with one signature:
+- `gated_delta_rule_recurrent`: the token-by-token recurrence, the documentation of the maths (and the decode step);
+- `gated_delta_rule_chunked`: the same result in chunks of C tokens, parallel inside a chunk (prefill);
+- `gated_delta_rule`: picks between them per sequence.
+
+Inputs are packed: N tokens of S sequences laid end to end, sequence s owning tokens cu_seqlens[s]:cu_seqlens[s+1].
+Shapes: q, k [N, Hk, K]; v [N, Hv, V]; g (log decay, <= 0), beta [N, Hv]; states [S, Hv, K, V] (float32).
+v-head h reads q/k head h // (Hv // Hk). All maths runs in float32; the output comes back in v's dtype.
+The derivation of the chunked form is in README.md beside this file.
+"""
+
+import torch
+from torch import Tensor
+
+L2NORM_EPS = 1e-6
+
+
+def gated_delta_rule_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    use_qk_l2norm: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per token and v-head: S = exp(g)·S; u = beta·(v − Sᵀk); S = S + k uᵀ; o = Sᵀq.
+
+    Step t advances token t of every sequence that has one, so a decode batch (all lengths 1) is a single step.
+    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32).
+    """
+    lengths = _sequence_lengths(q, v, cu_seqlens)
+    out_dtype, state_shape = v.dtype, (len(lengths), v.shape[1], q.shape[2], v.shape[2])
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    first_token = cu_seqlens[:-1].to(device=v.device, dtype=torch.long)
+    order, first_token, num_active = _plan_scan(lengths, first_token)  # now longest sequence first
+    state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in the same order
+
+    o = torch.empty_like(v)  # [N, Hv, V]
+    for t, n in enumerate(num_active):
+        i = first_token[:n] + t  # token t of each of the n sequences still running
+        s = state[:n] * g[i].exp()[..., None, None]  # decay first
+        u = beta[i][..., None] * (v[i] - torch.einsum("nhk,nhkv->nhv", k[i], s))  # target minus what s predicts
+        s = s + k[i][..., :, None] * u[..., None, :]  # rank-1 write
+        o[i] = torch.einsum("nhk,nhkv->nhv", q[i], s)  # read after the write
+        state[:n] = s
+    return o.to(out_dtype), _restore_order(state, order)
+
+
+def gated_delta_rule_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence computed C = chunk_size tokens at a time (UT/WY form; see README.md).
+
+    Everything inside a chunk is computed for all chunks of all sequences at once; only the state hand-off from chunk
+    to chunk is a loop, over chunk index i, advancing the i-th chunk of every sequence that has one.
+    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32).
+    """
+    lengths = _sequence_lengths(q, v, cu_seqlens)
+    N, Hv, V = v.shape
+    out_dtype, state_shape = v.dtype, (len(lengths), Hv, q.shape[2], V)
+    C = chunk_size
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+
+    # Lay the chunks of all sequences end to end: sequence s owns chunks first_chunk[s] ... first_chunk[s] +
+    # num_chunks[s] - 1 and its tokens fill them from the start. The tail of a last chunk stays zero, and a zero step
+    # (g = 0, beta = 0, k = 0) leaves the state as it is, so padding never reaches the next chunk or sequence.
+    device = v.device
+    num_chunks = [-(-length // C) for length in lengths]
+    total_chunks = sum(num_chunks)
+    first_chunk = torch.tensor([0, *num_chunks[:-1]], device=device).cumsum(0)
+    first_token = cu_seqlens[:-1].to(device=device, dtype=torch.long)
+    seq_of_token = torch.repeat_interleave(torch.tensor(lengths, device=device), output_size=N)  # [N]
+    slot = torch.arange(N, device=device) - first_token[seq_of_token] + C * first_chunk[seq_of_token]  # padded index
+
+    def to_chunks(x: Tensor) -> Tensor:  # [N, Hv, ...] -> [total_chunks, Hv, C, ...]
+        padded = x.new_zeros(total_chunks * C, *x.shape[1:])
+        padded[slot] = x
+        return padded.view(total_chunks, C, *x.shape[1:]).transpose(1, 2)
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # q, k [.., C, K]; v [.., C, V]; g, beta [.., C]
+
+    # Intra-chunk quantities, all chunks at once. gamma[r] is the log decay from the chunk start through token r, and
+    # decay[r, s] = exp(gamma[r] - gamma[s]) for r >= s is what token s's write has decayed by when token r reads.
+    # Entries r < s are set to -inf before exp: they are masked anyway, and exp of a positive sum could overflow.
+    gamma = g.cumsum(-1)  # [.., C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [.., C, C]
+
+    # The writes u of a chunk solve (I + A) u = beta·v − beta·exp(gamma)·k S_in with A = strictly_lower(diag(beta)
+    # K Kᵀ ⊙ decay). Split by linearity: u = u0 − w S_in, where u0 and w do not depend on the incoming state.
+    # solve_triangular reads only A's strict lower part and takes the diagonal as ones, i.e. solves with I + A.
+    A = beta[..., :, None] * (k @ k.mT) * decay
+    u0 = _solve_unit_lower(A, beta[..., None] * v)  # [.., C, V]
+    w = _solve_unit_lower(A, (beta * gamma.exp())[..., None] * k)  # [.., C, K]
+
+    attn = (q @ k.mT) * decay  # causal scores inside the chunk, diagonal included: o_r reads S_r after its own write
+    q_decayed = q * gamma.exp()[..., None]  # q_r reads the incoming state decayed to token r
+    k_decayed = k * (gamma[..., -1:] - gamma).exp()[..., None]  # write of token r decayed to the chunk end
+    chunk_decay = gamma[..., -1].exp()[..., None, None]  # [.., 1, 1]
+
+    order, first_chunk, num_active = _plan_scan(num_chunks, first_chunk)  # now longest sequence first
+    state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in the same order
+    o = torch.empty_like(v)  # [total_chunks, Hv, C, V]
+    for i, n in enumerate(num_active):
+        c = first_chunk[:n] + i  # chunk i of each of the n sequences that have one
+        s = state[:n]
+        u = u0[c] - w[c] @ s  # the actual writes: remove what the incoming state already predicts
+        o[c] = q_decayed[c] @ s + attn[c] @ u
+        state[:n] = chunk_decay[c] * s + k_decayed[c].mT @ u
+
+    o = o.transpose(1, 2).reshape(total_chunks * C, Hv, V)[slot]
+    return o.to(out_dtype), _restore_order(state, order)
+
+
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    use_qk_l2norm: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Length-1 sequences (decode) take one recurrent step, longer ones (prefill) the chunked form.
+
+    A chunked run would pad every length-1 sequence to a whole chunk, so in a mixed batch the two groups are run
+    apart and their outputs and states put back in place.
+    """
+    lengths = _sequence_lengths(q, v, cu_seqlens)
+    kwargs = dict(use_qk_l2norm=use_qk_l2norm)
+    if all(length == 1 for length in lengths):
+        return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
+    if all(length > 1 for length in lengths):
+        return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
+
+    device = v.device
+    lengths_t = torch.tensor(lengths, device=device)
+    is_decode = lengths_t == 1
+    decode_seqs, prefill_seqs = is_decode.nonzero().squeeze(1), (~is_decode).nonzero().squeeze(1)
+    decode_tokens = cu_seqlens[:-1].to(device=device, dtype=torch.long)[decode_seqs]  # their only token
+    prefill_tokens = (~is_decode).repeat_interleave(lengths_t, output_size=v.shape[0]).nonzero().squeeze(1)
+    decode_cu_seqlens = torch.arange(len(decode_seqs) + 1, device=device)
+    prefill_cu_seqlens = torch.nn.functional.pad(lengths_t[prefill_seqs].cumsum(0), (1, 0))
+
+    def run(form, seqs: Tensor, tokens: Tensor, seq_cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        state = None if initial_state is None else initial_state[seqs]
+        return form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens, state, **kwargs)
+
+    o_decode, state_decode = run(gated_delta_rule_recurrent, decode_seqs, decode_tokens, decode_cu_seqlens)
+    o_prefill, state_prefill = run(gated_delta_rule_chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens)
+
+    o = torch.empty_like(v)
+    o[decode_tokens], o[prefill_tokens] = o_decode, o_prefill
+    state = state_decode.new_empty(len(lengths), *state_decode.shape[1:])
+    state[decode_seqs], state[prefill_seqs] = state_decode, state_prefill
+    return o, state
+
+
+def _sequence_lengths(q: Tensor, v: Tensor, cu_seqlens: Tensor) -> list[int]:
+    """Host-side sequence lengths, checking the packing (one device sync per call)."""
+    cu = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(cu[:-1], cu[1:])]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != v.shape[0] or min(lengths) < 1:
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to N={v.shape[0]}, got {cu}")
+    if v.shape[1] % q.shape[1]:
+        raise ValueError(f"number of v-heads {v.shape[1]} is not a multiple of q/k heads {q.shape[1]}")
+    return lengths
+
+
+def _l2norm(x: Tensor) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk_l2norm: bool) -> tuple[Tensor, ...]:
+    """float32 inputs with q, k normalised, q scaled by K^-1/2, and q, k repeated to one head per v-head."""
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * q.shape[-1] ** -0.5
+    group = v.shape[1] // q.shape[1]  # consecutive v-heads share a q/k head
+    return q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1), v, g, beta
+
+
+def _plan_scan(num_steps: list[int], first_step: Tensor) -> tuple[Tensor | None, Tensor, list[int]]:
+    """Order sequences by decreasing number of scan steps (tokens or chunks).
+
+    Then the sequences still running at step i are the first num_active[i], so the scan updates the view state[:n]
+    instead of gathering and scattering states. Returns (order, None when no reordering is needed, as in a decode
+    batch; first_step in that order; num_active for each step).
+    """
+    order = sorted(range(len(num_steps)), key=lambda s: -num_steps[s])  # stable: keeps equal ones in place
+    sorted_steps = [num_steps[s] for s in order]
+    num_active = [sum(steps > i for steps in sorted_steps) for i in range(sorted_steps[0])]
+    if order == sorted(order):
+        return None, first_step, num_active
+    order_t = torch.tensor(order, device=first_step.device)
+    return order_t, first_step[order_t], num_active
+
+
+def _initial_state(initial_state: Tensor | None, order: Tensor | None, shape: tuple[int, ...], v: Tensor) -> Tensor:
+    """A fresh float32 state of `shape` [S, Hv, K, V] in scan order; the caller's tensor is never written."""
+    if initial_state is None:
+        return v.new_zeros(shape, dtype=torch.float32)
+    if tuple(initial_state.shape) != shape:
+        raise ValueError(f"initial_state must have shape {shape}, got {tuple(initial_state.shape)}")
+    if order is None:
+        return initial_state.to(device=v.device, dtype=torch.float32, copy=True)
+    return initial_state.to(device=v.device, dtype=torch.float32)[order]
+
+
+def _restore_order(state: Tensor, order: Tensor | None) -> Tensor:
+    if order is None:
+        return state
+    restored = torch.empty_like(state)
+    restored[order] = state
+    return restored
+
+
+def _solve_unit_lower(A: Tensor, rhs: Tensor) -> Tensor:
+    """X with (I + strictly_lower(A)) X = rhs, batched over the leading dims."""
+    return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
