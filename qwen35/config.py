@@ -310,3 +310,25 @@ class ModelConfig:
             return ModelConfig.from_hf(d)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime knobs of the engine (not of the model)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 32  # running requests at once = recurrent-state slots
+    max_num_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decodes)
+    block_size: int = 16  # tokens per KV block; independent of the recurrent state's size
+    kv_cache_bytes: int | None = None  # KV budget in bytes; default: a fraction of free memory
+    kv_cache_memory_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine: {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"engine: max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError("engine: kv_cache_memory_fraction must be in (0, 1]")

@@ -1,0 +1,61 @@
+"""A request as the engine tracks it: its tokens, how many of them the cache already holds, the blocks and state
+slot it owns, and its incremental output (text, logprobs, stop state)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen35.outputs import PositionLogprobs
+from qwen35.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    index: int = 0  # which of the parent's n completions this is
+    parent_id: str = ""  # the id the caller gave; n > 1 completions share it
+    arrival: int = 0
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V and state are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    state_slot: int | None = None
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+    # output state
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    detokenizer: object | None = None
+    max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,106 @@
+"""FCFS scheduling under a per-step token budget, with chunked prefill and preemption by recompute.
+
+Each step: running requests first (a decode token, or the next chunk of a prompt), oldest first; when KV blocks
+run out the newest running request is preempted (its blocks and state slot freed, its progress reset: it will
+recompute prompt + output so far); then waiting requests are admitted while budget, sequence slots and blocks
+last. Plain Python over requests and the two managers: no tensors here."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from qwen35.cache.manager import BlockManager, SlotPool
+from qwen35.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # new tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def completes_known_tokens(self) -> bool:
+        """The chunk reaches the end of what is known, so its last logits sample the next token."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, slots: SlotPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks, self.slots = blocks, slots
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledChunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, req.num_computed_tokens + n):
+                # Not enough blocks: preempt the newest running request (possibly this one) and retry.
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                continue
+            out.append(ScheduledChunk(req, n))
+            budget -= n
+            i += 1
+        # After a preemption, admitting anyone would only take back the blocks just freed (thrashing).
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and self.slots.num_free:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.state_slot = self.slots.allocate()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(ScheduledChunk(req, n))
+            budget -= n
+        return out
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = self.blocks.blocks_needed(num_tokens, len(req.block_ids))
+        if not self.blocks.can_allocate(need):
+            return False
+        req.block_ids += self.blocks.allocate(need)
+        return True
+
+    def _release(self, req: Request) -> None:
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        if req.state_slot is not None:
+            self.slots.free(req.state_slot)
+            req.state_slot = None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Free a finished or aborted request's blocks and slot, wherever it is."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED

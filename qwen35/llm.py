@@ -1,0 +1,144 @@
+"""`LLM`: the offline Python API, with vLLM's names and semantics. Every call drives the one batching engine."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from qwen35.config import EngineConfig
+from qwen35.engine.llm_engine import LLMEngine
+from qwen35.models.loader import load_model
+from qwen35.outputs import RequestOutput
+from qwen35.sampling_params import SamplingParams
+
+# generation_config.json key -> SamplingParams field (what vLLM takes from it by default)
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu", seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
+                 tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False):
+        if model is None:
+            from qwen35.demo import demo_checkpoint
+
+            model = demo_checkpoint()
+        self.model_path = Path(model)
+        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device)
+        gen_path = self.model_path / "generation_config.json"
+        self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            from qwen35.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_dir(tokenizer or self.model_path, self.generation_config)
+        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                                     kv_cache_bytes=kv_cache_bytes, kv_cache_memory_fraction=kv_cache_memory_fraction,
+                                     seed=seed)
+        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
+        self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the checkpoint's generation_config.json defaults, as vLLM does."""
+        return SamplingParams().with_defaults(self._generation_defaults())
+
+    def _generation_defaults(self) -> dict:
+        return {field: self.generation_config[key] for key, field in GENERATION_DEFAULTS.items()
+                if self.generation_config.get(key) is not None}
+
+    def _prompts(self, prompts) -> list[dict]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append({"prompt": p})
+            elif isinstance(p, dict):
+                if "prompt_token_ids" not in p and "prompt" not in p:
+                    raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                if p.get("multi_modal_data"):
+                    raise ValueError("multi_modal_data is not supported yet (text-only for now)")
+                out.append(dict(p))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                out.append({"prompt_token_ids": list(p)})
+            else:
+                raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(p).__name__}")
+        for p in out:
+            if "prompt_token_ids" not in p:
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer (this LLM was made with skip_tokenizer_init)")
+                p["prompt_token_ids"] = self.tokenizer.encode(p["prompt"])
+        return out
+
+    def _params(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {n} prompts")
+        return list(sampling_params)
+
+    def _submit(self, prompts, sampling_params) -> list[str]:
+        items = self._prompts(prompts)
+        params = self._params(sampling_params, len(items))
+        ids = []
+        try:
+            for item, p in zip(items, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, item["prompt_token_ids"], p, item.get("prompt"))
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return ids
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or a list; results in input order."""
+        ids = self._submit(prompts, sampling_params)
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine idle with {len(ids) - len(done)} requests unreported")
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
+        """Yield RequestOutputs as they progress (cumulative text and tokens; `finished` on the last one).
+        Closing the iterator early aborts what is still running."""
+        ids = self._submit(prompts, sampling_params)
+        pending = set(ids)
+        try:
+            while pending:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine idle with {len(pending)} requests unreported")
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    def chat(self, messages, sampling_params=None, tools: list[dict] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True):
+        from qwen35.chat import chat as _chat
+
+        return _chat(self, messages, sampling_params, tools, chat_template_kwargs, add_generation_prompt)
