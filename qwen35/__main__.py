@@ -1,5 +1,5 @@
 import sys
 
-from qwen35.cli import main
+from qwen35.cli import _entry
 
-sys.exit(main())
+sys.exit(_entry())

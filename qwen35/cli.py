@@ -60,6 +60,103 @@ def cmd_forward(args) -> int:
     return 0
 
 
+SAMPLING_FLAGS = [  # (flag, type, help); each maps to the SamplingParams field of the same name
+    ("max_tokens", int, "maximum new tokens (default: generation_config, else 16; chat: 1024)"),
+    ("temperature", float, "0 = greedy"), ("top_p", float, None), ("top_k", int, "0 or -1 disables"),
+    ("min_p", float, None), ("repetition_penalty", float, None), ("presence_penalty", float, None),
+    ("frequency_penalty", float, None), ("seed", int, None), ("min_tokens", int, None),
+    ("logprobs", int, "top logprobs per generated token (with --json)"),
+    ("prompt_logprobs", int, "top logprobs per prompt token (with --json)"), ("n", int, "completions per prompt"),
+]
+
+
+def _add_engine_flags(p) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model, random weights)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+
+
+def _add_sampling_flags(p) -> None:
+    for name, typ, help_ in SAMPLING_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", help="comma-separated token ids that end generation")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--no-skip-special-tokens", dest="skip_special_tokens", action="store_false", default=None)
+
+
+def _make_llm(args):
+    from qwen35.llm import LLM
+
+    if args.model is None:
+        print("Using the embedded default model (random weights: its text is gibberish; pass --model DIR for a "
+              "real checkpoint).", file=sys.stderr)
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes)
+
+
+def _sampling_params(args, **overrides):
+    """The user's sampling flags, validated before any model is loaded; generation_config fills the rest later."""
+    from qwen35.sampling_params import SamplingParams
+
+    given = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
+    given.update(stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=args.skip_special_tokens,
+                 stop_token_ids=[int(t) for t in args.stop_token_ids.split(",")] if args.stop_token_ids else None)
+    for k, v in overrides.items():
+        if given.get(k) is None:
+            given[k] = v
+    return SamplingParams.from_optional(**given)
+
+
+def _logprobs_json(entries):
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): vars(lp) for t, lp in e.items()} for e in entries]
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _sampling_params(args)
+    llm = _make_llm(args)
+    params = params.with_defaults(llm._generation_defaults())
+    if args.json:
+        out = llm.generate(prompt, params)[0]
+        print(json.dumps({
+            "prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
+            "prompt_logprobs": _logprobs_json(out.prompt_logprobs),
+            "outputs": [{"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                         "stop_reason": c.stop_reason, "cumulative_logprob": c.cumulative_logprob,
+                         "logprobs": _logprobs_json(c.logprobs)} for c in out.outputs],
+        }, ensure_ascii=False, indent=2))
+        return 0
+    printed: dict[int, int] = {}
+    for out in llm.stream(prompt, params):
+        for c in out.outputs:
+            if params.n > 1:
+                continue
+            sys.stdout.write(c.text[printed.get(c.index, 0):])
+            sys.stdout.flush()
+            printed[c.index] = len(c.text)
+    if params.n > 1:
+        for c in out.outputs:
+            print(f"--- completion {c.index} ({c.finish_reason})\n{c.text}")
+    else:
+        print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from qwen35.chat_repl import ChatRepl
+
+    params = _sampling_params(args, max_tokens=1024)
+    llm = _make_llm(args)
+    return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
+                    thinking=not args.no_think, show_reasoning=not args.hide_reasoning).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen35", description="Run Qwen3.5 / Qwen3-Next checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,15 +173,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-ids", help="comma-separated prompt token ids (default 1..64)")
     p.set_defaults(func=cmd_forward)
 
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    p.add_argument("--json", action="store_true", help="print the structured result instead of streaming")
+    _add_engine_flags(p)
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (streams; /help for commands)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--no-think", action="store_true", help="start with thinking off")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    _add_engine_flags(p)
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
     args = parser.parse_args(argv)
+    from qwen35.chat_template import ChatTemplateError
     from qwen35.config import ConfigError
+    from qwen35.engine.llm_engine import EngineError
     from qwen35.models.loader import CheckpointError
+    from qwen35.sampling_params import SamplingParamsError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, EngineError, SamplingParamsError, ChatTemplateError, FileNotFoundError,
+            ValueError) as e:
         print(f"qwen35 {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _entry() -> int:
+    try:
+        return main()
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

