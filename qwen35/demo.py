@@ -15,7 +15,7 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 DEMO_CONFIG = {
     "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "dtype": "bfloat16",
     "vocab_size": 248320, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,

@@ -119,20 +119,34 @@ class LLM:
             raise
         return [done[rid] for rid in ids]
 
-    def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
-        """Yield RequestOutputs as they progress (cumulative text and tokens; `finished` on the last one).
-        Closing the iterator early aborts what is still running."""
+    def stream(self, prompts, sampling_params=None, output_kind: str = "cumulative") -> Iterator[RequestOutput]:
+        """Yield RequestOutputs as requests progress; the last one of each request has `finished` set.
+
+        output_kind "cumulative": text, token ids and logprobs so far; "delta": only what is new since that
+        request's previous yield (as vLLM's RequestOutputKind.DELTA). Closing the iterator early aborts what is
+        still running and frees its cache."""
+        if output_kind not in ("cumulative", "delta"):
+            raise ValueError(f"output_kind must be 'cumulative' or 'delta', got {output_kind!r}")
         ids = self._submit(prompts, sampling_params)
         pending = set(ids)
+        sent: dict[tuple[str, int], tuple[int, int]] = {}  # (request, completion) -> (chars, tokens) yielded
         try:
             while pending:
                 if not self.engine.has_unfinished_requests():
                     raise RuntimeError(f"engine idle with {len(pending)} requests unreported")
                 for out in self.engine.step():
-                    if out.request_id in pending:
-                        if out.finished:
-                            pending.discard(out.request_id)
-                        yield out
+                    if out.request_id not in pending:
+                        continue
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    if output_kind == "delta":
+                        for c in out.outputs:
+                            chars, toks = sent.get((out.request_id, c.index), (0, 0))
+                            sent[(out.request_id, c.index)] = (len(c.text), len(c.token_ids))
+                            c.text, c.token_ids = c.text[chars:], c.token_ids[toks:]
+                            if c.logprobs is not None:
+                                c.logprobs = c.logprobs[toks:]
+                    yield out
         finally:
             for rid in pending:
                 self.engine.abort(rid)

@@ -159,3 +159,21 @@ def test_embedded_default_generates(tmp_path):
     assert "random weights" in r.stderr and r.stdout.strip()
     r = run_cli("chat", "--max-tokens", "3", stdin="Hi\n", env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_stream_deltas_concatenate_to_the_final_output(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1, n=2)
+    final = llm.generate(["Hello", "World"], params)
+    text, toks, lps, reasons = {}, {}, {}, {}
+    for out in llm.stream(["Hello", "World"], params, output_kind="delta"):
+        for c in out.outputs:
+            key = (out.request_id, c.index)
+            text[key] = text.get(key, "") + c.text
+            toks[key] = toks.get(key, []) + c.token_ids
+            lps[key] = lps.get(key, []) + c.logprobs
+            reasons[key] = c.finish_reason
+    keys = sorted(text)
+    assert [text[k] for k in keys] == [c.text for o in final for c in o.outputs]
+    assert [toks[k] for k in keys] == [c.token_ids for o in final for c in o.outputs]
+    assert [len(lps[k]) for k in keys] == [12] * 4 and set(reasons.values()) == {"length"}
+    assert not llm.engine.has_unfinished_requests()
