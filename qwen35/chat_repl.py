@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from qwen35.chat import assistant_message, render
+from qwen35.engine.llm_engine import EngineError
 from qwen35.serve.reasoning import ReasoningStreamParser, is_thinking_prompt
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -81,7 +82,11 @@ class ChatRepl:
                     return 0
                 continue
             self.history.append({"role": "user", "content": text})
-            self.history.append(self._answer())
+            try:
+                self.history.append(self._answer())
+            except EngineError as e:  # e.g. the conversation outgrew max_model_len: say so, keep chatting
+                self.history.pop()
+                self._print(f"(error: {e}; /reset starts a new conversation)")
 
     def _answer(self) -> dict:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history

@@ -98,8 +98,7 @@ class LLMEngine:
         if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
             raise EngineError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
                               f"max_model_len ({self.max_model_len})")
-        if (params.stop or params.logprobs or params.prompt_logprobs) and self.tokenizer is None \
-                and params.stop:
+        if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
         children = []
         for i in range(params.n):

@@ -1,0 +1,42 @@
+"""`qwen35 info`: sizes computed from a config agree with the real checkpoint and with the released models."""
+
+import pytest
+
+from qwen35.cli import main
+from qwen35.config import ModelConfig
+from qwen35.info import model_stats
+from qwen35.models.loader import load_model
+from qwen35.presets import PRESETS
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
+def test_counts_equal_the_loaded_checkpoint(checkpoint, kind):
+    path, hf = checkpoint(kind)
+    model, config, _ = load_model(path, dtype="float32")
+    s = model_stats(config)
+    assert s["params"]["total"] == sum(p.numel() for p in model.parameters())  # a tied head counted once
+    assert s["params"]["total"] == sum(p.numel() for p in hf.parameters())
+    cfg = config.text
+    if cfg.num_experts:
+        inactive = s["params"]["routed_experts"] * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
+        assert s["params"]["active"] == s["params"]["total"] - inactive
+
+
+@pytest.mark.parametrize("name, total, active", [
+    ("qwen3.5-0.8b", 0.75e9, 0.75e9), ("qwen3.5-9b", 8.95e9, 8.95e9), ("qwen3.5-27b", 26.9e9, 26.9e9),
+    ("qwen3.5-35b-a3b", 35e9, 3.4e9), ("qwen3.5-122b-a10b", 122e9, 9.8e9), ("qwen3.5-397b-a17b", 397e9, 17.3e9),
+    ("qwen3-next-80b-a3b", 80e9, 3.9e9),
+])
+def test_presets_land_on_the_advertised_sizes(name, total, active):
+    s = model_stats(ModelConfig.from_hf(PRESETS[name]))
+    assert abs(s["params"]["total"] - total) / total < 0.02
+    assert abs(s["params"]["active"] - active) / active < 0.05
+
+
+def test_info_on_a_checkpoint_dir_and_all_presets(checkpoint, capsys):
+    path, _ = checkpoint("moe")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "experts          8 routed, 3 per token" in out and "KV cache" in out
+    assert main(["info", "all", "--json"]) == 0
+    assert '"qwen3.5-397b-a17b"' in capsys.readouterr().out
