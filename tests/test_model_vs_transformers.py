@@ -80,7 +80,7 @@ def test_prompt_fed_in_pieces_equals_one_forward(loaded, kind):
     model, _ = loaded(kind)
     prompts = prompts_of([130, 5, 257, 64], seed=5)
     whole = run_pieces(model, prompts, [[]] * 4)
-    pieces = run_pieces(model, prompts, [[1, 2, 63, 64, 100], [1, 4], [3, 67, 128, 256], [63]])
+    pieces = run_pieces(model, prompts, [[1, 2, 63, 64, 100], [1, 4], [3, 67, 128, 256], [63]], poison=True)
     for w, p in zip(whole, pieces):
         torch.testing.assert_close(p, w, atol=TOL, rtol=0)
     # a cache-less forward agrees too

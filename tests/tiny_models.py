@@ -81,7 +81,7 @@ def build(kind: str, out_dir, seed: int = 0, max_shard_size=None, **overrides):
     return model
 
 
-def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_size: int = 16):
+def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_size: int = 16, poison: bool = False):
     """Feed each prompt to `model` in pieces (prompt i split at cuts[i]), all sequences together in each step,
     carrying conv, recurrent and K/V state in a HybridCache. Returns every position's logits per prompt."""
     from qwen35.cache.hybrid import HybridCache
@@ -90,6 +90,10 @@ def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_siz
     dtype = model.lm_head.weight.dtype
     blocks_per_seq = [-(-len(p) // block_size) for p in prompts]
     cache = HybridCache(model.cache_spec(), sum(blocks_per_seq) + 1, block_size, len(prompts) + 1, dtype)
+    if poison:  # NaN everywhere: any read of a position or state not written by this sequence shows up
+        for pool in (cache.k, cache.v, cache.conv, cache.ssm):
+            for t in pool.values():
+                t.fill_(float("nan"))
     first_block = [1 + sum(blocks_per_seq[:i]) for i in range(len(prompts))]  # block 0 stays unused on purpose
     pieces = [list(zip([0] + c, c + [len(p)])) for p, c in zip(prompts, cuts)]
     out = [[] for _ in prompts]

@@ -1,6 +1,9 @@
 """Device tensors of the hybrid cache: paged K/V for full-attention layers and per-slot conv history + fp32
 recurrent state for Gated DeltaNet layers. Pure storage; which request owns which block or slot is the block and
-slot managers' business (engine issue). The block size never depends on the recurrent state's size."""
+slot managers' business. The block size never depends on the recurrent state's size.
+
+Allocated uninitialised (untouched pages cost no memory): attention reads only positions already written, and a
+slot's state is read only when `has_initial_state` says this sequence wrote it."""
 
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ class HybridCache:
         for i, s in spec.items():
             if isinstance(s, AttentionCacheSpec):
                 shape = (num_blocks, block_size, s.num_kv_heads, s.head_dim)
-                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.k[i] = torch.empty(shape, dtype=dtype, device=device)
+                self.v[i] = torch.empty(shape, dtype=dtype, device=device)
             elif isinstance(s, LinearCacheSpec):
-                self.conv[i] = torch.zeros(num_slots, s.conv_dim, s.conv_history, dtype=dtype, device=device)
-                self.ssm[i] = torch.zeros(num_slots, s.num_v_heads, s.k_head_dim, s.v_head_dim,
+                self.conv[i] = torch.empty(num_slots, s.conv_dim, s.conv_history, dtype=dtype, device=device)
+                self.ssm[i] = torch.empty(num_slots, s.num_v_heads, s.k_head_dim, s.v_head_dim,
                                           dtype=state_dtype, device=device)
 
     @staticmethod

@@ -19,6 +19,7 @@ from qwen35.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen35.sampling_params import SamplingParams
 
 MiB = 2**20
+CPU_KV_DEFAULT_BYTES = 4 * 2**30
 
 
 class EngineError(ValueError):
@@ -73,6 +74,8 @@ class LLMEngine:
             budget = int(available_memory(self.device) * c.kv_cache_memory_fraction) - per_slot * c.max_num_seqs
             # never reserve more than every sequence at full length could use
             budget = min(budget, per_token * bs * need_one * c.max_num_seqs)
+            if self.device.type == "cpu":  # CPU RAM is shared with everything else: 4 GiB unless one request needs more
+                budget = min(budget, max(CPU_KV_DEFAULT_BYTES, per_token * bs * need_one))
         num_blocks = budget // (per_token * bs)
         if num_blocks < need_one:
             raise EngineError(
