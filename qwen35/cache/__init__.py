@@ -1,0 +1,1 @@
+"""The hybrid cache: KV blocks and recurrent-state slots (tensors and bookkeeping)."""

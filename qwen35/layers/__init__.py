@@ -1,0 +1,1 @@
+"""Small nn.Modules that own parameters (norms, MLP, MoE), named as in the checkpoints."""

@@ -1,0 +1,1 @@
+"""Pure tensor functions; each file holds a reference beside its fast path."""
