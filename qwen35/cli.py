@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
+    from qwen35.serve.server_cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     args = parser.parse_args(argv)
     from qwen35.chat_template import ChatTemplateError
     from qwen35.config import ConfigError

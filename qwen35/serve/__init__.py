@@ -1,1 +1,1 @@
-"""Serving: output parsers for reasoning and tool calls (the HTTP server comes with its own issue)."""
+"""Serving: OpenAI protocol types, the async engine thread, the HTTP app, reasoning and tool-call parsing."""
