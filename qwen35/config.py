@@ -126,10 +126,12 @@ class TextConfig:
         layer_types = g("layer_types", list, None)
         if layer_types is None:
             interval = _positive(g("full_attention_interval", int, 4), "full_attention_interval", where)
-            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
+            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                           for i in range(num_layers)]
         if len(layer_types) != num_layers:
             raise ConfigError(
-                f"config{where}: field 'layer_types' has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
+                f"config{where}: field 'layer_types' has {len(layer_types)} entries but num_hidden_layers is "
+                f"{num_layers}"
             )
         for i, t in enumerate(layer_types):
             if t not in LAYER_TYPES:
@@ -275,7 +277,8 @@ class ModelConfig:
             raise ConfigError("config: required field 'model_type' is missing")
         if d.get("quantization_config"):
             method = d["quantization_config"].get("quant_method", "?")
-            raise ConfigError(f"config: field 'quantization_config' ({method}) is not supported yet; use a BF16 checkpoint")
+            raise ConfigError(
+                f"config: field 'quantization_config' ({method}) is not supported yet; use a BF16 checkpoint")
         dtype = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
         archs = tuple(d.get("architectures") or ())
         if model_type in WRAPPER_MODEL_TYPES:

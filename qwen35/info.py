@@ -83,14 +83,16 @@ def format_stats(name: str, s: dict) -> str:
         f"{s['layers']['full_attention']} full attention)",
     ]
     if s["experts"]:
-        lines.append(f"  experts          {s['experts']['routed']} routed, {s['experts']['per_token']} per token + shared")
+        e = s["experts"]
+        lines.append(f"  experts          {e['routed']} routed, {e['per_token']} per token + shared")
     lm = "tied to the embedding" if p["tied_embeddings"] else _fmt(p["lm_head"])
     lines += [
         f"  parameters       {_fmt(p['total'])} total, {_fmt(p['active'])} active per token",
         f"    embedding      {_fmt(p['embedding'])}",
         f"    lm head        {lm}",
         f"    decoder        {_fmt(p['decoder'])} (routed experts {_fmt(p['routed_experts'])})",
-        f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, fp8 {w['fp8'] / GIB:.2f} GiB, int4 {w['int4'] / GIB:.2f} GiB",
+        f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, fp8 {w['fp8'] / GIB:.2f} GiB, "
+        f"int4 {w['int4'] / GIB:.2f} GiB",
         f"  KV cache         {s['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (bf16)",
         f"  recurrent state  {s['recurrent_state_bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
         "(fp32 state + bf16 conv history)",

@@ -200,7 +200,8 @@ class LLMEngine:
         if req.logprobs is not None:
             req.cumulative_logprob += req.logprobs[-1][tok].logprob
         n_out = len(req.output_token_ids)
-        stop_token = n_out > p.min_tokens - 1 and (tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos))
+        is_eos = tok in self.eos_ids and not p.ignore_eos
+        stop_token = n_out >= p.min_tokens and (tok in p.stop_token_ids or is_eos)
         prev_len = len(req.text)
         if req.detokenizer is not None and not (stop_token and tok not in p.stop_token_ids):
             req.text += req.detokenizer.add(tok)

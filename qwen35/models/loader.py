@@ -132,7 +132,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                                   f"parameter {cname})")
         p = params[cname]
         if tuple(tensor.shape) != tuple(p.shape):
-            raise CheckpointError(f"{path}: tensor {ckpt_name} has shape {list(tensor.shape)}, expected {list(p.shape)}")
+            raise CheckpointError(
+                f"{path}: tensor {ckpt_name} has shape {list(tensor.shape)}, expected {list(p.shape)}")
         if cname in loaded:
             raise CheckpointError(f"{path}: tensor {ckpt_name} appears twice")
         target = torch.float32 if FP32_PARAMS.search(cname) else torch_dtype
@@ -167,7 +168,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 elif cfg.fused_gdn_projections and FUSED_GDN.match(cname):
                     want = fused_gdn_shape(cfg, cname)
                     if tuple(tensor.shape) != want:
-                        raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
+                        raise CheckpointError(
+                            f"{path}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
                     for part_name, part in split_fused_gdn(cfg, cname, tensor).items():
                         assign(part_name, part, name)
                 else:

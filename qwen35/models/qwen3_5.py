@@ -96,7 +96,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         H, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         self.q_proj = nn.Linear(H, 2 * self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)

@@ -39,10 +39,11 @@ def causal_conv1d(x, weight, cu_seqlens, initial_state=None):
     ext_pos_of_token = torch.arange(N, device=x.device) + (seq_of_token + 1) * (Kw - 1)
     ext = x.new_empty(N + S * (Kw - 1), C)
     ext[ext_pos_of_token] = x
-    hist_rows = (cu_seqlens[:-1] + torch.arange(S, device=x.device) * (Kw - 1))[:, None] + torch.arange(Kw - 1, device=x.device)
+    seq_ids, hist_cols = torch.arange(S, device=x.device), torch.arange(Kw - 1, device=x.device)
+    hist_rows = (cu_seqlens[:-1] + seq_ids * (Kw - 1))[:, None] + hist_cols
     ext[hist_rows.reshape(-1)] = hist.reshape(-1, C)
     windows = ext[ext_pos_of_token[:, None] - (Kw - 1) + torch.arange(Kw, device=x.device)]  # [N, Kw, C]
     y = (windows.to(weight.dtype) * weight.t()[None]).sum(dim=1)
-    last_rows = (cu_seqlens[1:] + (torch.arange(S, device=x.device) + 1) * (Kw - 1))[:, None] - (Kw - 1) + torch.arange(Kw - 1, device=x.device)
+    last_rows = (cu_seqlens[1:] + seq_ids * (Kw - 1))[:, None] + hist_cols  # the last Kw-1 rows of each segment
     new_state = ext[last_rows].transpose(1, 2)  # [S, C, Kw-1]
     return F.silu(y).to(x.dtype), new_state
