@@ -242,6 +242,24 @@ def test_tool_round_trip_through_template(server, client):
     assert "<tool_response>\nsunny\n</tool_response>" in text and "Need the tool." in text
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_forced_tool_choice_makes_a_call(client, stream):
+    """tool_choice naming a function (or "required") writes the call's opening into the prompt, so even this
+    random model answers with a call to that function."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=4, temperature=0)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].message.reasoning_content is None
+    else:
+        calls = [tc for ch in client.chat.completions.create(**kw, stream=True) if ch.choices
+                 for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    r = client.chat.completions.create(**{**kw, "tool_choice": "required"})
+    assert r.choices[0].message.reasoning_content is None
+
+
 def test_errors_keep_server_healthy(server):
     url, h = server.url, auth()
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -261,8 +279,10 @@ def test_errors_keep_server_healthy(server):
     check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "top_p": 5}), 400, "top_p")
     check(httpx.post(url + "/v1/chat/completions", headers=h,
                      json={**chat, "response_format": {"type": "json_object"}}), 400, "response_format")
-    check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "tools": TOOLS,
-                                                                    "tool_choice": "required"}), 400, "tool_choice")
+    check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "no_such_tool"}}}), 400, "tool_choice")
+    check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "tool_choice": "required"}), 400,
+          "tool_choice")
     check(httpx.post(url + "/v1/completions", headers=h,
                      json={"model": MODEL, "prompt": "word " * 600, "max_tokens": 2}), 400)
     check(httpx.post(url + "/v1/completions", headers=h,

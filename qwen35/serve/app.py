@@ -231,6 +231,25 @@ def build_chat_choice(index: int, text: str, finish_reason: str | None, stop_rea
                                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=stop_reason)
 
 
+def forced_tool_call(tool_choice, tools) -> str:
+    """The output prefix that makes the model call a tool: any tool for "required", the named one for
+    {"type": "function", "function": {"name": ...}}; "" for "auto" / "none" / absent."""
+    if tool_choice in (None, "auto", "none"):
+        return ""
+    if not tools:
+        raise APIError(400, f"tool_choice {tool_choice!r} needs tools", "tool_choice")
+    if tool_choice == "required":
+        return "<tool_call>\n<function="
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    names = [t.get("function", {}).get("name") for t in tools]
+    if name is None:
+        raise APIError(400, f"tool_choice must be 'auto', 'none', 'required' or a named function, got "
+                            f"{tool_choice!r}", "tool_choice")
+    if name not in names:
+        raise APIError(400, f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
+    return f"<tool_call>\n<function={name}>\n"
+
+
 class ChatStreamState:
     """Turns one choice's text deltas into OpenAI delta dicts (reasoning, content, tool calls)."""
 
@@ -404,14 +423,16 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported "
                                 "(no guided decoding); only 'text'", "response_format")
-        choice = req.tool_choice
-        if choice not in (None, "auto", "none"):
-            raise APIError(400, f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", "tool_choice")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        parse_tools = req.tools if req.tools and choice != "none" else None
+        call_prefix = forced_tool_call(req.tool_choice, req.tools)
+        parse_tools = req.tools if req.tools and req.tool_choice != "none" else None
         prompt = render_chat(req.messages, req.tools, req.chat_template_kwargs)
         thinking = is_thinking_prompt(prompt)
+        # A forced call is written into the prompt (after closing an open think block); the parsers see it as the
+        # start of the output.
+        forced = ("\n</think>\n\n" if thinking and call_prefix else "") + call_prefix
+        prompt += forced
         prompt_ids = tokenizer.encode(prompt)
         k = req.top_logprobs or 0
         params = make_params(req, max_tokens=max_tokens_for(req.max_completion_tokens or req.max_tokens,
@@ -422,18 +443,18 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(chat_stream(request_id, stream, params.n, thinking, parse_tools, k,
-                                                 include_usage), media_type="text/event-stream")
+                                                 include_usage, forced), media_type="text/event-stream")
         final = None
         try:
             async for out in stream:
                 final = out
         finally:
             await stream.aclose()
-        choices = [build_chat_choice(c.index, c.text, c.finish_reason, c.stop_reason, thinking, parse_tools,
+        choices = [build_chat_choice(c.index, forced + c.text, c.finish_reason, c.stop_reason, thinking, parse_tools,
                                      chat_logprobs(c, 0, k)) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage(final))
 
-    async def chat_stream(request_id, stream, n, thinking, tools, k, include_usage):
+    async def chat_stream(request_id, stream, n, thinking, tools, k, include_usage, forced=""):
         states = [ChatStreamState(thinking, tools) for _ in range(n)]
 
         def chunk(index, delta, logprobs=None, finish_reason=None):
@@ -443,6 +464,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         try:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
+                for d in states[i].feed(forced, False) if forced else []:
+                    yield chunk(i, d)
             last = None
             async for out in stream:
                 last = out
