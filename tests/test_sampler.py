@@ -57,12 +57,10 @@ def test_min_p_drops_tokens_below_fraction_of_max():
 
 def test_greedy_and_seeded_reproducibility():
     assert draw(SamplingParams(temperature=0), n=50)[0] == 1.0
-    a = [sample(LOGITS[None], [SampleRow(SamplingParams(seed=1), [], [], torch.Generator().manual_seed(7), [])])[0]
-         for _ in range(1)]
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     s1 = [sample(LOGITS[None], [SampleRow(SamplingParams(), [], [], g1, [])])[0] for _ in range(50)]
     s2 = [sample(LOGITS[None], [SampleRow(SamplingParams(), [], [], g2, [])])[0] for _ in range(50)]
-    assert s1 == s2 and len(set(s1)) > 1 and a
+    assert s1 == s2 and len(set(s1)) > 1
 
 
 def test_penalties_follow_vllm_formulas():
