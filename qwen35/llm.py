@@ -103,21 +103,9 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Generate for one prompt or a list; results in input order."""
-        ids = self._submit(prompts, sampling_params)
-        done: dict[str, RequestOutput] = {}
-        try:
-            while len(done) < len(ids):
-                if not self.engine.has_unfinished_requests():
-                    raise RuntimeError(f"engine idle with {len(ids) - len(done)} requests unreported")
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-        except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        return [done[rid] for rid in ids]
+        """Generate for one prompt or a list; results in input order (request ids count up from submission)."""
+        finished = [out for out in self.stream(prompts, sampling_params) if out.finished]
+        return sorted(finished, key=lambda out: int(out.request_id))
 
     def stream(self, prompts, sampling_params=None, output_kind: str = "cumulative") -> Iterator[RequestOutput]:
         """Yield RequestOutputs as requests progress; the last one of each request has `finished` set.

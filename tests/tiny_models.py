@@ -84,12 +84,10 @@ def build(kind: str, out_dir, seed: int = 0, max_shard_size=None, **overrides):
 def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_size: int = 16, poison: bool = False):
     """Feed each prompt to `model` in pieces (prompt i split at cuts[i]), all sequences together in each step,
     carrying conv, recurrent and K/V state in a HybridCache. Returns every position's logits per prompt."""
-    from qwen35.cache.hybrid import HybridCache
     from qwen35.models.batch import ForwardBatch, SeqChunk
 
-    dtype = model.lm_head.weight.dtype
     blocks_per_seq = [-(-len(p) // block_size) for p in prompts]
-    cache = HybridCache(model.cache_spec(), sum(blocks_per_seq) + 1, block_size, len(prompts) + 1, dtype)
+    cache = _cache(model, sum(blocks_per_seq) + 1, block_size, len(prompts) + 1)
     if poison:  # NaN everywhere: any read of a position or state not written by this sequence shows up
         for pool in (cache.k, cache.v, cache.conv, cache.ssm):
             for t in pool.values():
@@ -115,13 +113,11 @@ def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_siz
 
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, block_size: int = 16) -> list[list[int]]:
     """Greedy continuation of several prompts decoded together (prefill, then one token per step)."""
-    from qwen35.cache.hybrid import HybridCache
     from qwen35.models.batch import ForwardBatch, SeqChunk
 
-    dtype = model.lm_head.weight.dtype
     total = [len(p) + max_new_tokens for p in prompts]
     nblocks = [-(-t // block_size) for t in total]
-    cache = HybridCache(model.cache_spec(), sum(nblocks), block_size, len(prompts), dtype)
+    cache = _cache(model, sum(nblocks), block_size, len(prompts))
     tables = [list(range(sum(nblocks[:i]), sum(nblocks[: i + 1]))) for i in range(len(prompts))]
     seqs = [list(p) for p in prompts]
     new = [list(p) for p in prompts]
@@ -136,3 +132,9 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, block_size: int
             s.append(t)
         new = [[t] for t in nxt]
     return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def _cache(model, num_blocks: int, block_size: int, num_slots: int):
+    from qwen35.cache.hybrid import HybridCache
+
+    return HybridCache(model.cache_spec(), num_blocks, block_size, num_slots, model.lm_head.weight.dtype)
