@@ -9,6 +9,7 @@ ignored; derived values (layer pattern, rotary dims, GDN head ratio) are compute
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower's geometry (the tower itself comes with the multimodal issue)."""
+    """The vision tower's geometry (shared/spec/vision-and-io.md §1)."""
 
     depth: int = 27
     hidden_size: int = 1152
@@ -238,11 +239,45 @@ class VisionConfig:
     temporal_patch_size: int = 2
     out_hidden_size: int = 3584
     num_position_embeddings: int = 2304
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @staticmethod
-    def from_hf(d: dict) -> "VisionConfig":
+    def from_hf(d: dict, where: str = ".vision_config") -> "VisionConfig":
         known = {f.name for f in fields(VisionConfig)}
-        return VisionConfig(**{k: v for k, v in d.items() if k in known and v is not None})
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        rope = d.get("rope_parameters") or {}
+        if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+            kw["rope_theta"] = rope["rope_theta"]
+        if d.get("deepstack_visual_indexes"):
+            raise ConfigError(f"config{where}: field 'deepstack_visual_indexes' is {d['deepstack_visual_indexes']}; "
+                              "DeepStack (Qwen3-VL) is not part of Qwen3.5 and is not supported")
+        v = VisionConfig(**kw)
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                     "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "num_position_embeddings"):
+            if not isinstance(getattr(v, name), int) or getattr(v, name) < 1:
+                raise ConfigError(f"config{where}: field '{name}' must be a positive integer, got {getattr(v, name)!r}")
+        if v.hidden_size % v.num_heads or v.head_dim % 4:
+            raise ConfigError(f"config{where}: hidden_size {v.hidden_size} / num_heads {v.num_heads} must give a "
+                              "head_dim divisible by 4 (2D rotary over h and w)")
+        side = math.isqrt(v.num_position_embeddings)
+        if side * side != v.num_position_embeddings:
+            raise ConfigError(f"config{where}: field 'num_position_embeddings' ({v.num_position_embeddings}) must be "
+                              "a square (a G x G grid of learned positions)")
+        if v.hidden_act not in VISION_ACTS:
+            raise ConfigError(f"config{where}: field 'hidden_act' {v.hidden_act!r} is not one of "
+                              f"{', '.join(VISION_ACTS)}")
+        return v
+
+
+VISION_ACTS = ("gelu_pytorch_tanh", "gelu", "quick_gelu", "silu")
 
 
 @dataclass(frozen=True)
@@ -288,7 +323,11 @@ class ModelConfig:
             if d.get("tie_word_embeddings") is not None:
                 text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
             text = TextConfig.from_hf(text_d, WRAPPER_MODEL_TYPES[model_type], where=".text_config")
-            vision = VisionConfig.from_hf(_get(d, "vision_config", dict, {}))
+            vision_d = _get(d, "vision_config", dict, {})  # absent: the language model alone is usable
+            vision = VisionConfig.from_hf(vision_d) if vision_d else None
+            if vision is not None and vision.out_hidden_size != text.hidden_size:
+                raise ConfigError(f"config: vision_config.out_hidden_size ({vision.out_hidden_size}) must equal the "
+                                  f"text hidden_size ({text.hidden_size}): merged patches are fed as embeddings")
             g = lambda key, default: _get(d, key, int, default)  # noqa: E731
             return ModelConfig(
                 model_type=model_type, text=text, vision=vision, architectures=archs, dtype=str(dtype),

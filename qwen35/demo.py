@@ -15,16 +15,38 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
-DEMO_VERSION = 3
-DEMO_CONFIG = {
-    "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "dtype": "bfloat16",
+DEMO_VERSION = 4
+DEMO_TEXT = {
     "vocab_size": 248320, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "linear_num_key_heads": 4,
     "linear_num_value_heads": 8, "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
     "full_attention_interval": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "tie_word_embeddings": True,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
                         "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-    "eos_token_id": 248044, "random_weights": True,
+    "eos_token_id": 248044,
+}
+# A small tower with the released patch geometry (16 px patches, 2x2 merge, 48x48 position grid), so the demo
+# takes images and videos with the released processor settings.
+DEMO_VISION = {"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "patch_size": 16,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+               "out_hidden_size": 256, "hidden_act": "gelu_pytorch_tanh", "deepstack_visual_indexes": []}
+DEMO_CONFIG = {
+    "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "dtype": "bfloat16",
+    "tie_word_embeddings": True, "text_config": DEMO_TEXT, "vision_config": DEMO_VISION,
+    "image_token_id": 248056, "video_token_id": 248057, "vision_start_token_id": 248053, "vision_end_token_id": 248054,
+    "random_weights": True,
+}
+# The released preprocessor_config.json / video_preprocessor_config.json (shared/spec/vision-and-io.md §3.1).
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+    "rescale_factor": 1 / 255, "do_convert_rgb": True,
+}
+VIDEO_PREPROCESSOR_CONFIG = {
+    "video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5], "fps": 2, "min_frames": 4, "max_frames": 768,
 }
 GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044],
                      "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
@@ -45,6 +67,8 @@ def demo_checkpoint(seed: int = 0) -> Path:
     write_random_checkpoint(tmp, DEMO_CONFIG, seed)
     write_tokenizer(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
     try:
         tmp.rename(path)
     except OSError:  # another process built it first
@@ -65,12 +89,15 @@ def write_random_checkpoint(path: Path, config: dict, seed: int = 0, dtype=torch
     """A checkpoint of `config` with random weights at scales that keep activations O(1)."""
     from safetensors.torch import save_file
 
-    cfg = ModelConfig.from_hf(config).text
+    mc = ModelConfig.from_hf(config)
     g = torch.Generator().manual_seed(seed)
-    model = Qwen3_5ForCausalLM(cfg)
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(mc.text, mc.vision)
     tensors = {}
     for name, p in model.named_parameters():  # a tied head shows up once, as the embedding
-        if name.endswith("A_log"):
+        if name.startswith("visual.") and ("norm" in name or name.endswith("bias")):
+            t = (torch.ones if "norm" in name and name.endswith("weight") else torch.zeros)(p.shape)
+        elif name.endswith("A_log"):
             t = torch.empty(p.shape).uniform_(0.05, 2.0, generator=g).log()
         elif name.endswith("dt_bias"):
             t = torch.zeros(p.shape)
@@ -82,6 +109,7 @@ def write_random_checkpoint(path: Path, config: dict, seed: int = 0, dtype=torch
             fan_in = p.shape[-1]
             t = torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (0.5 if "embed" not in name else 1.0)
         keep32 = name.endswith(("A_log", "linear_attn.norm.weight"))
+        name = "model." + name if name.startswith("visual.") else name
         tensors[name] = t.to(torch.float32 if keep32 else dtype).contiguous()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2))

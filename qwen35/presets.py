@@ -5,8 +5,11 @@ from __future__ import annotations
 
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
         "mrope_section": [11, 11, 10], "mrope_interleaved": True}
-VISION = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
-          "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304}
+# Three ViT sizes (shared/spec/vision-and-io.md §1.2): small for 0.8B, medium for 2B/4B, large above.
+_PATCH = {"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304}
+VIT_SMALL = {"depth": 12, "hidden_size": 768, "intermediate_size": 3072, "num_heads": 12, **_PATCH}
+VIT_MEDIUM = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, **_PATCH}
+VISION = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, **_PATCH}
 
 
 def _text(hidden, layers, heads, kv_heads, v_heads, **kw):
@@ -17,10 +20,10 @@ def _text(hidden, layers, heads, kv_heads, v_heads, **kw):
             "max_position_embeddings": 262144, "rope_parameters": dict(ROPE), **kw}
 
 
-def _dense(hidden, layers, heads, kv_heads, v_heads, inter, tie):
+def _dense(hidden, layers, heads, kv_heads, v_heads, inter, tie, vit=VISION):
     text = _text(hidden, layers, heads, kv_heads, v_heads, intermediate_size=inter, tie_word_embeddings=tie)
     return {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "dtype": "bfloat16",
-            "tie_word_embeddings": tie, "text_config": text, "vision_config": {**VISION, "out_hidden_size": hidden}}
+            "tie_word_embeddings": tie, "text_config": text, "vision_config": {**vit, "out_hidden_size": hidden}}
 
 
 def _moe(hidden, layers, heads, kv_heads, v_heads, experts, top_k, inter):
@@ -32,9 +35,9 @@ def _moe(hidden, layers, heads, kv_heads, v_heads, experts, top_k, inter):
 
 
 PRESETS: dict[str, dict] = {
-    "qwen3.5-0.8b": _dense(1024, 24, 8, 2, 16, 3584, True),
-    "qwen3.5-2b": _dense(2048, 24, 8, 2, 16, 6144, True),
-    "qwen3.5-4b": _dense(2560, 32, 16, 4, 32, 9216, True),
+    "qwen3.5-0.8b": _dense(1024, 24, 8, 2, 16, 3584, True, VIT_SMALL),
+    "qwen3.5-2b": _dense(2048, 24, 8, 2, 16, 6144, True, VIT_MEDIUM),
+    "qwen3.5-4b": _dense(2560, 32, 16, 4, 32, 9216, True, VIT_MEDIUM),
     "qwen3.5-9b": _dense(4096, 32, 16, 4, 32, 12288, False),
     "qwen3.5-27b": _dense(5120, 64, 24, 4, 48, 17408, False),
     "qwen3.5-35b-a3b": _moe(2048, 40, 16, 2, 32, 256, 8, 512),

@@ -81,9 +81,11 @@ def build(kind: str, out_dir, seed: int = 0, max_shard_size=None, **overrides):
     return model
 
 
-def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_size: int = 16, poison: bool = False):
+def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_size: int = 16, poison: bool = False,
+               mm=None):
     """Feed each prompt to `model` in pieces (prompt i split at cuts[i]), all sequences together in each step,
-    carrying conv, recurrent and K/V state in a HybridCache. Returns every position's logits per prompt."""
+    carrying conv, recurrent and K/V state in a HybridCache. Returns every position's logits per prompt.
+    mm: per prompt None or (MultimodalPrompt, visual embeddings) whose rows replace the placeholder embeddings."""
     from qwen35.models.batch import ForwardBatch, SeqChunk
 
     blocks_per_seq = [-(-len(p) // block_size) for p in prompts]
@@ -101,11 +103,23 @@ def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_siz
             if step < len(pieces[i]):
                 a, b = pieces[i][step]
                 blocks = list(range(first_block[i], first_block[i] + blocks_per_seq[i]))
-                chunks.append(SeqChunk(p[a:b], num_past=a, state_slot=i + 1, block_ids=blocks, want_logits="all"))
+                pos = mm[i][0].positions_for(a, b) if mm and mm[i] else None
+                chunks.append(SeqChunk(p[a:b], num_past=a, state_slot=i + 1, block_ids=blocks, positions=pos,
+                                       want_logits="all"))
                 owners.append(i)
         batch = ForwardBatch.build(chunks, block_size)
+        embeds = None
+        if mm:
+            embeds = model.model.embed_tokens(batch.input_ids)
+            at = 0
+            for i, c in zip(owners, chunks):
+                if mm[i]:
+                    rows = mm[i][0].feature_rows[c.num_past:c.num_past + len(c.token_ids)]
+                    sel = rows >= 0
+                    embeds[at:at + len(c.token_ids)][sel] = mm[i][1][rows[sel]]
+                at += len(c.token_ids)
         with torch.no_grad():
-            logits = model.compute_logits(model(batch.input_ids, batch, cache)[batch.logits_indices])
+            logits = model.compute_logits(model(batch.input_ids, batch, cache, embeds)[batch.logits_indices])
         for i, rows in zip(owners, logits.split([len(c.token_ids) for c in chunks])):
             out[i].append(rows)
     return [torch.cat(x) for x in out]

@@ -85,7 +85,8 @@ class LLMEngine:
         return num_blocks
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, mm=None) -> None:
+        """mm: the MultimodalPrompt of a prompt whose placeholders `multimodal.prompt.expand_prompt` expanded."""
         if request_id in self._parents:
             raise EngineError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -101,6 +102,17 @@ class LLMEngine:
         if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
             raise EngineError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
                               f"max_model_len ({self.max_model_len})")
+        if mm is not None:
+            if self.model.visual is None:
+                raise EngineError("this model has no vision tower (text-only checkpoint or loaded without vision); "
+                                  "it cannot take images or videos")
+            if mm.num_prompt_tokens != n_prompt:
+                raise EngineError(f"multimodal positions cover {mm.num_prompt_tokens} tokens, the prompt has "
+                                  f"{n_prompt}")
+        else:
+            vt = self.model_config
+            if any(t in (vt.image_token_id, vt.video_token_id) for t in prompt_token_ids) and vt.is_multimodal:
+                raise EngineError("the prompt holds image/video placeholder tokens but no image or video was given")
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
         children = []
@@ -111,7 +123,8 @@ class LLMEngine:
             elif not params.is_greedy:
                 gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
             req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, list(prompt_token_ids), params,
-                          prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id)
+                          prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id,
+                          mm=mm)
             req.max_total_tokens = min(self.max_model_len,
                                        n_prompt + (params.max_tokens or self.max_model_len))
             if params.logprobs is not None:

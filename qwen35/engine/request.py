@@ -43,6 +43,7 @@ class Request:
     stop_reason: int | str | None = None
     detokenizer: object | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
+    mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)
 
     @property
     def num_prompt_tokens(self) -> int:

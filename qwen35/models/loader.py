@@ -1,8 +1,9 @@
 """Strict loading of Hugging Face safetensors checkpoints (single file or sharded with an index), memory-mapped
 and cast tensor by tensor to the requested dtype and device.
 
-Checkpoint names are canonicalised to the text model's (`model.language_model.` -> `model.`); `model.visual.*`
-and `mtp.*` are set aside (vision tower and MTP head come with their own issues); per-expert 2D tensors are packed
+Checkpoint names are canonicalised to the text model's (`model.language_model.` -> `model.`, `model.visual.` ->
+`visual.`); `mtp.*` is set aside (no speculative decoding yet), and so is `model.visual.*` when the model is loaded
+text-only (`vision=False`); per-expert 2D tensors are packed
 into the fused 3D expert tensors; Qwen3-Next's fused projections are split. A missing, unexpected or wrongly shaped
 tensor is a `CheckpointError` naming it; a truncated or corrupt file one naming the file. Nothing from a checkpoint
 is executed: no pickle, no remote code.
@@ -92,12 +93,12 @@ def _open(f: Path):
         raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def canonical_name(name: str) -> tuple[str | None, str | None]:
-    """(text-model name, None) or (None, the prefix it is set aside under) or (None, None) when unknown."""
+def canonical_name(name: str, vision: bool = False) -> tuple[str | None, str | None]:
+    """(our parameter name, None) or (None, the prefix it is set aside under) or (None, None) when unknown."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):], None
     if name.startswith("model.visual."):
-        return None, "model.visual."
+        return ("visual." + name[len("model.visual."):], None) if vision else (None, "model.visual.")
     if name.startswith("mtp."):
         return None, "mtp."
     if name.startswith("model.") or name == "lm_head.weight":
@@ -106,15 +107,17 @@ def canonical_name(name: str) -> tuple[str | None, str | None]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               progress: bool | None = None) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
+               progress: bool | None = None, vision: bool = True) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
+    """vision=False loads only the language model of a multimodal checkpoint (its tower is set aside)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     config = ModelConfig.from_dir(path)
     cfg = config.text
     torch_dtype = resolve_dtype(dtype, config)
+    vision = vision and config.vision is not None
     with torch.device("meta"):
-        model = Qwen3_5ForCausalLM(cfg)
+        model = Qwen3_5ForCausalLM(cfg, config.vision if vision else None)
     params = dict(model.named_parameters(remove_duplicate=False))
     report = LoadReport()
     start = time.time()
@@ -150,7 +153,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             for name in names:
                 if name not in available:
                     raise CheckpointError(f"{f}: tensor {name} listed in the index is not in the file")
-                cname, aside = canonical_name(name)
+                cname, aside = canonical_name(name, vision)
                 if aside is not None:
                     report.set_aside[aside] = report.set_aside.get(aside, 0) + 1
                     continue
@@ -189,11 +192,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     missing += _missing_experts(experts_seen, params)
     if missing:
         uses_lm_prefix = any(v.startswith("model.language_model.") for v in prefix_of.values())
-        shown = [m.replace("model.", "model.language_model.", 1) if uses_lm_prefix and m.startswith("model.") else m
-                 for m in missing]
+        shown = [m.replace("model.", "model.language_model.", 1) if uses_lm_prefix and m.startswith("model.") else
+                 "model." + m if m.startswith("visual.") else m for m in missing]
         more = f" (and {len(shown) - 5} more)" if len(shown) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor{'s' if len(shown) > 1 else ''} {', '.join(shown[:5])}{more}")
     model.model.inv_freq = model.model.inv_freq.to(device)
+    if model.visual is not None:
+        model.visual.inv_freq = model.visual.inv_freq.to(device)
     model.eval()
     report.seconds = time.time() - start
     return model, config, report

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.config import TextConfig
+from qwen35.config import TextConfig, VisionConfig
 from qwen35.layers.mlp import MLP, SparseMoeBlock
 from qwen35.layers.norm import GatedRMSNorm, RMSNorm
 from qwen35.models.batch import ForwardBatch
+from qwen35.models.vision import VisionTower
 from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.conv import causal_conv1d
 from qwen35.ops.gated_delta import gated_delta_rule
@@ -169,13 +170,16 @@ class TextModel(nn.Module):
 
 
 class Qwen3_5ForCausalLM(nn.Module):
-    """Text decoder + LM head. `forward` returns final-normed hidden states [N, H]; `compute_logits` projects the
-    rows that need them. Ids at or above `vocab_limit` (the tokenizer's real size, when set) get -inf logits."""
+    """Text decoder + LM head (+ the vision tower of multimodal checkpoints, whose merged patches replace the
+    placeholder rows of `inputs_embeds`). `forward` returns final-normed hidden states [N, H]; `compute_logits`
+    projects the rows that need them. Ids at or above `vocab_limit` (the tokenizer's real size, when set) get -inf
+    logits."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, vision: VisionConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = TextModel(cfg)
+        self.visual = VisionTower(vision) if vision is not None else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -183,6 +187,14 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         return self.model(input_ids, batch, cache, inputs_embeds)
+
+    def encode_visual(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """One vision-tower pass over several images / videos: each item's merged-token embeddings [n_i, H]."""
+        if self.visual is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint, or loaded without vision)")
+        out = self.visual(torch.cat(pixel_values), grids)
+        m2 = self.visual.cfg.spatial_merge_size ** 2
+        return list(out.to(self.model.embed_tokens.weight.dtype).split([t * h * w // m2 for t, h, w in grids]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
