@@ -4,6 +4,7 @@ and tool calls, the way an OpenAI-compatible server reports them."""
 from __future__ import annotations
 
 from qwen35.chat_template import ChatTemplate
+from qwen35.multimodal.inputs import split_chat_media
 from qwen35.serve.reasoning import is_thinking_prompt, split_reasoning
 from qwen35.serve.tool_calls import parse_tool_calls
 
@@ -33,10 +34,15 @@ def assistant_message(text: str, thinking: bool, tools) -> dict:
 def chat(llm, messages, sampling_params=None, tools=None, chat_template_kwargs=None, add_generation_prompt=True):
     """messages: one conversation (a list of message dicts) or a list of conversations."""
     conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-    prompts = [render(llm, c, tools, chat_template_kwargs, add_generation_prompt) for c in conversations]
-    # The template already wrote every special token; encode it as text, with no BOS added (Qwen adds none).
-    outputs = llm.generate([{"prompt": p, "prompt_token_ids": llm.tokenizer.encode(p)} for p in prompts],
-                           sampling_params)
+    prompts, requests = [], []
+    for c in conversations:
+        c, images, videos = split_chat_media(c)  # media parts become the placeholders templates render
+        prompt = render(llm, c, tools, chat_template_kwargs, add_generation_prompt)
+        prompts.append(prompt)
+        # The template already wrote every special token; encode it as text, with no BOS added (Qwen adds none).
+        requests.append({"prompt": prompt, "prompt_token_ids": llm.tokenizer.encode(prompt),
+                         "multi_modal_data": {"image": images, "video": videos}})
+    outputs = llm.generate(requests, sampling_params)
     for prompt, out in zip(prompts, outputs):
         thinking = is_thinking_prompt(prompt)
         out.messages = [assistant_message(c.text, thinking, tools) for c in out.outputs]

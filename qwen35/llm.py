@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -11,6 +12,8 @@ from typing import Any
 from qwen35.config import EngineConfig
 from qwen35.engine.llm_engine import LLMEngine
 from qwen35.models.loader import load_model
+from qwen35.multimodal.config import MediaLimits, ProcessorConfig
+from qwen35.multimodal.inputs import MediaPolicy, as_list, prepare_prompt, video_list
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams
 
@@ -19,17 +22,44 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
+def media_limits(limit_mm_per_prompt: dict[str, int] | None) -> MediaLimits:
+    limits = MediaLimits()
+    for key, value in (limit_mm_per_prompt or {}).items():
+        if key not in ("image", "video") or not isinstance(value, int) or value < 0:
+            raise ValueError(f"limit_mm_per_prompt takes {{'image': n, 'video': m}} with n, m >= 0; "
+                             f"got {key}={value!r}")
+        limits = dataclasses.replace(limits, **{f"max_{key}s_per_prompt": value})
+    return limits
+
+
+def _no_tokenizer(text: str):
+    raise ValueError("video timestamps are text: a video prompt needs a tokenizer (skip_tokenizer_init was set)")
+
+
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu", seed: int = 0,
                  max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
-                 tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False):
+                 tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
+                 limit_mm_per_prompt: dict[str, int] | None = None, allowed_local_media_path: str | Path | None = None,
+                 allow_remote_media: bool = False, language_model_only: bool = False):
+        """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
+        allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
+        besides data: URLs (media given directly in `multi_modal_data` is always taken). language_model_only:
+        load a multimodal checkpoint without its vision tower (text only, less memory)."""
         if model is None:
             from qwen35.demo import demo_checkpoint
 
             model = demo_checkpoint()
         self.model_path = Path(model)
-        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device)
+        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
+                                                                     vision=not language_model_only)
+        self.processor_config = None
+        if self.model.visual is not None:
+            self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)
+        self.media_limits = media_limits(limit_mm_per_prompt)
+        self.media_policy = MediaPolicy(Path(allowed_local_media_path) if allowed_local_media_path else None,
+                                        allow_remote_media)
         gen_path = self.model_path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self.tokenizer = None
@@ -63,8 +93,6 @@ class LLM:
             elif isinstance(p, dict):
                 if "prompt_token_ids" not in p and "prompt" not in p:
                     raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-                if p.get("multi_modal_data"):
-                    raise ValueError("multi_modal_data is not supported yet (text-only for now)")
                 out.append(dict(p))
             elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 out.append({"prompt_token_ids": list(p)})
@@ -75,7 +103,21 @@ class LLM:
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer (this LLM was made with skip_tokenizer_init)")
                 p["prompt_token_ids"] = self.tokenizer.encode(p["prompt"])
+            p["prompt_token_ids"], p["mm"] = self._multimodal(p)
         return out
+
+    def _multimodal(self, p: dict):
+        data = p.get("multi_modal_data") or {}
+        unknown = set(data) - {"image", "video"}
+        if unknown:
+            raise ValueError(f"multi_modal_data takes 'image' and 'video', not {', '.join(sorted(unknown))}")
+        images, videos = as_list(data.get("image")), video_list(data.get("video"))
+        if (images or videos) and self.processor_config is None:
+            raise ValueError("this model takes text only (no vision tower"
+                             f"{' loaded' if self.model_config.vision else ''}); it cannot take images or videos")
+        encode = self.tokenizer.encode if self.tokenizer is not None else _no_tokenizer
+        return prepare_prompt(p["prompt_token_ids"], images, videos, self.model_config, self.processor_config,
+                              encode, self.media_limits, self.media_policy)
 
     def _params(self, sampling_params, n: int) -> list[SamplingParams]:
         if sampling_params is None:
@@ -93,7 +135,7 @@ class LLM:
         try:
             for item, p in zip(items, params):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, item["prompt_token_ids"], p, item.get("prompt"))
+                self.engine.add_request(rid, item["prompt_token_ids"], p, item.get("prompt"), mm=item.get("mm"))
                 ids.append(rid)
         except Exception:
             for rid in ids:

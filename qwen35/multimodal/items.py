@@ -1,0 +1,41 @@
+"""The objects preprocessing hands to the rest of the engine: a processed visual item, decoded video frames, and
+the one error type bad media raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class MediaError(ValueError):
+    """An image or video that cannot be used: unreadable, truncated, too large, or of an unusable shape.
+
+    The message names the source (a path, "data URL", "image 2", ...) and the problem, so a server can return it
+    to the client as a 400 as is."""
+
+
+@dataclass
+class VisualItem:
+    """One image or video, ready for the vision tower (shared/spec/vision-and-io.md §2.1, §3.4)."""
+
+    kind: str  # "image" or "video"
+    pixel_values: torch.Tensor  # [t*h*w, C*T*P*P] float32, rows in merge-block order
+    grid_thw: tuple[int, int, int]  # (t, h, w) in patches
+    timestamps: list[float] | None = None  # video only: seconds, one per temporal patch
+
+    def num_tokens(self, merge_size: int) -> int:
+        """Placeholder tokens the item occupies in the prompt: patches / merge_size**2."""
+        t, h, w = self.grid_thw
+        return t * h * w // merge_size**2
+
+
+@dataclass
+class VideoFrames:
+    """Frames sampled from a video, before resizing."""
+
+    frames: np.ndarray  # [n, H, W, 3] uint8 RGB
+    indices: list[int]  # index of each sampled frame in the source video
+    fps: float  # native frame rate of the source (24.0 when it was unknown, as transformers assumes)
+    total_num_frames: int  # frames in the source video
