@@ -65,8 +65,11 @@ def build(kind: str, out_dir, seed: int = 0, max_shard_size=None, **overrides):
                       patch_size=8, num_position_embeddings=64)
         Cfg, Model = ((tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeForConditionalGeneration) if kind == "moe_vl"
                       else (tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration))
-        cfg = Cfg(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
-                  vision_start_token_id=152, vision_end_token_id=153)
+        # the real Qwen3.5 ids when the vocabulary is the real one (tests with the real tokenizer), else small ids
+        ids = (dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                    vision_end_token_id=248054) if text["vocab_size"] > 248057 else
+               dict(image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153))
+        cfg = Cfg(text_config=text, vision_config=vision, **ids)
         model = Model(cfg)
     elif kind == "next":
         cfg = tf.Qwen3NextConfig(**{**BASE, **MOE, "intermediate_size": 80, "mlp_only_layers": [1],
