@@ -36,8 +36,9 @@ import uvicorn
 from qwen35.llm import LLM
 from qwen35.serve.app import build_app
 cfg = json.loads(sys.argv[1])
-llm = LLM(cfg["model"], dtype="float32", max_model_len=512, max_num_seqs=cfg["max_num_seqs"])
-app = build_app(llm, "tiny", api_key=cfg["api_key"], max_waiting=cfg["max_waiting"], max_body_bytes=64 * 1024)
+llm = LLM(cfg["model"], dtype="float32", max_model_len=512, max_num_seqs=cfg["max_num_seqs"], **cfg.get("llm", {}))
+app = build_app(llm, "tiny", api_key=cfg["api_key"], max_waiting=cfg["max_waiting"],
+                max_body_bytes=cfg.get("max_body_bytes", 64 * 1024))
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
@@ -289,6 +290,9 @@ def test_errors_keep_server_healthy(server):
                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 600}), 400)
     check(httpx.post(url + "/v1/completions", headers=h, json={"model": MODEL, "prompt": [10**9]}), 400)
     check(httpx.post(url + "/v1/completions", headers=h, json={"model": MODEL, "prompt": "x" * 100_000}), 413)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "messages": [
+        {"role": "user", "content": [image]}]}), 400, "messages")  # a text-only model
     check(httpx.post(url + "/v1/chat/completions", json=chat), 401)
     check(httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer wrong"}, json=chat), 401)
     with pytest.raises(openai.NotFoundError):

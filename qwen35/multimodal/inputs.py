@@ -157,7 +157,9 @@ def process_media(images: list, videos: list, cfg: ProcessorConfig, limits: Medi
 
 
 def _name(src, default: str) -> str | None:
-    # paths name themselves; everything else is "image 2" etc.
+    # paths name themselves; a URL the client sent is quoted back; everything else is "image 2" etc.
+    if isinstance(src, URLSource):
+        return default if src.url.startswith("data:") else f"{default} {src.url[:100]}"
     return None if isinstance(src, (str, Path)) and not str(src).startswith("data:") else default
 
 

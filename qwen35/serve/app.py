@@ -3,6 +3,7 @@ metrics, tokenize/detokenize. A thin layer over `AsyncEngine`; errors are OpenAI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -21,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen35.chat import assistant_message, render
 from qwen35.chat_template import ChatTemplateError
 from qwen35.engine.llm_engine import EngineError
+from qwen35.multimodal.inputs import prepare_prompt, split_chat_media
+from qwen35.multimodal.items import MediaError
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams, SamplingParamsError
 from qwen35.serve.async_engine import AsyncEngine
@@ -144,18 +147,21 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _text_content(content: Any, role: str) -> Any:
-    """OpenAI content parts -> one string (text only)."""
+def _content(content: Any, role: str) -> Any:
+    """OpenAI content parts -> one string, or a list of text and image/video placeholder parts when the message
+    carries media (split_chat_media has already replaced image_url / video_url parts by placeholders)."""
     if not isinstance(content, list):
         return content
-    texts = []
+    parts = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise APIError(400, f"{role} message content part of type {kind!r} is not supported (text only)",
-                           "messages")
-        texts.append(part.get("text", ""))
-    return "".join(texts)
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in ("text", "image", "video"):
+            raise APIError(400, f"{role} message content part of type {kind!r} is not supported (use text, "
+                                "image_url or video_url)", "messages")
+        parts.append({"type": "text", "text": part.get("text", "")} if kind == "text" else {"type": kind})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
@@ -167,7 +173,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
         if role == "developer":
             m["role"] = role = "system"
         if "content" in m:
-            m["content"] = _text_content(m["content"], role) if m["content"] is not None else ""
+            m["content"] = _content(m["content"], role) if m["content"] is not None else ""
         if m.get("reasoning") is not None and m.get("reasoning_content") is None:
             m["reasoning_content"] = m.pop("reasoning")
         calls = []
@@ -281,7 +287,7 @@ def _sse(model) -> str:
 
 def build_app(llm, served_model_name: str | None = None, api_key: str | None = None,
               default_chat_template_kwargs: dict | None = None, max_waiting: int = 256,
-              max_body_bytes: int = 8 * 1024 * 1024, engine: AsyncEngine | None = None) -> FastAPI:
+              max_body_bytes: int = 64 * 1024 * 1024, engine: AsyncEngine | None = None) -> FastAPI:
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or llm.model_path.name
     metrics = Metrics()
@@ -338,10 +344,10 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         except SamplingParamsError as e:
             raise _bad_request(e) from None
 
-    async def start(request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None):
+    async def start(request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None, mm=None):
         check_capacity()
         try:
-            stream = await engine.add_request(request_id, prompt_ids, params, prompt)
+            stream = await engine.add_request(request_id, prompt_ids, params, prompt, mm)
         except (EngineError, SamplingParamsError, ValueError) as e:
             raise _bad_request(e) from None
         metrics.prompt_tokens += len(prompt_ids)
@@ -392,21 +398,42 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                                             "owned_by": "qwen35", "root": str(llm.model_path),
                                             "max_model_len": engine.engine.max_model_len}]}
 
-    def render_chat(messages, tools, template_kwargs, add_generation_prompt=True) -> str:
+    def render_chat(messages, tools, template_kwargs, add_generation_prompt=True) -> tuple[str, list, list]:
+        """(prompt, image sources, video sources): media parts become the template's placeholders."""
         kwargs = {**(default_chat_template_kwargs or {}), **(template_kwargs or {})}
         try:
-            return render(llm, normalize_messages(messages), tools, kwargs, add_generation_prompt)
+            messages, images, videos = split_chat_media(messages)
+        except MediaError as e:
+            raise APIError(400, str(e), "messages") from None
+        if (images or videos) and llm.processor_config is None:
+            raise APIError(400, "this model takes text only (no vision tower); it cannot take images or videos",
+                           "messages")
+        try:
+            return render(llm, normalize_messages(messages), tools, kwargs, add_generation_prompt), images, videos
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
+
+    async def with_media(prompt_ids: list[int], images: list, videos: list):
+        """Fetch, decode and process the media (off the event loop) and expand the prompt's placeholders."""
+        if not images and not videos:
+            return prompt_ids, None
+        try:
+            return await asyncio.to_thread(prepare_prompt, prompt_ids, images, videos, llm.model_config,
+                                           llm.processor_config, tokenizer.encode, llm.media_limits,
+                                           llm.media_policy)
+        except ValueError as e:  # MediaError and placeholder mismatches: the client's input
+            raise APIError(400, str(e), "messages") from None
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
-        text = req.prompt if req.prompt is not None else render_chat(req.messages, None, req.chat_template_kwargs,
-                                                                      req.add_generation_prompt)
-        ids = tokenizer.encode(text)
+        if req.prompt is not None:
+            ids = tokenizer.encode(req.prompt)
+        else:
+            text, images, videos = render_chat(req.messages, None, req.chat_template_kwargs, req.add_generation_prompt)
+            ids, _ = await with_media(tokenizer.encode(text), images, videos)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -427,19 +454,19 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         call_prefix = forced_tool_call(req.tool_choice, req.tools)
         parse_tools = req.tools if req.tools and req.tool_choice != "none" else None
-        prompt = render_chat(req.messages, req.tools, req.chat_template_kwargs)
+        prompt, images, videos = render_chat(req.messages, req.tools, req.chat_template_kwargs)
         thinking = is_thinking_prompt(prompt)
         # A forced call is written into the prompt (after closing an open think block); the parsers see it as the
         # start of the output.
         forced = ("\n</think>\n\n" if thinking and call_prefix else "") + call_prefix
         prompt += forced
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids, mm = await with_media(tokenizer.encode(prompt), images, videos)
         k = req.top_logprobs or 0
         params = make_params(req, max_tokens=max_tokens_for(req.max_completion_tokens or req.max_tokens,
                                                             len(prompt_ids)),
                              logprobs=k if req.logprobs else None)
         request_id = random_id("chatcmpl")
-        stream = tracked(await start(request_id, prompt_ids, params, prompt))
+        stream = tracked(await start(request_id, prompt_ids, params, prompt, mm))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(chat_stream(request_id, stream, params.n, thinking, parse_tools, k,

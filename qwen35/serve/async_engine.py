@@ -71,7 +71,7 @@ class AsyncEngine:
         return len(self.engine.scheduler.running)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None) -> RequestStream:
+                          prompt: str | None = None, mm=None) -> RequestStream:
         """Queue a request and wait until the engine accepted it; raises the engine's error (e.g. EngineError)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -80,7 +80,7 @@ class AsyncEngine:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             self._num_pending_adds += 1
-            self._commands.append(("add", request_id, list(prompt_token_ids), params, prompt, loop, queue))
+            self._commands.append(("add", request_id, list(prompt_token_ids), params, prompt, mm, loop, queue))
             self._cond.notify()
         try:
             first = await queue.get()
@@ -131,9 +131,9 @@ class AsyncEngine:
             self._streams.pop(command[1], None)
             self.engine.abort(command[1])
             return
-        _, request_id, ids, params, prompt, loop, queue = command
+        _, request_id, ids, params, prompt, mm, loop, queue = command
         try:
-            self.engine.add_request(request_id, ids, params, prompt)
+            self.engine.add_request(request_id, ids, params, prompt, mm=mm)
         except Exception as e:  # delivered to this request only
             loop.call_soon_threadsafe(queue.put_nowait, e)
         else:

@@ -21,8 +21,27 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-bytes", type=int)
+    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20,
+                   help="largest request body accepted (images and videos arrive inside it as data: URLs)")
+    add_media_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="let image_url / video_url name local files (paths or file:// URLs) inside DIR")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http(s) image_url / video_url (off by default: data: URLs only)")
+    p.add_argument("--limit-mm-per-prompt", type=json.loads, default=None, metavar="JSON",
+                   help='most images / videos per request, e.g. \'{"image": 4, "video": 1}\' (default 16 / 4)')
+    p.add_argument("--language-model-only", action="store_true",
+                   help="load a multimodal checkpoint without its vision tower (text only)")
+
+
+def media_kwargs(args) -> dict:
+    return {"allowed_local_media_path": args.allowed_local_media_path, "allow_remote_media": args.allow_remote_media,
+            "limit_mm_per_prompt": args.limit_mm_per_prompt, "language_model_only": args.language_model_only}
 
 
 def cmd_serve(args) -> int:
@@ -32,9 +51,10 @@ def cmd_serve(args) -> int:
     from qwen35.serve.app import build_app
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes)
+              max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
     app = build_app(llm, args.served_model_name, api_key=args.api_key,
-                    default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting)
+                    default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
+                    max_body_bytes=args.max_body_bytes)
     # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
     # shutdown hook, which stops the engine thread.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)

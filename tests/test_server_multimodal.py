@@ -1,0 +1,138 @@
+"""Images and videos through `qwen35 serve` (a real server process on a tiny multimodal checkpoint, driven by the
+`openai` client and httpx): answers equal `LLM.chat` for the same content, streaming included; bad or forbidden
+media get a 400 naming the problem and the server stays healthy."""
+
+import base64
+import io
+import json
+import re
+import shutil
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from qwen35 import LLM, SamplingParams
+from tests.test_mm_processing import write_video
+from tests.test_server import Server
+from tests.tiny_models import build
+from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, qwen35_tokenizer_dir
+
+PREPROCESSOR = {"size": {"shortest_edge": 1024, "longest_edge": 16384}, "patch_size": 8, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+VIDEO_PREPROCESSOR = {**PREPROCESSOR, "size": {"shortest_edge": 1024, "longest_edge": 24576}, "max_frames": 16}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-mm-ckpt")
+    build("dense_vl", path, seed=5, vocab_size=248320)
+    for f in qwen35_tokenizer_dir().iterdir():
+        shutil.copy(f, path / f.name)
+    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR))
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((80, 60))
+    img.save(root / "cat.png")
+    write_video(root / "clip.mp4", n=20, fps=10, w=48, h=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, media, tmp_path_factory):
+    llm_kw = {"allowed_local_media_path": str(media), "limit_mm_per_prompt": {"image": 2, "video": 1}}
+    s = Server(ckpt, tmp_path_factory.mktemp("logs") / "server.log", llm=llm_kw, max_body_bytes=8 * 2**20)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt, media):
+    return LLM(ckpt, dtype="float32", max_model_len=512, allowed_local_media_path=media)
+
+
+def data_url(path, mime):
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def ask(client, content, stream=False, max_tokens=8):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+              extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}})
+    if not stream:
+        return client.chat.completions.create(**kw).choices[0].message.content
+    return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                   if c.choices)
+
+
+def reference(llm, content, max_tokens=8):
+    out = llm.chat([{"role": "user", "content": content}],
+                   SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                   chat_template_kwargs={"enable_thinking": False})[0]
+    assert out.messages[0]["content"]
+    return out.messages[0]["content"]
+
+
+def test_image_and_video_answers_equal_llm_chat(client, llm, media):
+    image = {"type": "image_url", "image_url": {"url": data_url(media / "cat.png", "image/png")}}
+    video = {"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}
+    local = {"type": "image_url", "image_url": {"url": (media / "cat.png").as_uri()}}
+    for content in ([{"type": "text", "text": "What is in the picture?"}, image],
+                    [image, {"type": "text", "text": "and"}, local],
+                    [video, {"type": "text", "text": "What happens?"}]):
+        want = reference(llm, content)
+        assert ask(client, content) == want
+        assert ask(client, content, stream=True) == want
+
+
+def test_bad_and_forbidden_media_are_400(server, media, tmp_path):
+    def post(content):
+        return httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+
+    def img(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    good = img(data_url(media / "cat.png", "image/png"))
+    truncated = "data:image/png;base64," + base64.b64encode((media / "cat.png").read_bytes()[:100]).decode()
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 300)).save(buf, format="PNG")
+    thin = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    cases = {
+        "truncated": ([img(truncated)], "truncated|corrupt"),
+        "not base64": ([img("data:image/png;base64,@@@@")], "base64"),
+        "remote": ([img("https://example.com/cat.png")], "http"),
+        "outside folder": ([img(str(tmp_path / "x.png"))], "outside the allowed"),
+        "missing file": ([img(str(media / "nope.png"))], "nope.png"),
+        "aspect ratio": ([img(thin)], "aspect ratio"),
+        "too many images": ([good, good, good], "too many images"),
+        "video as image": ([img(data_url(media / "clip.mp4", "image/png"))], "not an image"),
+        "image as video": ([{"type": "video_url", "video_url": {"url": data_url(media / "cat.png", "video/mp4")}}],
+                           "an image .*not a video"),
+        "no url": ([{"type": "image_url", "image_url": {}}], "URL"),
+        "unknown part": ([{"type": "input_audio", "input_audio": {}}], "not supported"),
+    }
+    for name, (content, match) in cases.items():
+        r = post(content)
+        assert r.status_code == 400, (name, r.text)
+        message = r.json()["error"]["message"]
+        assert message and (not match or re.search(match, message)), (name, message)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert post([good]).status_code == 200
+    metrics = server.metrics()
+    assert metrics["qwen35_num_requests_running"] == 0
