@@ -1,13 +1,16 @@
 """`qwen35 chat`: a terminal chat that streams the answer, shows the reasoning dimmed, and keeps the conversation.
-Commands: /reset, /system TEXT, /think on|off, /reasoning on|off, /help, /quit. A line ending in a backslash
-continues on the next line. Ctrl-C stops the current answer (the partial answer is kept); Ctrl-D quits."""
+Commands: /image PATH and /video PATH (attach to your next message), /reset, /system TEXT, /think on|off,
+/reasoning on|off, /help, /quit. A line ending in a backslash continues on the next line. Ctrl-C stops the current
+answer (the partial answer is kept); Ctrl-D quits."""
 
 from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from qwen35.chat import assistant_message, render
-from qwen35.engine.llm_engine import EngineError
+from qwen35.multimodal.inputs import split_chat_media
 from qwen35.serve.reasoning import ReasoningStreamParser, is_thinking_prompt
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -16,12 +19,15 @@ HELP = __doc__.split("\n", 1)[1].strip()
 
 class ChatRepl:
     def __init__(self, llm, params, system: str | None = None, thinking: bool = True, show_reasoning: bool = True,
-                 stdin=None, stdout=None):
+                 stdin=None, stdout=None, attachments: list[tuple[str, str]] | None = None):
         self.llm, self.params = llm, params
         self.system, self.thinking, self.show_reasoning = system, thinking, show_reasoning
         self.stdin, self.out = stdin or sys.stdin, stdout or sys.stdout
         self.color = self.out.isatty()
         self.history: list[dict] = []
+        self.attachments: list[tuple[str, str]] = []  # (kind, path) going with the next message
+        for kind, path in attachments or []:
+            self._attach(kind, path)
 
     def _print(self, text: str = "", end: str = "\n", dim: bool = False) -> None:
         if dim and self.color:
@@ -57,12 +63,24 @@ class ChatRepl:
         elif cmd == "system":
             self.system = arg or None
             self._print(f"(system prompt {'set' if arg else 'cleared'})")
+        elif cmd in ("image", "video") and arg:
+            self._attach(cmd, arg)
         elif cmd in ("think", "reasoning") and arg in ("on", "off"):
             setattr(self, "thinking" if cmd == "think" else "show_reasoning", arg == "on")
             self._print(f"({cmd} {arg})")
         else:
             self._print(HELP)
         return False
+
+    def _attach(self, kind: str, path: str) -> None:
+        path = str(Path(path).expanduser())
+        if self.llm.processor_config is None:
+            self._print(f"(cannot attach {path}: this model takes text only)")
+        elif not Path(path).is_file():
+            self._print(f"(cannot attach {path}: no such file)")
+        else:
+            self.attachments.append((kind, path))
+            self._print(f"({kind} {path} attached to your next message)")
 
     def run(self) -> int:
         if self.stdin.isatty():
@@ -81,15 +99,20 @@ class ChatRepl:
                 if self._command(text.strip()):
                     return 0
                 continue
-            self.history.append({"role": "user", "content": text})
+            content = [{"type": kind, kind: path} for kind, path in self.attachments]
+            self.history.append({"role": "user", "content": content + [{"type": "text", "text": text}]
+                                 if content else text})
             try:
                 self.history.append(self._answer())
-            except EngineError as e:  # e.g. the conversation outgrew max_model_len: say so, keep chatting
+                self.attachments = []
+            except ValueError as e:  # a broken image, or the conversation outgrew max_model_len: say so, go on
                 self.history.pop()
+                self.attachments = []
                 self._print(f"(error: {e}; /reset starts a new conversation)")
 
     def _answer(self) -> dict:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages, images, videos = split_chat_media(messages)
         prompt = render(self.llm, messages, chat_template_kwargs={"enable_thinking": self.thinking})
         thinking = is_thinking_prompt(prompt)
         parser = ReasoningStreamParser(thinking=thinking)
@@ -97,7 +120,8 @@ class ChatRepl:
         shown = 0
         text = ""
         in_reasoning = False
-        stream = self.llm.stream({"prompt": prompt, "prompt_token_ids": ids}, self.params)
+        stream = self.llm.stream({"prompt": prompt, "prompt_token_ids": ids,
+                                  "multi_modal_data": {"image": images, "video": videos}}, self.params)
         try:
             for out in stream:
                 text = out.outputs[0].text

@@ -77,6 +77,10 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
+    p.add_argument("--language-model-only", action="store_true",
+                   help="load a multimodal checkpoint without its vision tower (text only)")
 
 
 def _add_sampling_flags(p) -> None:
@@ -95,7 +99,8 @@ def _make_llm(args):
         print("Using the embedded default model (random weights: its text is gibberish; pass --model DIR for a "
               "real checkpoint).", file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes)
+               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
+               language_model_only=args.language_model_only)
 
 
 def _sampling_params(args, **overrides):
@@ -117,11 +122,25 @@ def _logprobs_json(entries):
     return [None if e is None else {str(t): vars(lp) for t, lp in e.items()} for e in entries]
 
 
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _with_media(prompt: str, images: list[str], videos: list[str]):
+    """A raw prompt with --image / --video files: placeholders go in front unless the prompt has its own."""
+    if not images and not videos:
+        return prompt
+    if "<|image_pad|>" not in prompt and "<|video_pad|>" not in prompt:
+        prompt = IMAGE_PLACEHOLDER * len(images) + VIDEO_PLACEHOLDER * len(videos) + prompt
+    return {"prompt": prompt, "multi_modal_data": {"image": images, "video": videos}}
+
+
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)
     llm = _make_llm(args)
     params = params.with_defaults(llm._generation_defaults())
+    prompt = _with_media(prompt, args.image, args.video)
     if args.json:
         out = llm.generate(prompt, params)[0]
         print(json.dumps({
@@ -153,8 +172,10 @@ def cmd_chat(args) -> int:
 
     params = _sampling_params(args, max_tokens=1024)
     llm = _make_llm(args)
+    attachments = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
-                    thinking=not args.no_think, show_reasoning=not args.hide_reasoning).run()
+                    thinking=not args.no_think, show_reasoning=not args.hide_reasoning,
+                    attachments=attachments).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,16 @@ def test_embedded_default_generates(tmp_path):
     assert "random weights" in r.stderr and r.stdout.strip()
     r = run_cli("chat", "--max-tokens", "3", stdin="Hi\n", env=env)
     assert r.returncode == 0, r.stderr
+    # the demo model has a vision tower: images attach from the command line and from the chat
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    r = run_cli("chat", "--max-tokens", "3", "--image", str(tmp_path / "red.png"),
+                stdin=f"What is this?\n/image {tmp_path / 'broken.png'}\nAnd this?\nStill here\n", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("attached to your next message") == 2
+    assert "broken.png: not an image" in r.stdout or "broken.png: corrupt" in r.stdout, r.stdout
 
 
 def test_stream_deltas_concatenate_to_the_final_output(llm):

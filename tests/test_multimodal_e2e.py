@@ -219,3 +219,27 @@ def test_language_model_only(ckpt):
         llm.generate({"prompt": "<|vision_start|><|image_pad|><|vision_end|>",
                       "multi_modal_data": {"image": picture(20, 20, 1)}}, GREEDY)
     assert llm.generate("Hello", GREEDY)[0].finished
+
+
+def test_cli_generate_and_chat_with_an_image(llm, ckpt, tmp_path):
+    from tests.test_llm_api import run_cli
+
+    picture(40, 64, 8).save(tmp_path / "p.png")
+    common = ["--model", str(ckpt[0]), "--dtype", "float32", "--max-model-len", "512", "--temperature", "0",
+              "--max-tokens", "5", "--ignore-eos", "--image", str(tmp_path / "p.png")]
+    r = run_cli("generate", *common, "--json", "Describe:")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    ref = llm.generate({"prompt": "<|vision_start|><|image_pad|><|vision_end|>Describe:",
+                        "multi_modal_data": {"image": str(tmp_path / "p.png")}},
+                       SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    # 40x64 px -> 32x64 (round(2.5) = 2) -> 2x4 merged tokens
+    assert got["prompt_token_ids"] == ref.prompt_token_ids and got["prompt_token_ids"].count(248056) == 8
+    assert got["outputs"][0]["token_ids"] == ref.outputs[0].token_ids
+    r = run_cli("chat", *common, "--hide-reasoning", "--no-think", stdin="Describe:\n")
+    assert r.returncode == 0, r.stderr
+    ref = llm.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "p.png")},
+                                                 {"type": "text", "text": "Describe:"}]}],
+                   SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                   chat_template_kwargs={"enable_thinking": False})[0]
+    assert ref.messages[0]["content"] and ref.messages[0]["content"] in r.stdout
