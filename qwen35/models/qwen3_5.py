@@ -188,6 +188,16 @@ class Qwen3_5ForCausalLM(nn.Module):
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         return self.model(input_ids, batch, cache, inputs_embeds)
 
+    def pack_weights(self) -> int:
+        """Repack every matmul weight for the native CPU decode kernels (ops/linear.py); a tied head is packed once
+        and the embedding reads its rows from it. Returns the number of weights packed."""
+        from qwen35.ops.linear import PackedEmbedding, pack_model
+
+        count = pack_model(self)
+        if self.cfg.tie_word_embeddings:
+            self.model.embed_tokens = PackedEmbedding(self.lm_head.weight)
+        return count
+
     def encode_visual(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """One vision-tower pass over several images / videos: each item's merged-token embeddings [n_i, H]."""
         if self.visual is None:

@@ -4,10 +4,12 @@ tokens by expert so each used expert runs one matmul and unused experts cost not
 import torch
 import torch.nn.functional as F
 
+from qwen35.ops.linear import linear
+
 
 def route(x, router_weight, top_k: int, renormalize: bool = True):
     """Returns (weights [N, k] in x's dtype, expert ids [N, k]): fp32 softmax over all experts, then top-k."""
-    logits = F.linear(x, router_weight)
+    logits = linear(x, router_weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -16,12 +18,13 @@ def route(x, router_weight, top_k: int, renormalize: bool = True):
 
 
 def _expert(x, gate_up, down):
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
 
 
 def experts_reference(x, weights, ids, gate_up_proj, down_proj):
-    """Token by token, expert by expert: the definition. gate_up_proj [E, 2I, H] (gate rows first), down [E, H, I]."""
+    """Token by token, expert by expert: the definition. gate_up_proj [E, 2I, H] (gate rows first), down [E, H, I]
+    (tensors, or `ops.linear.Packed` weights of those shapes)."""
     out = torch.zeros_like(x)
     for n in range(x.shape[0]):
         for j in range(ids.shape[1]):

@@ -1,0 +1,181 @@
+"""Linear maps on CPU: weights packed for a native decode kernel, with `F.linear` as the reference.
+
+Decoding multiplies a few rows by every weight, so it is bound by how fast weights stream from memory. PyTorch's
+CPU matmuls reach ~60% of the read bandwidth for one row and fall apart for 2-32 rows (MKL's small-M paths;
+bfloat16 has no AVX2 kernel at all: ~17 GFLOP/s at any size). `Packed` stores a weight once, in the layout
+`csrc/linear_avx2.c` streams (4 output rows interleaved per 8-wide chunk), in its checkpoint dtype (bf16 or fp32):
+
+  - few rows (<= SMALL_M): the native kernel, fp32 accumulation, ~90% of the read bandwidth for 1-2 rows;
+  - many rows (prefill): the weight is unpacked to fp32 and MKL's sgemm runs (the copy is amortised over the rows,
+    and fp32 sgemm is ~6x bf16's on CPUs without bf16 instructions).
+
+Outputs come back in the input's dtype. `linear(x, w)` takes a plain tensor (reference path) or a `Packed`.
+The kernel is compiled on first use with the system C compiler into the qwen35 cache (~1 s); without a compiler,
+on other CPUs, or with QWEN35_NATIVE=0, nothing is packed and `F.linear` runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "linear_avx2.c"
+SMALL_M = 16  # rows up to which the native kernel beats unpack + sgemm (benchmarks/linear_bench.py)
+
+
+class Packed:
+    """A weight [..., n, k] stored as [..., ceil(n/4), ceil(k/8), 4, 8] (zero padded), any leading dims."""
+
+    def __init__(self, w: torch.Tensor):
+        *lead, n, k = w.shape
+        self.n, self.k, self.dtype = n, k, w.dtype
+        np_, kp = -(-n // 4) * 4, -(-k // 8) * 8
+        if (np_, kp) != (n, k):
+            w = F.pad(w, (0, kp - k, 0, np_ - n))
+        self.data = w.reshape(*lead, np_ // 4, 4, kp // 8, 8).transpose(-3, -2).contiguous()
+
+    def __getitem__(self, i: int) -> "Packed":
+        out = Packed.__new__(Packed)
+        out.n, out.k, out.dtype, out.data = self.n, self.k, self.dtype, self.data[i]
+        return out
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.data.shape[:-4], self.n, self.k)
+
+    def unpack(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        d = self.data
+        w = d.transpose(-3, -2).reshape(*d.shape[:-4], d.shape[-4] * 4, d.shape[-3] * 8)
+        return w[..., :self.n, :self.k].to(dtype or self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight (an embedding lookup from the packed layout)."""
+        return self.data[ids // 4, :, ids % 4, :].reshape(*ids.shape, -1)[..., :self.k]
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(w, Packed):
+        return F.linear(x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    M = x2.shape[0]
+    if M <= SMALL_M and M > 0:
+        xf = x2.to(torch.float32)
+        kp = w.data.shape[-3] * 8
+        if kp != w.k:
+            xf = F.pad(xf, (0, kp - w.k))
+        xf = xf.contiguous()
+        np_ = w.data.shape[-4] * 4
+        y = torch.empty(M, np_, dtype=torch.float32)
+        fn = _lib().qwen35_linear_bf16 if w.dtype == torch.bfloat16 else _lib().qwen35_linear_f32
+        fn(xf.data_ptr(), w.data.data_ptr(), y.data_ptr(), M, np_, kp)
+        y = y[:, :w.n]
+    else:
+        y = F.linear(x2.to(torch.float32), w.unpack(torch.float32))
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*lead, w.n)
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear_module: nn.Linear):
+        super().__init__()
+        self.weight = Packed(linear_module.weight.data)
+        self.bias = linear_module.bias
+        self.in_features, self.out_features = linear_module.in_features, linear_module.out_features
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding that reads its rows from a packed (tied) LM head."""
+
+    def __init__(self, packed: Packed):
+        super().__init__()
+        self.weight = packed
+
+    def forward(self, ids):
+        return self.weight.rows(ids)
+
+
+def native_available() -> bool:
+    if os.environ.get("QWEN35_NATIVE", "1") == "0":
+        return False
+    try:
+        return _lib() is not None
+    except OSError as e:
+        logger.warning("qwen35: native CPU kernels unavailable (%s); using PyTorch's matmuls", e)
+        return False
+
+
+@functools.cache
+def _lib():
+    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx2_fma():
+        raise OSError("the native kernels need an x86-64 CPU with AVX2 and FMA")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc or clang) found")
+    source = SOURCE.read_bytes()
+    from qwen35.demo import cache_dir
+
+    out = cache_dir() / "native" / f"linear_avx2-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp_out)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise OSError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+            os.replace(tmp_out, out)
+    lib = ctypes.CDLL(str(out))
+    for name in ("qwen35_linear_bf16", "qwen35_linear_f32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        getattr(lib, name).restype = None
+    return lib
+
+
+def _has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def pack_model(model: nn.Module) -> int:
+    """Swap every nn.Linear for a PackedLinear and pack 3D expert weights; a tied LM head is packed once and the
+    embedding reads from it. Returns the number of weights packed. Call after loading, before running."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
+            for name in ("gate_up_proj", "down_proj"):
+                packed = Packed(getattr(module, name).data)
+                delattr(module, name)
+                setattr(module, name, packed)
+                count += 1
+        if type(module).__name__ == "Router":
+            packed = Packed(module.weight.data)
+            del module.weight
+            module.weight = packed
+            count += 1
+    return count
