@@ -5,18 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.ops.moe import experts_grouped, route
+from qwen35.ops.moe import experts_grouped, route, route_logits
 
 
 class MLP(nn.Module):
+    fusions = {"gate_up": ("gate_proj", "up_proj")}  # for ops.linear.pack_model
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up = None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -35,6 +39,9 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    # for ops.linear.pack_model: everything that reads the block's input, as one matmul
+    fusions = {"in_proj": ("gate", "shared_expert_gate", "shared_expert.gate_proj", "shared_expert.up_proj")}
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  shared_intermediate_size: int, renormalize: bool = True):
         super().__init__()
@@ -44,9 +51,15 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.shared_expert = MLP(hidden_size, shared_intermediate_size)
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.in_proj = None
 
     def forward(self, x):
-        weights, ids = route(x, self.gate.weight, self.top_k, self.renormalize)
+        if self.in_proj is not None:
+            logits, shared_gate, gate, up = self.in_proj(x)
+            weights, ids = route_logits(logits, self.top_k, self.renormalize)
+            shared = self.shared_expert.down_proj(F.silu(gate) * up)
+        else:
+            weights, ids = route(x, self.gate.weight, self.top_k, self.renormalize)
+            shared_gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
         routed = experts_grouped(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        return routed + torch.sigmoid(shared_gate) * shared

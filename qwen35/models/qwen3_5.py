@@ -22,7 +22,7 @@ from qwen35.models.batch import ForwardBatch
 from qwen35.models.vision import VisionTower
 from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.conv import causal_conv1d
-from qwen35.ops.gated_delta import gated_delta_rule
+from qwen35.ops.gated_delta import gated_delta_decode_native, gated_delta_rule
 from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
 
 
@@ -44,6 +44,8 @@ class LinearCacheSpec:
 class GatedDeltaNet(nn.Module):
     """Linear attention with the gated delta rule; state per sequence = conv history + fp32 [Hv, K, V] matrix."""
 
+    fusions = {"in_proj": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")}  # for ops.linear.pack_model
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -60,39 +62,67 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(cfg.linear_num_value_heads))
         self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(cfg.value_dim, H, bias=False)
+        self.native_decode = False  # set by pack_weights: decode steps use the in-place native kernel
+        self.in_proj = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
         N = x.shape[0]
-        mixed = self.in_proj_qkv(x)
-        z = self.in_proj_z(x).view(N, self.num_v_heads, self.v_head_dim)
-        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        if self.in_proj is not None:
+            mixed, z, b, a = self.in_proj(x)
+        else:
+            mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        z = z.reshape(N, self.num_v_heads, self.v_head_dim)
 
-        conv_state = ssm_state = None
-        if cache is not None:
-            conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
-            has = batch.has_initial_state[:, None, None]
-            conv_state = torch.where(has, conv_pool[batch.state_slots], 0)
-            ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
-        mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.view(N, self.num_k_heads, self.k_head_dim)
-        k = k.view(N, self.num_k_heads, self.k_head_dim)
-        v = v.view(N, self.num_v_heads, self.v_head_dim)
-
-        beta = b.sigmoid()
-        # Decay in fp32: in half precision exp(A_log) can overflow (HF's comment).
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        o, new_ssm_state = gated_delta_rule(q, k, v, g, beta, batch.cu_seqlens, ssm_state)
-        if cache is not None:
-            conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
-            ssm_pool[batch.state_slots] = new_ssm_state
-
+        if cache is not None and self.native_decode and N == batch.num_seqs:
+            o = self._decode_step(mixed, a, b, batch, cache)
+        else:
+            conv_state = ssm_state = None
+            if cache is not None:
+                conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+                has = batch.has_initial_state[:, None, None]
+                conv_state = torch.where(has, conv_pool[batch.state_slots], 0)
+                ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
+                # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
+                mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
+            mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
+            q, k, v = self._split(mixed)
+            o, new_ssm_state = gated_delta_rule(q, k, v, *self._gates(a, b), batch.cu_seqlens, ssm_state)
+            if cache is not None:
+                conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
+                ssm_pool[batch.state_slots] = new_ssm_state
         o = self.norm(o, z)
         return self.out_proj(o.reshape(N, self.value_dim))
+
+    def _split(self, mixed):
+        N = mixed.shape[0]
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (q.view(N, self.num_k_heads, self.k_head_dim), k.view(N, self.num_k_heads, self.k_head_dim),
+                v.view(N, self.num_v_heads, self.v_head_dim))
+
+    def _gates(self, a, b):
+        # Decay in fp32: in half precision exp(A_log) can overflow (HF's comment).
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float()), b.sigmoid()
+
+    def _decode_step(self, mixed, a, b, batch: ForwardBatch, cache):
+        """One token per sequence on CPU: the conv window and the recurrence update the cache slots in place
+        (the general path gathers, computes and scatters whole states; this is the same maths, see
+        ops/gated_delta.gated_delta_decode_native)."""
+        conv_pool, slots = cache.conv[self.layer_idx], batch.state_slots
+        has = batch.has_initial_state
+        w = self.conv1d.weight[:, 0, :]  # [C, Kw]
+        hist = torch.where(has[:, None, None], conv_pool[slots], 0)  # where, not *: a stale slot may hold NaN
+        window = torch.cat([hist, mixed[:, :, None].to(conv_pool.dtype)], dim=2)
+        conv_pool[slots] = window[:, :, 1:]
+        mixed = F.silu((window.float() * w.float()).sum(-1)).to(mixed.dtype)  # fp32, as causal_conv1d
+        q, k, v = self._split(mixed)
+        g, beta = self._gates(a, b)
+        return gated_delta_decode_native(q, k, v, g, beta, cache.ssm[self.layer_idx], slots, has)
 
 
 class Attention(nn.Module):
     """Gated full attention: per-head [query | gate] packing in q_proj, q/k norms, partial M-RoPE, GQA, sigmoid gate."""
+
+    fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # for ops.linear.pack_model
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -107,14 +137,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.scale = D**-0.5
+        self.qkv_proj = None
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache=None):
         N, D = x.shape[0], self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Each head's q_proj rows are [query_h | gate_h]; splitting the flat output in half would be wrong.
-        q, gate = self.q_proj(x).view(N, self.num_heads, 2 * D).chunk(2, dim=-1)
+        q, gate = q.reshape(N, self.num_heads, 2 * D).chunk(2, dim=-1)
         q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D)), cos, sin)
-        v = self.v_proj(x).view(N, self.num_kv_heads, D)
+        k = apply_rotary(self.k_norm(k.reshape(N, self.num_kv_heads, D)), cos, sin)
+        v = v.reshape(N, self.num_kv_heads, D)
         if cache is None:
             o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale)
         else:
@@ -160,9 +195,12 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        self.act_dtype: torch.dtype | None = None  # activations' dtype when not the weights' (packed CPU models)
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.act_dtype is not None:
+            h = h.to(self.act_dtype)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, batch, cache)
@@ -190,10 +228,16 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     def pack_weights(self) -> int:
         """Repack every matmul weight for the native CPU decode kernels (ops/linear.py); a tied head is packed once
-        and the embedding reads its rows from it. Returns the number of weights packed."""
+        and the embedding reads its rows from it. Activations become float32: the kernels take and return fp32,
+        and CPUs without bf16 arithmetic would otherwise convert at every op (weights and caches keep their dtype).
+        Returns the number of weights packed."""
         from qwen35.ops.linear import PackedEmbedding, pack_model
 
         count = pack_model(self)
+        self.model.act_dtype = torch.float32
+        for layer in self.model.layers:
+            if hasattr(layer, "linear_attn"):
+                layer.linear_attn.native_decode = True
         if self.cfg.tie_word_embeddings:
             self.model.embed_tokens = PackedEmbedding(self.lm_head.weight)
         return count

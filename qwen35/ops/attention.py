@@ -65,5 +65,6 @@ def varlen_attention(q, k, v, cu_seqlens, scale, *, k_cache=None, v_cache=None, 
             ks, vs = k[a:b], v[a:b]
         else:
             ks, vs = gather_kv(k_cache, v_cache, block_tables[s], int(context_lens[s]))
+            ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # the cache may be kept narrower than the activations
         out[a:b] = attend(q[a:b], ks, vs, scale)
     return out

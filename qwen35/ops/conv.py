@@ -42,8 +42,10 @@ def causal_conv1d(x, weight, cu_seqlens, initial_state=None):
     seq_ids, hist_cols = torch.arange(S, device=x.device), torch.arange(Kw - 1, device=x.device)
     hist_rows = (cu_seqlens[:-1] + seq_ids * (Kw - 1))[:, None] + hist_cols
     ext[hist_rows.reshape(-1)] = hist.reshape(-1, C)
-    windows = ext[ext_pos_of_token[:, None] - (Kw - 1) + torch.arange(Kw, device=x.device)]  # [N, Kw, C]
-    y = (windows.to(weight.dtype) * weight.t()[None]).sum(dim=1)
+    # One depthwise conv over the whole extended sequence (output j covers ext rows j..j+Kw-1), in fp32: CPUs without
+    # bf16 arithmetic run it ~10x faster than bf16, and it is never less exact. Outputs at history rows are dropped.
+    y_all = F.conv1d(ext.t()[None].float(), weight.float()[:, None, :], groups=C)[0]  # [C, N + S*(Kw-1) - Kw + 1]
+    y = y_all[:, ext_pos_of_token - (Kw - 1)].t()
     last_rows = (cu_seqlens[1:] + seq_ids * (Kw - 1))[:, None] + hist_cols  # the last Kw-1 rows of each segment
     new_state = ext[last_rows].transpose(1, 2)  # [S, C, Kw-1]
     return F.silu(y).to(x.dtype), new_state

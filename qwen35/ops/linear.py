@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "linear_avx2.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear_avx2.c", "gdn_decode.c")]
 SMALL_M = 16  # rows up to which the native kernel beats unpack + sgemm (benchmarks/linear_bench.py)
 
 
@@ -80,7 +80,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
         xf = xf.contiguous()
         np_ = w.data.shape[-4] * 4
         y = torch.empty(M, np_, dtype=torch.float32)
-        fn = _lib().qwen35_linear_bf16 if w.dtype == torch.bfloat16 else _lib().qwen35_linear_f32
+        fn = native().qwen35_linear_bf16 if w.dtype == torch.bfloat16 else native().qwen35_linear_f32
         fn(xf.data_ptr(), w.data.data_ptr(), y.data_ptr(), M, np_, kp)
         y = y[:, :w.n]
     else:
@@ -99,6 +99,19 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+class FusedLinear(nn.Module):
+    """Several bias-free linear maps of the same input as one packed weight (one pass over x, one kernel call);
+    forward returns the parts."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        super().__init__()
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = Packed(torch.cat(weights))
+
+    def forward(self, x):
+        return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
 class PackedEmbedding(nn.Module):
@@ -129,24 +142,35 @@ def _lib():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) found")
-    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
     from qwen35.demo import cache_dir
 
-    out = cache_dir() / "native" / f"linear_avx2-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    out = cache_dir() / "native" / f"qwen35_cpu-{digest}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp_out)]
+            cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o",
+                   str(tmp_out), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
-                raise OSError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+                raise OSError(f"compiling the native kernels failed: {r.stderr.strip()[:500]}")
             os.replace(tmp_out, out)
     lib = ctypes.CDLL(str(out))
-    for name in ("qwen35_linear_bf16", "qwen35_linear_f32"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
+                  "qwen35_moe_bf16": [ptr] * 4 + [i64] + [ptr] * 6 + [i64] * 2,
+                  "qwen35_moe_f32": [ptr] * 4 + [i64] + [ptr] * 6 + [i64] * 2,
+                  "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5}
+    for name, args in signatures.items():
+        getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     return lib
+
+
+def native():
+    """The loaded kernel library (call native_available() first)."""
+    return _lib()
 
 
 def _has_avx2_fma() -> bool:
@@ -158,24 +182,40 @@ def _has_avx2_fma() -> bool:
 
 
 def pack_model(model: nn.Module) -> int:
-    """Swap every nn.Linear for a PackedLinear and pack 3D expert weights; a tied LM head is packed once and the
-    embedding reads from it. Returns the number of weights packed. Call after loading, before running."""
+    """Pack a loaded model for the native kernels, in place. Modules that declare `fusions` ({attribute: (dotted
+    names of bias-free linears of the same input)}) get each group as one FusedLinear and lose the parts; every
+    other nn.Linear becomes a PackedLinear; 3D expert weights and router weights are packed. Returns the number of
+    packed weights."""
     count = 0
+    for module in list(model.modules()):  # parents before children: a parent's fusion takes its children's parts
+        for attr, names in getattr(module, "fusions", {}).items():
+            parts = [_lookup(module, n) for n in names]
+            if any(p is None or getattr(p, "bias", None) is not None or not isinstance(getattr(p, "weight", None),
+                                                                                         torch.Tensor) for p in parts):
+                continue
+            setattr(module, attr, FusedLinear([p.weight.data for p in parts]))
+            for n in names:
+                parent, _, leaf = n.rpartition(".")
+                delattr(module.get_submodule(parent) if parent else module, leaf)
+            count += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     for module in model.modules():
-        if hasattr(module, "gate_up_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter):
-            for name in ("gate_up_proj", "down_proj"):
-                packed = Packed(getattr(module, name).data)
-                delattr(module, name)
-                setattr(module, name, packed)
+        names = ("weight",) if type(module).__name__ == "Router" else ("gate_up_proj", "down_proj")
+        for name in names:
+            value = module._parameters.get(name)
+            if value is not None and value.dim() in (2, 3):
+                del module._parameters[name]
+                setattr(module, name, Packed(value.data))
                 count += 1
-        if type(module).__name__ == "Router":
-            packed = Packed(module.weight.data)
-            del module.weight
-            module.weight = packed
-            count += 1
     return count
+
+
+def _lookup(module: nn.Module, dotted: str):
+    try:
+        return module.get_submodule(dotted)
+    except AttributeError:
+        return None

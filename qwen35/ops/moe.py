@@ -4,12 +4,15 @@ tokens by expert so each used expert runs one matmul and unused experts cost not
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.linear import linear
+from qwen35.ops.linear import Packed, linear, native
 
 
 def route(x, router_weight, top_k: int, renormalize: bool = True):
     """Returns (weights [N, k] in x's dtype, expert ids [N, k]): fp32 softmax over all experts, then top-k."""
-    logits = linear(x, router_weight)
+    return route_logits(linear(x, router_weight), top_k, renormalize)
+
+
+def route_logits(logits, top_k: int, renormalize: bool = True):
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -35,6 +38,8 @@ def experts_reference(x, weights, ids, gate_up_proj, down_proj):
 
 def experts_grouped(x, weights, ids, gate_up_proj, down_proj):
     """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice."""
+    if isinstance(gate_up_proj, Packed) and _native_shapes(gate_up_proj, down_proj):
+        return experts_native(x, weights, ids, gate_up_proj, down_proj)
     N, k = ids.shape
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
@@ -52,3 +57,27 @@ def experts_grouped(x, weights, ids, gate_up_proj, down_proj):
         out.index_add_(0, token_of_pair[sl], y.to(x.dtype))
         start += c
     return out
+
+
+def _native_shapes(gate_up: Packed, down: Packed) -> bool:
+    return gate_up.n % 4 == 0 and gate_up.k % 8 == 0 and down.n % 4 == 0 and down.k % 8 == 0
+
+
+def experts_native(x, weights, ids, gate_up: Packed, down: Packed):
+    """experts_grouped in one native call over packed weights: every hit expert streams its weights once for all
+    its tokens (csrc/linear_avx2.c, qwen35_moe_*)."""
+    N, k = ids.shape
+    E, H, inter = gate_up.shape[0], x.shape[1], down.k
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    start = F.pad(torch.bincount(flat, minlength=E).cumsum(0), (1, 0))
+    pair_token = (order // k).contiguous()
+    pair_weight = weights.reshape(-1)[order].to(torch.float32).contiguous()
+    xf = x.to(torch.float32).contiguous()
+    P = N * k
+    h, a, d = torch.empty(P, 2 * inter), torch.empty(P, inter), torch.empty(P, H)
+    out = torch.zeros(N, H)
+    fn = native().qwen35_moe_bf16 if gate_up.dtype == torch.bfloat16 else native().qwen35_moe_f32
+    fn(xf.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), start.data_ptr(), E, gate_up.data.data_ptr(),
+       down.data.data_ptr(), h.data_ptr(), a.data_ptr(), d.data_ptr(), out.data_ptr(), H, inter)
+    return out.to(x.dtype)

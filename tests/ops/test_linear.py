@@ -51,13 +51,15 @@ def test_embedding_rows_from_a_packed_head():
 
 
 @pytest.mark.parametrize("kind", ["moe_vl", "dense"])
-def test_packed_model_matches_unpacked(checkpoint, kind):
-    """A whole tiny model in bf16 (MoE; dense with a tied head the embedding then reads from the packed copy):
-    packing changes where fp32 sums happen, not the result beyond bf16 rounding."""
+def test_packed_model_strays_from_fp32_no_more_than_plain_bf16(checkpoint, kind):
+    """A whole tiny model in bf16 (MoE; dense with a tied head the embedding then reads from the packed copy),
+    prefill and one-token steps: the packed model (fp32 accumulation, fp32 expert activations) is no farther from
+    the float32 model than PyTorch's own bf16 matmuls are."""
     from qwen35.models.batch import ForwardBatch, SeqChunk
     from qwen35.models.loader import load_model
 
     path, _ = checkpoint(kind)
+    exact = load_model(path, dtype="float32", pack=False)[0]
     plain = load_model(path, dtype="bfloat16", pack=False)[0]
     packed = load_model(path, dtype="bfloat16", pack=True)[0]
     assert isinstance(packed.lm_head.weight, Packed)
@@ -65,13 +67,15 @@ def test_packed_model_matches_unpacked(checkpoint, kind):
         assert packed.model.embed_tokens.weight is packed.lm_head.weight
     else:
         assert isinstance(packed.model.layers[0].mlp.experts.gate_up_proj, Packed)
-    ids = torch.randint(0, 150, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    outs = []
-    for model in (plain, packed):
-        for chunks in ([SeqChunk(ids, want_logits="all")], [SeqChunk(ids[:1], want_logits="all")]):
-            batch = ForwardBatch.build(chunks)
-            with torch.no_grad():
-                outs.append(model.compute_logits(model(batch.input_ids, batch)[batch.logits_indices]).float())
-    full_diff = (outs[0] - outs[2]).abs().mean() / outs[0].abs().mean()
-    one_diff = (outs[1] - outs[3]).abs().mean() / outs[1].abs().mean()
-    assert full_diff < 0.02 and one_diff < 0.02, (full_diff, one_diff)
+    prompts = [torch.randint(0, 150, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 1, 7)]
+
+    def logits(model, chunks):
+        batch = ForwardBatch.build(chunks)
+        with torch.no_grad():
+            return model.compute_logits(model(batch.input_ids, batch)[batch.logits_indices]).float()
+
+    for chunks in ([SeqChunk(p, want_logits="all") for p in prompts], [SeqChunk(p[:1]) for p in prompts]):
+        ref = logits(exact, chunks)
+        err_plain = (logits(plain, chunks) - ref).abs().mean()
+        err_packed = (logits(packed, chunks) - ref).abs().mean()
+        assert err_packed <= 1.25 * err_plain, (err_packed, err_plain)

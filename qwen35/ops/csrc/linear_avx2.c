@@ -1,17 +1,21 @@
-/* y[M, N] = x[M, K] @ w[N, K]^T on x86-64 with AVX2 + FMA, fp32 accumulation, for the small M of decoding.
+/* Matmuls against packed weights on x86-64 with AVX2 + FMA, fp32 accumulation, for the few rows of decoding.
  *
- * w is packed by qwen35/ops/linear.py as [N/4][K/8][4][8]: for each block of 4 output rows, the 8-wide chunks of
- * the 4 rows sit next to each other, so a block is one contiguous stream the prefetcher follows (plain row-major
- * rows are 4 streams per block and reach ~60% of the read bandwidth on the machines we measured; one stream
- * ~90%). w is bfloat16 (widened to fp32 by a 16-bit shift) or fp32. N % 4 == 0 and K % 8 == 0 (the packer pads).
- *
- * M <= 2: every block computes its 4 rows against both inputs in one pass (8 accumulators); weight bytes bound it.
- * M > 2:  each half block (2 rows) is widened once per 8-chunk and used against up to 6 inputs (12 accumulators);
- *         FMA throughput bounds it, the block stays in L1 across the passes over the inputs.
- * Blocks are split across OpenMP threads (the OpenMP runtime torch already loaded).
+ * A weight [N, K] is packed by qwen35/ops/linear.py as [N/4][K/8][4][8]: for each block of 4 output rows, the
+ * 8-wide chunks of the 4 rows sit next to each other, so a block is one contiguous stream the prefetcher follows
+ * (row-major rows are 4 streams per block and reach ~60% of the read bandwidth on the machines we measured; one
+ * stream ~85-90%). Weights are bfloat16 (widened to fp32 by a 16-bit shift) or fp32; N % 4 == 0, K % 8 == 0 (the
+ * packer pads). `block` computes one packed block against M input rows given by pointers:
+ *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
+ *   M > 2:  each half block (2 rows) widened once per 8-chunk and used against up to 6 inputs (12 accumulators):
+ *           FMA throughput bounds it; the 8 KiB block stays in L1 across the passes over the inputs.
+ * qwen35_linear_* spreads the blocks of one weight over OpenMP threads; qwen35_moe_* runs the routed experts of a
+ * batch: the (token, expert) pairs arrive sorted by expert, every hit expert multiplies all its tokens in one
+ * pass over its weights (gate_up, SiLU(gate) * up, down), and nothing touches the experts nobody chose.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static inline __m256 load_bf16(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -28,63 +32,125 @@ static inline float hsum(__m256 v) {
 
 #define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
 
-#define DEFINE_KERNEL(NAME, T, LOAD, PREFETCH)                                                                    \
-    void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K) {                        \
-        const int64_t NB = N / 4, KB = K / 8;                                                                \
-        _Pragma("omp parallel for schedule(static)")                                                         \
-        for (int64_t b = 0; b < NB; b++) {                                                                   \
-            const T *wb = w + b * K * 4;                                                                     \
-            if (M <= 2) {                                                                                    \
-                const float *x0 = x, *x1 = x + (M - 1) * K;                                                  \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0; \
-                for (int64_t kb = 0; kb < KB; kb++) {                                                        \
-                    const T *p = wb + kb * 32;                                                               \
-                    _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);                                   \
-                    __m256 w0 = LOAD(p), w1 = LOAD(p + 8), w2 = LOAD(p + 16), w3 = LOAD(p + 24);             \
-                    __m256 v = _mm256_loadu_ps(x0 + kb * 8);                                                 \
-                    FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);                          \
-                    if (M == 2) {                                                                            \
-                        v = _mm256_loadu_ps(x1 + kb * 8);                                                    \
-                        FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);                      \
-                    }                                                                                        \
-                }                                                                                            \
-                float *y0 = y + b * 4;                                                                       \
-                y0[0] = hsum(a0); y0[1] = hsum(a1); y0[2] = hsum(a2); y0[3] = hsum(a3);                      \
+/* dst[i * stride + r] = <x_i, row r of block wb> for i < M, r < 4 */
+#define DEFINE_BLOCK(NAME, T, LOAD, PREFETCH)                                                                     \
+    static void NAME(const T *wb, const float *const *xs, int64_t M, int64_t KB, float *dst, int64_t stride) {  \
+        if (M <= 2) {                                                                                        \
+            const float *x0 = xs[0], *x1 = xs[M - 1];                                                        \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;   \
+            for (int64_t kb = 0; kb < KB; kb++) {                                                            \
+                const T *p = wb + kb * 32;                                                                   \
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);                                       \
+                __m256 w0 = LOAD(p), w1 = LOAD(p + 8), w2 = LOAD(p + 16), w3 = LOAD(p + 24);                 \
+                __m256 v = _mm256_loadu_ps(x0 + kb * 8);                                                     \
+                FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);                              \
                 if (M == 2) {                                                                                \
-                    y0 += N;                                                                                 \
-                    y0[0] = hsum(c0); y0[1] = hsum(c1); y0[2] = hsum(c2); y0[3] = hsum(c3);                  \
+                    v = _mm256_loadu_ps(x1 + kb * 8);                                                        \
+                    FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);                          \
                 }                                                                                            \
-                continue;                                                                                    \
             }                                                                                                \
-            for (int half = 0; half < 2; half++) {                                                           \
-                for (int64_t m0 = 0; m0 < M; m0 += 6) {                                                      \
-                    const int64_t mr = M - m0 < 6 ? M - m0 : 6;                                              \
-                    const float *xs[6];                                                                      \
-                    for (int i = 0; i < 6; i++) xs[i] = x + (m0 + (i < mr ? i : mr - 1)) * K;                \
-                    __m256 r00 = _mm256_setzero_ps(), r01 = r00, r10 = r00, r11 = r00, r20 = r00, r21 = r00;  \
-                    __m256 r30 = r00, r31 = r00, r40 = r00, r41 = r00, r50 = r00, r51 = r00;                 \
-                    for (int64_t kb = 0; kb < KB; kb++) {                                                    \
-                        const T *p = wb + kb * 32 + half * 16;                                               \
-                        __m256 w0 = LOAD(p), w1 = LOAD(p + 8), v;                                            \
-                        const int64_t o = kb * 8;                                                            \
-                        v = _mm256_loadu_ps(xs[0] + o); FMA(r00, w0, v); FMA(r01, w1, v);                    \
-                        v = _mm256_loadu_ps(xs[1] + o); FMA(r10, w0, v); FMA(r11, w1, v);                    \
-                        v = _mm256_loadu_ps(xs[2] + o); FMA(r20, w0, v); FMA(r21, w1, v);                    \
-                        v = _mm256_loadu_ps(xs[3] + o); FMA(r30, w0, v); FMA(r31, w1, v);                    \
-                        v = _mm256_loadu_ps(xs[4] + o); FMA(r40, w0, v); FMA(r41, w1, v);                    \
-                        v = _mm256_loadu_ps(xs[5] + o); FMA(r50, w0, v); FMA(r51, w1, v);                    \
-                    }                                                                                        \
-                    float s[6][2] = {{hsum(r00), hsum(r01)}, {hsum(r10), hsum(r11)}, {hsum(r20), hsum(r21)},  \
-                                     {hsum(r30), hsum(r31)}, {hsum(r40), hsum(r41)}, {hsum(r50), hsum(r51)}}; \
-                    for (int64_t i = 0; i < mr; i++) {                                                       \
-                        float *yi = y + (m0 + i) * N + b * 4 + half * 2;                                     \
-                        yi[0] = s[i][0];                                                                     \
-                        yi[1] = s[i][1];                                                                     \
-                    }                                                                                        \
+            dst[0] = hsum(a0); dst[1] = hsum(a1); dst[2] = hsum(a2); dst[3] = hsum(a3);                      \
+            if (M == 2) {                                                                                    \
+                dst += stride;                                                                               \
+                dst[0] = hsum(c0); dst[1] = hsum(c1); dst[2] = hsum(c2); dst[3] = hsum(c3);                  \
+            }                                                                                                \
+            return;                                                                                          \
+        }                                                                                                    \
+        for (int half = 0; half < 2; half++) {                                                               \
+            for (int64_t m0 = 0; m0 < M; m0 += 6) {                                                          \
+                const int64_t mr = M - m0 < 6 ? M - m0 : 6;                                                  \
+                const float *x[6];                                                                           \
+                for (int i = 0; i < 6; i++) x[i] = xs[m0 + (i < mr ? i : mr - 1)];                           \
+                __m256 r00 = _mm256_setzero_ps(), r01 = r00, r10 = r00, r11 = r00, r20 = r00, r21 = r00;      \
+                __m256 r30 = r00, r31 = r00, r40 = r00, r41 = r00, r50 = r00, r51 = r00;                     \
+                for (int64_t kb = 0; kb < KB; kb++) {                                                        \
+                    const T *p = wb + kb * 32 + half * 16;                                                   \
+                    __m256 w0 = LOAD(p), w1 = LOAD(p + 8), v;                                                \
+                    const int64_t o = kb * 8;                                                                \
+                    v = _mm256_loadu_ps(x[0] + o); FMA(r00, w0, v); FMA(r01, w1, v);                         \
+                    v = _mm256_loadu_ps(x[1] + o); FMA(r10, w0, v); FMA(r11, w1, v);                         \
+                    v = _mm256_loadu_ps(x[2] + o); FMA(r20, w0, v); FMA(r21, w1, v);                         \
+                    v = _mm256_loadu_ps(x[3] + o); FMA(r30, w0, v); FMA(r31, w1, v);                         \
+                    v = _mm256_loadu_ps(x[4] + o); FMA(r40, w0, v); FMA(r41, w1, v);                         \
+                    v = _mm256_loadu_ps(x[5] + o); FMA(r50, w0, v); FMA(r51, w1, v);                         \
+                }                                                                                            \
+                float s[6][2] = {{hsum(r00), hsum(r01)}, {hsum(r10), hsum(r11)}, {hsum(r20), hsum(r21)},      \
+                                 {hsum(r30), hsum(r31)}, {hsum(r40), hsum(r41)}, {hsum(r50), hsum(r51)}};     \
+                for (int64_t i = 0; i < mr; i++) {                                                           \
+                    dst[(m0 + i) * stride + half * 2] = s[i][0];                                             \
+                    dst[(m0 + i) * stride + half * 2 + 1] = s[i][1];                                         \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }
 
-DEFINE_KERNEL(qwen35_linear_bf16, uint16_t, load_bf16, 512)
-DEFINE_KERNEL(qwen35_linear_f32, float, load_f32, 1024)
+DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512)
+DEFINE_BLOCK(block_f32, float, load_f32, 1024)
+
+#define MAX_ROWS 4096
+
+/* y[M, N] = x[M, K] @ w^T */
+#define DEFINE_LINEAR(NAME, T, BLOCK)                                                                             \
+    void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K) {                        \
+        const float *xs[MAX_ROWS];                                                                           \
+        for (int64_t i = 0; i < M && i < MAX_ROWS; i++) xs[i] = x + i * K;                                   \
+        _Pragma("omp parallel for schedule(static)")                                                         \
+        for (int64_t b = 0; b < N / 4; b++) BLOCK(w + b * K * 4, xs, M, K / 8, y + b * 4, N);                 \
+    }
+
+DEFINE_LINEAR(qwen35_linear_bf16, uint16_t, block_bf16)
+DEFINE_LINEAR(qwen35_linear_f32, float, block_f32)
+
+/* Routed experts of a batch. x [T, H]; P (token, expert) pairs sorted by expert: pair_token [P], pair_weight [P];
+ * expert_start [E+1] (pairs of expert e are expert_start[e]..expert_start[e+1]-1); gate_up [E][2I packed over H]
+ * (gate rows first), down [E][H packed over I]; work buffers hbuf [P, 2I], abuf [P, I], dbuf [P, H];
+ * out [T, H] += sum over a token's pairs of weight * expert output. */
+#define DEFINE_MOE(NAME, T, BLOCK)                                                                                \
+    void NAME(const float *x, const int64_t *pair_token, const float *pair_weight, const int64_t *expert_start,  \
+              int64_t E, const T *gate_up, const T *down, float *hbuf, float *abuf, float *dbuf, float *out,   \
+              int64_t H, int64_t I) {                                                                        \
+        const int64_t P = expert_start[E];                                                                   \
+        const float **xs = malloc(sizeof(float *) * (P > 0 ? P : 1));                                        \
+        const float **as = malloc(sizeof(float *) * (P > 0 ? P : 1));                                        \
+        int64_t *hit = malloc(sizeof(int64_t) * (E > 0 ? E : 1));                                            \
+        int64_t nhit = 0;                                                                                    \
+        for (int64_t e = 0; e < E; e++)                                                                      \
+            if (expert_start[e + 1] > expert_start[e]) hit[nhit++] = e;                                      \
+        for (int64_t p = 0; p < P; p++) {                                                                    \
+            xs[p] = x + pair_token[p] * H;                                                                   \
+            as[p] = abuf + p * I;                                                                            \
+        }                                                                                                    \
+        const int64_t nb1 = 2 * I / 4, nb2 = H / 4;                                                          \
+        _Pragma("omp parallel")                                                                              \
+        {                                                                                                    \
+            _Pragma("omp for schedule(static)")                                                              \
+            for (int64_t item = 0; item < nhit * nb1; item++) {                                              \
+                const int64_t e = hit[item / nb1], b = item % nb1, p0 = expert_start[e];                     \
+                BLOCK(gate_up + (e * nb1 + b) * H * 4, xs + p0, expert_start[e + 1] - p0, H / 8,             \
+                      hbuf + p0 * 2 * I + b * 4, 2 * I);                                                     \
+            }                                                                                                \
+            _Pragma("omp for schedule(static)")                                                              \
+            for (int64_t p = 0; p < P; p++)                                                                  \
+                for (int64_t i = 0; i < I; i++) {                                                            \
+                    const float g = hbuf[p * 2 * I + i];                                                     \
+                    abuf[p * I + i] = g / (1.0f + expf(-g)) * hbuf[p * 2 * I + I + i];                        \
+                }                                                                                            \
+            _Pragma("omp for schedule(static)")                                                              \
+            for (int64_t item = 0; item < nhit * nb2; item++) {                                              \
+                const int64_t e = hit[item / nb2], b = item % nb2, p0 = expert_start[e];                     \
+                BLOCK(down + (e * nb2 + b) * I * 4, as + p0, expert_start[e + 1] - p0, I / 8,                \
+                      dbuf + p0 * H + b * 4, H);                                                             \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int64_t p = 0; p < P; p++) {                                                                    \
+            float *o = out + pair_token[p] * H;                                                              \
+            const float wgt = pair_weight[p], *d = dbuf + p * H;                                             \
+            for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];                                              \
+        }                                                                                                    \
+        free(xs);                                                                                            \
+        free(as);                                                                                            \
+        free(hit);                                                                                           \
+    }
+
+DEFINE_MOE(qwen35_moe_bf16, uint16_t, block_bf16)
+DEFINE_MOE(qwen35_moe_f32, float, block_f32)
