@@ -42,18 +42,21 @@ class LLM:
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
                  tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
                  limit_mm_per_prompt: dict[str, int] | None = None, allowed_local_media_path: str | Path | None = None,
-                 allow_remote_media: bool = False, language_model_only: bool = False):
+                 allow_remote_media: bool = False, language_model_only: bool = False,
+                 native_kernels: bool | None = None):
         """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
         allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
         besides data: URLs (media given directly in `multi_modal_data` is always taken). language_model_only:
-        load a multimodal checkpoint without its vision tower (text only, less memory)."""
+        load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: pack the
+        weights for the native CPU kernels (default: for bf16/fp16 weights on CPU; see models.loader.load_model)."""
         if model is None:
             from qwen35.demo import demo_checkpoint
 
             model = demo_checkpoint()
         self.model_path = Path(model)
         self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
-                                                                     vision=not language_model_only)
+                                                                     vision=not language_model_only,
+                                                                     pack=native_kernels)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)

@@ -12,7 +12,9 @@ is executed: no pickle, no remote code.
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -153,7 +155,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         by_file.setdefault(f, []).append(name)
     done_bytes = 0
     for f, names in by_file.items():
-        with _open(f) as st:
+        with _open(f) as st, _TensorReader(f) as reader:
             available = set(st.keys())
             for name in names:
                 if name not in available:
@@ -167,7 +169,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 if cname == "lm_head.weight" and cfg.tie_word_embeddings:
                     report.set_aside["lm_head (tied)"] = 1  # some exports write the tied head anyway
                     continue
-                tensor = _read(st, name, f)
+                tensor = reader.read(name)
                 report.num_tensors += 1
                 report.num_bytes += tensor.numel() * tensor.element_size()
                 prefix_of[cname] = name
@@ -213,11 +215,51 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     return model, config, report
 
 
-def _read(st, name: str, f: Path) -> torch.Tensor:
-    try:
-        return st.get_tensor(name)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: cannot read tensor {name} (truncated or corrupt file?): {e}") from None
+class _TensorReader:
+    """Reads tensors of one safetensors file with plain reads into fresh buffers. A memory map would do too, but
+    every page it touches counts toward the process's resident set until the file is closed, so loading would
+    peak at twice the weights; this way the page cache holds the file and the process only its tensors."""
+
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fh = open(path, "rb", buffering=0)
+            (n,) = struct.unpack("<Q", self.fh.read(8))
+            self.header = json.loads(self.fh.read(n))
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        self.base, self.size = 8 + n, path.stat().st_size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header.get(name)
+        try:
+            dtype, shape, (start, end) = self.DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: tensor {name} has an unreadable header entry {info!r}") from None
+        numel = math.prod(shape)
+        if end - start != numel * dtype.itemsize or self.base + end > self.size:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name} (truncated or corrupt file?): its "
+                                  f"{end - start} bytes at offset {self.base + start} do not hold {shape} "
+                                  f"{info['dtype']} within the file's {self.size} bytes")
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.fh.seek(self.base + start)
+        view, done = memoryview(buf.numpy()), 0
+        while done < len(view):
+            got = self.fh.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self.path}: cannot read tensor {name}: the file ends early")
+            done += got
+        return buf.view(dtype).reshape(shape)
 
 
 def _total_bytes(files: dict[str, Path]) -> int:

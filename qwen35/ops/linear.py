@@ -72,17 +72,16 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
-    if M <= SMALL_M and M > 0:
-        xf = x2.to(torch.float32)
-        kp = w.data.shape[-3] * 8
+    if 0 < M <= SMALL_M:
+        xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.to(torch.float32).contiguous()
+        kp, np_ = w.data.shape[-3] * 8, w.data.shape[-4] * 4
         if kp != w.k:
             xf = F.pad(xf, (0, kp - w.k))
-        xf = xf.contiguous()
-        np_ = w.data.shape[-4] * 4
         y = torch.empty(M, np_, dtype=torch.float32)
         fn = native().qwen35_linear_bf16 if w.dtype == torch.bfloat16 else native().qwen35_linear_f32
         fn(xf.data_ptr(), w.data.data_ptr(), y.data_ptr(), M, np_, kp)
-        y = y[:, :w.n]
+        if np_ != w.n:
+            y = y[:, :w.n]
     else:
         y = F.linear(x2.to(torch.float32), w.unpack(torch.float32))
     if bias is not None:
@@ -159,8 +158,8 @@ def _lib():
     lib = ctypes.CDLL(str(out))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
-                  "qwen35_moe_bf16": [ptr] * 4 + [i64] + [ptr] * 6 + [i64] * 2,
-                  "qwen35_moe_f32": [ptr] * 4 + [i64] + [ptr] * 6 + [i64] * 2,
+                  "qwen35_moe_bf16": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
+                  "qwen35_moe_f32": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
                   "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args

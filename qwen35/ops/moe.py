@@ -67,17 +67,11 @@ def experts_native(x, weights, ids, gate_up: Packed, down: Packed):
     """experts_grouped in one native call over packed weights: every hit expert streams its weights once for all
     its tokens (csrc/linear_avx2.c, qwen35_moe_*)."""
     N, k = ids.shape
-    E, H, inter = gate_up.shape[0], x.shape[1], down.k
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    start = F.pad(torch.bincount(flat, minlength=E).cumsum(0), (1, 0))
-    pair_token = (order // k).contiguous()
-    pair_weight = weights.reshape(-1)[order].to(torch.float32).contiguous()
-    xf = x.to(torch.float32).contiguous()
-    P = N * k
-    h, a, d = torch.empty(P, 2 * inter), torch.empty(P, inter), torch.empty(P, H)
-    out = torch.zeros(N, H)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    out = torch.zeros(N, x.shape[1])
     fn = native().qwen35_moe_bf16 if gate_up.dtype == torch.bfloat16 else native().qwen35_moe_f32
-    fn(xf.data_ptr(), pair_token.data_ptr(), pair_weight.data_ptr(), start.data_ptr(), E, gate_up.data.data_ptr(),
-       down.data.data_ptr(), h.data_ptr(), a.data_ptr(), d.data_ptr(), out.data_ptr(), H, inter)
+    fn(xf.data_ptr(), ids.data_ptr(), w.data_ptr(), N, k, gate_up.shape[0], gate_up.data.data_ptr(),
+       down.data.data_ptr(), out.data_ptr(), x.shape[1], down.k)
     return out.to(x.dtype)

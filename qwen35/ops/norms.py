@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm: `norm(x) * (1 + w)`, multiplied in fp32 before casting back (unlike Llama)."""
+    if x.dtype == torch.float32:  # one fused op for the normalisation (same maths)
+        return F.rms_norm(x, (x.shape[-1],), eps=eps) * (1.0 + weight.float())
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * (1.0 + weight.float())).to(x.dtype)

@@ -101,21 +101,31 @@ DEFINE_BLOCK(block_f32, float, load_f32, 1024)
 DEFINE_LINEAR(qwen35_linear_bf16, uint16_t, block_bf16)
 DEFINE_LINEAR(qwen35_linear_f32, float, block_f32)
 
-/* Routed experts of a batch. x [T, H]; P (token, expert) pairs sorted by expert: pair_token [P], pair_weight [P];
- * expert_start [E+1] (pairs of expert e are expert_start[e]..expert_start[e+1]-1); gate_up [E][2I packed over H]
- * (gate rows first), down [E][H packed over I]; work buffers hbuf [P, 2I], abuf [P, I], dbuf [P, H];
- * out [T, H] += sum over a token's pairs of weight * expert output. */
+/* Routed experts of a batch. x [T, H]; ids, weights [T, k] (each token's experts and their weights); gate_up
+ * [E][2I packed over H] (gate rows first), down [E][H packed over I]; out [T, H] = sum over a token's experts of
+ * weight * down(SiLU(gate) * up). The (token, expert) pairs are counting-sorted by expert so each hit expert runs
+ * once over all its tokens. */
 #define DEFINE_MOE(NAME, T, BLOCK)                                                                                \
-    void NAME(const float *x, const int64_t *pair_token, const float *pair_weight, const int64_t *expert_start,  \
-              int64_t E, const T *gate_up, const T *down, float *hbuf, float *abuf, float *dbuf, float *out,   \
-              int64_t H, int64_t I) {                                                                        \
-        const int64_t P = expert_start[E];                                                                   \
-        const float **xs = malloc(sizeof(float *) * (P > 0 ? P : 1));                                        \
-        const float **as = malloc(sizeof(float *) * (P > 0 ? P : 1));                                        \
-        int64_t *hit = malloc(sizeof(int64_t) * (E > 0 ? E : 1));                                            \
+    void NAME(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k, int64_t E,      \
+              const T *gate_up, const T *down, float *out, int64_t H, int64_t I) {                           \
+        const int64_t P = Tn * k;                                                                            \
+        int64_t *start = calloc(E + 1, sizeof(int64_t)), *fill = malloc(sizeof(int64_t) * (E + 1));         \
+        int64_t *pair_token = malloc(sizeof(int64_t) * P), *hit = malloc(sizeof(int64_t) * E);              \
+        float *pair_weight = malloc(sizeof(float) * P);                                                      \
+        float *hbuf = malloc(sizeof(float) * P * 2 * I), *abuf = malloc(sizeof(float) * P * I);              \
+        float *dbuf = malloc(sizeof(float) * P * H);                                                         \
+        const float **xs = malloc(sizeof(float *) * P), **as = malloc(sizeof(float *) * P);                  \
+        for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;                                                 \
+        for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];                                            \
+        for (int64_t e = 0; e <= E; e++) fill[e] = start[e];                                                 \
+        for (int64_t p = 0; p < P; p++) {                                                                    \
+            const int64_t q = fill[ids[p]]++;                                                                \
+            pair_token[q] = p / k;                                                                           \
+            pair_weight[q] = weights[p];                                                                     \
+        }                                                                                                    \
         int64_t nhit = 0;                                                                                    \
         for (int64_t e = 0; e < E; e++)                                                                      \
-            if (expert_start[e + 1] > expert_start[e]) hit[nhit++] = e;                                      \
+            if (start[e + 1] > start[e]) hit[nhit++] = e;                                                    \
         for (int64_t p = 0; p < P; p++) {                                                                    \
             xs[p] = x + pair_token[p] * H;                                                                   \
             as[p] = abuf + p * I;                                                                            \
@@ -125,8 +135,8 @@ DEFINE_LINEAR(qwen35_linear_f32, float, block_f32)
         {                                                                                                    \
             _Pragma("omp for schedule(static)")                                                              \
             for (int64_t item = 0; item < nhit * nb1; item++) {                                              \
-                const int64_t e = hit[item / nb1], b = item % nb1, p0 = expert_start[e];                     \
-                BLOCK(gate_up + (e * nb1 + b) * H * 4, xs + p0, expert_start[e + 1] - p0, H / 8,             \
+                const int64_t e = hit[item / nb1], b = item % nb1, p0 = start[e];                            \
+                BLOCK(gate_up + (e * nb1 + b) * H * 4, xs + p0, start[e + 1] - p0, H / 8,                    \
                       hbuf + p0 * 2 * I + b * 4, 2 * I);                                                     \
             }                                                                                                \
             _Pragma("omp for schedule(static)")                                                              \
@@ -137,9 +147,9 @@ DEFINE_LINEAR(qwen35_linear_f32, float, block_f32)
                 }                                                                                            \
             _Pragma("omp for schedule(static)")                                                              \
             for (int64_t item = 0; item < nhit * nb2; item++) {                                              \
-                const int64_t e = hit[item / nb2], b = item % nb2, p0 = expert_start[e];                     \
-                BLOCK(down + (e * nb2 + b) * I * 4, as + p0, expert_start[e + 1] - p0, I / 8,                \
-                      dbuf + p0 * H + b * 4, H);                                                             \
+                const int64_t e = hit[item / nb2], b = item % nb2, p0 = start[e];                            \
+                BLOCK(down + (e * nb2 + b) * I * 4, as + p0, start[e + 1] - p0, I / 8, dbuf + p0 * H + b * 4, \
+                      H);                                                                                    \
             }                                                                                                \
         }                                                                                                    \
         for (int64_t p = 0; p < P; p++) {                                                                    \
@@ -147,9 +157,8 @@ DEFINE_LINEAR(qwen35_linear_f32, float, block_f32)
             const float wgt = pair_weight[p], *d = dbuf + p * H;                                             \
             for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];                                              \
         }                                                                                                    \
-        free(xs);                                                                                            \
-        free(as);                                                                                            \
-        free(hit);                                                                                           \
+        free(start); free(fill); free(pair_token); free(hit); free(pair_weight);                             \
+        free(hbuf); free(abuf); free(dbuf); free(xs); free(as);                                              \
     }
 
 DEFINE_MOE(qwen35_moe_bf16, uint16_t, block_bf16)
