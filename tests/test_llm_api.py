@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from qwen35 import LLM, SamplingParams
 from tests.tiny_models import build
-from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, qwen35_tokenizer_dir
+from tests.tokenizer_fixtures import add_qwen35_tokenizer
 
 GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044],
                      "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
@@ -21,11 +20,7 @@ GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok-ckpt")
     hf = build("dense", path, seed=31, vocab_size=248320)
-    for f in qwen35_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
-    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-    return path, hf
+    return add_qwen35_tokenizer(path, generation_config=GENERATION_CONFIG), hf
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ transformers' Qwen3VLProcessor, greedy generations identical, and a batch mixing
 
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 from qwen35 import LLM, SamplingParams
 from qwen35.multimodal.items import MediaError
 from tests.tiny_models import build
-from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, qwen35_tokenizer_dir
+from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, add_qwen35_tokenizer
 
 # patch 8 x merge 2: one merged token per 16x16 pixels; 4..64 tokens per image, <= ~48 per video
 PREPROCESSOR = {"size": {"shortest_edge": 1024, "longest_edge": 16384}, "patch_size": 8, "temporal_patch_size": 2,
@@ -46,11 +45,7 @@ def png_bytes(img):
 def ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"mm-{request.param}")
     hf = build(request.param, path, seed=7, vocab_size=248320)
-    for f in qwen35_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR))
+    add_qwen35_tokenizer(path, preprocessor_config=PREPROCESSOR, video_preprocessor_config=VIDEO_PREPROCESSOR)
     return path, hf
 
 

@@ -4,7 +4,6 @@ disconnect, and the waiting-queue limit."""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from qwen35.chat import render
 from qwen35.serve.app import ChatStreamState, build_chat_choice
 from qwen35.serve.reasoning import split_reasoning
 from tests.tiny_models import build
-from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, qwen35_tokenizer_dir
+from tests.tokenizer_fixtures import add_qwen35_tokenizer
 
 GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044],
                      "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
@@ -50,11 +49,7 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve-ckpt")
     build("dense", path, seed=31, vocab_size=248320)
-    for f in qwen35_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
-    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-    return path
+    return add_qwen35_tokenizer(path, generation_config=GENERATION_CONFIG)
 
 
 class Server:

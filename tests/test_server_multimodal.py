@@ -4,9 +4,7 @@ media get a 400 naming the problem and the server stays healthy."""
 
 import base64
 import io
-import json
 import re
-import shutil
 
 import httpx
 import numpy as np
@@ -18,7 +16,7 @@ from qwen35 import LLM, SamplingParams
 from tests.test_mm_processing import write_video
 from tests.test_server import Server
 from tests.tiny_models import build
-from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, qwen35_tokenizer_dir
+from tests.tokenizer_fixtures import add_qwen35_tokenizer
 
 PREPROCESSOR = {"size": {"shortest_edge": 1024, "longest_edge": 16384}, "patch_size": 8, "temporal_patch_size": 2,
                 "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
@@ -29,12 +27,7 @@ VIDEO_PREPROCESSOR = {**PREPROCESSOR, "size": {"shortest_edge": 1024, "longest_e
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve-mm-ckpt")
     build("dense_vl", path, seed=5, vocab_size=248320)
-    for f in qwen35_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR))
-    return path
+    return add_qwen35_tokenizer(path, preprocessor_config=PREPROCESSOR, video_preprocessor_config=VIDEO_PREPROCESSOR)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import functools
 import shutil
 import tempfile
@@ -21,6 +22,17 @@ def qwen35_tokenizer_dir() -> Path:
     out = Path(tempfile.mkdtemp(prefix="qwen35-tokenizer-"))
     atexit.register(shutil.rmtree, out, True)
     return build_qwen35_tokenizer(out)
+
+
+def add_qwen35_tokenizer(path: Path, **json_files: dict) -> Path:
+    """Give a checkpoint directory the built Qwen3.5 tokenizer and the released chat template, plus any JSON
+    files given as name=dict (e.g. generation_config=..., preprocessor_config=...)."""
+    for f in qwen35_tokenizer_dir().iterdir():
+        shutil.copy(f, path / f.name)
+    shutil.copy(CHAT_TEMPLATE_PATH, path / "chat_template.jinja")
+    for name, content in json_files.items():
+        (path / f"{name}.json").write_text(json.dumps(content))
+    return path
 
 
 # One sample per script or hazard. The Chinese sample holds words (加拿大, 俱乐部, 全心全意为人民) that are single

@@ -37,7 +37,7 @@ def load_image(src, limits: MediaLimits = MediaLimits(), name: str | None = None
     onto white, as `to_rgb`. The declared size is checked against `limits` before any pixel is decoded."""
     if isinstance(src, Image.Image):
         name = name or "image"
-        _check_pixels(src.width, src.height, limits, name)
+        check_pixels(src.width, src.height, limits, name)
         try:
             src.load()  # a lazily opened image decodes here
             return to_rgb(src)
@@ -55,7 +55,7 @@ def load_image(src, limits: MediaLimits = MediaLimits(), name: str | None = None
             # Our own pixel limit is checked below; PIL's warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=_formats()) as im:
-                _check_pixels(im.width, im.height, limits, name)  # Image.open is lazy: nothing is decoded yet
+                check_pixels(im.width, im.height, limits, name)  # Image.open is lazy: nothing is decoded yet
                 im.load()
                 try:
                     image = ImageOps.exif_transpose(im)
@@ -194,18 +194,19 @@ def _array_to_rgb(a: np.ndarray, limits: MediaLimits, name: str) -> np.ndarray:
         a = np.repeat(a[..., None], 3, axis=-1)
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise MediaError(f"{name}: expected an H x W, H x W x 3 or H x W x 4 array, got shape {a.shape}")
-    _check_pixels(a.shape[1], a.shape[0], limits, name)
+    check_pixels(a.shape[1], a.shape[0], limits, name)
     if a.shape[-1] == 4:
         alpha = a[..., 3:4] / 255
         a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return np.ascontiguousarray(a)
 
 
-def _check_pixels(width: int, height: int, limits: MediaLimits, name: str) -> None:
+def check_pixels(width: int, height: int, limits: MediaLimits, name: str, what: str = "image") -> None:
+    """An image (or one video frame, what="video frame") must have pixels and at most max_image_pixels of them."""
     if width <= 0 or height <= 0:
-        raise MediaError(f"{name}: image has no pixels ({width}x{height})")
+        raise MediaError(f"{name}: {what} has no pixels ({width}x{height})")
     if width * height > limits.max_image_pixels:
-        raise MediaError(f"{name}: {width}x{height} image has {width * height} pixels, above the limit of "
+        raise MediaError(f"{name}: {width}x{height} {what} has {width * height} pixels, above the limit of "
                          f"{limits.max_image_pixels} (MediaLimits.max_image_pixels)")
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from qwen35.multimodal.config import MediaLimits, ProcessorConfig
-from qwen35.multimodal.image import MAX_ASPECT_RATIO, load_image, patchify, read_source
+from qwen35.multimodal.image import MAX_ASPECT_RATIO, check_pixels, load_image, patchify, read_source
 from qwen35.multimodal.items import MediaError, VideoFrames, VisualItem
 
 DEFAULT_FPS = 24.0  # what transformers assumes when a video's frame rate is unknown
@@ -147,7 +147,7 @@ def _frames_array(src, limits: MediaLimits, name: str) -> np.ndarray:
         raise MediaError(f"{name}: video has no frames")
     if len(src) > limits.max_video_decoded_frames:
         raise MediaError(f"{name}: {len(src)} frames, above the limit of {limits.max_video_decoded_frames}")
-    _check_frame(src.shape[2], src.shape[1], limits, name)
+    check_pixels(src.shape[2], src.shape[1], limits, name, "video frame")
     return src
 
 
@@ -157,14 +157,6 @@ def _check_fps(fps, name: str) -> float | None:
     if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps <= 0:
         raise MediaError(f"{name}: fps must be a positive number, got {fps!r}")
     return float(fps)
-
-
-def _check_frame(width: int, height: int, limits: MediaLimits, name: str) -> None:
-    if width <= 0 or height <= 0:
-        raise MediaError(f"{name}: video frames have no pixels ({width}x{height})")
-    if width * height > limits.max_image_pixels:
-        raise MediaError(f"{name}: {width}x{height} frames have {width * height} pixels each, above the limit of "
-                         f"{limits.max_image_pixels} (MediaLimits.max_image_pixels)")
 
 
 def _check_volume(num_frames: int, height: int, width: int, limits: MediaLimits, name: str) -> None:
@@ -248,7 +240,7 @@ def _grab(container, indices: list[int], name: str, limits: MediaLimits) -> tupl
         seen = i + 1
         if size is None:
             size = (frame.width, frame.height)
-            _check_frame(*size, limits, name)
+            check_pixels(*size, limits, name, "video frame")
             _check_volume(len(indices), size[1], size[0], limits, name)
         if i in wanted:
             # A resolution change mid-stream is scaled back to the first frame's size.
