@@ -51,16 +51,24 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def _argmax(x: torch.Tensor) -> int:
+    """First index of the maximum (NaN counts as the maximum, as torch.argmax); on CPU through numpy, whose
+    vectorised argmax is ~6x torch's over a 248k vocabulary."""
+    return int(x.numpy().argmax()) if x.device.type == "cpu" else int(torch.argmax(x))
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
     """logits: [B, V] (any float dtype, not modified). One token per row."""
-    logits = logits.float().clone()
+    logits = logits.float()
     out = []
     for i, row in enumerate(rows):
-        lg = apply_penalties(logits[i], row)
-        if row.banned_ids:
-            lg[row.banned_ids] = float("-inf")
-        if row.params.is_greedy:
-            out.append(int(torch.argmax(lg)))
+        lg, p = logits[i], row.params
+        if row.banned_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            lg = apply_penalties(lg.clone(), row)
+            if row.banned_ids:
+                lg[row.banned_ids] = float("-inf")
+        if p.is_greedy:
+            out.append(_argmax(lg))
             continue
         probs = torch.softmax(filter_logits(lg, row.params), -1)
         out.append(int(torch.multinomial(probs, 1, generator=row.generator)))

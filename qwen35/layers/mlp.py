@@ -22,6 +22,12 @@ class MLP(nn.Module):
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
+    def prepare_native(self) -> bool:
+        return True  # the decode path calls forward: two packed matmuls and one elementwise op
+
+    def decode_native(self, x):
+        return self(x)
+
 
 class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int):
@@ -63,3 +69,21 @@ class SparseMoeBlock(nn.Module):
             shared_gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
         routed = experts_grouped(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
         return routed + torch.sigmoid(shared_gate) * shared
+
+    def prepare_native(self) -> bool:
+        from qwen35.ops.linear import Packed, PackedLinear
+        from qwen35.ops.native_decode import moe_block_shapes
+
+        gate_up, down, shared_down = self.experts.gate_up_proj, self.experts.down_proj, self.shared_expert.down_proj
+        return (self.in_proj is not None and isinstance(gate_up, Packed) and isinstance(down, Packed)
+                and isinstance(shared_down, PackedLinear) and shared_down.bias is None
+                and moe_block_shapes(gate_up, down, shared_down.weight))
+
+    def decode_native(self, x):
+        """forward as one native call after the fused input projection (ops/native_decode.moe_block)."""
+        from qwen35.ops.linear import linear
+        from qwen35.ops.native_decode import moe_block
+
+        return moe_block(x, linear(x, self.in_proj.weight), self.experts.gate_up_proj.shape[0], self.top_k,
+                         self.renormalize, self.experts.gate_up_proj, self.experts.down_proj,
+                         self.shared_expert.down_proj.weight)

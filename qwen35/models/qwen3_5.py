@@ -21,7 +21,7 @@ from qwen35.layers.norm import GatedRMSNorm, RMSNorm
 from qwen35.models.batch import ForwardBatch
 from qwen35.models.vision import VisionTower
 from qwen35.ops.attention import varlen_attention, write_kv
-from qwen35.ops.conv import causal_conv1d
+from qwen35.ops.conv import causal_conv1d, causal_conv1d_native
 from qwen35.ops.gated_delta import gated_delta_decode_native, gated_delta_rule
 from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
 
@@ -62,7 +62,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(cfg.linear_num_value_heads))
         self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(cfg.value_dim, H, bias=False)
-        self.native_decode = False  # set by pack_weights: decode steps use the in-place native kernel
+        self.native_decode = False  # set by pack_weights: native conv and the in-place native decode step
         self.in_proj = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
@@ -84,7 +84,8 @@ class GatedDeltaNet(nn.Module):
                 ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
                 # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
                 mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
-            mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
+            conv = causal_conv1d_native if self.native_decode and mixed.device.type == "cpu" else causal_conv1d
+            mixed, new_conv_state = conv(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
             q, k, v = self._split(mixed)
             o, new_ssm_state = gated_delta_rule(q, k, v, *self._gates(a, b), batch.cu_seqlens, ssm_state)
             if cache is not None:
@@ -92,6 +93,26 @@ class GatedDeltaNet(nn.Module):
                 ssm_pool[batch.state_slots] = new_ssm_state
         o = self.norm(o, z)
         return self.out_proj(o.reshape(N, self.value_dim))
+
+    def prepare_native(self) -> bool:
+        """fp32 copies of the small parameters the native decode step reads; False if this layer cannot take it."""
+        if self.in_proj is None:
+            return False
+        self._native = dict(conv_w=self.conv1d.weight[:, 0, :].float().contiguous(), A_log=self.A_log.float(),
+                            dt_bias=self.dt_bias.float(), norm_w=self.norm.weight.float())
+        return True
+
+    def decode_native(self, x, batch: ForwardBatch, cache):
+        """forward for one token per sequence, as one native call between the two projections
+        (ops/native_decode.gdn_step)."""
+        from qwen35.ops.linear import linear
+        from qwen35.ops.native_decode import gdn_step
+
+        n = self._native
+        o = gdn_step(linear(x, self.in_proj.weight), cache.conv[self.layer_idx], n["conv_w"], cache.ssm[self.layer_idx],
+                     batch.state_slots, batch.has_initial_state, n["A_log"], n["dt_bias"], n["norm_w"], self.norm.eps,
+                     self.num_k_heads, self.num_v_heads, self.k_head_dim, self.v_head_dim)
+        return self.out_proj(o)
 
     def _split(self, mixed):
         N = mixed.shape[0]
@@ -161,6 +182,24 @@ class Attention(nn.Module):
         return self.o_proj(o)
 
 
+    def prepare_native(self) -> bool:
+        if self.qkv_proj is None:
+            return False
+        self._native = dict(qn1=1.0 + self.q_norm.weight.float(), kn1=1.0 + self.k_norm.weight.float())
+        return True
+
+    def decode_native(self, x, cos, sin, batch: ForwardBatch, cache):
+        """forward for one token per sequence: norms, rotary, K/V write, attention and gate in one native call
+        (ops/native_decode.attn_decode)."""
+        from qwen35.ops.linear import linear
+        from qwen35.ops.native_decode import attn_decode
+
+        o = attn_decode(linear(x, self.qkv_proj.weight), self._native["qn1"], self._native["kn1"], self.q_norm.eps,
+                        cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], batch, self.num_heads,
+                        self.num_kv_heads, self.head_dim, self.scale)
+        return self.o_proj(o)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -196,15 +235,46 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
         self.act_dtype: torch.dtype | None = None  # activations' dtype when not the weights' (packed CPU models)
+        self.native_decode = False  # set by prepare_native
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.act_dtype is not None:
             h = h.to(self.act_dtype)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
+        if self.native_decode and cache is not None and h.shape[0] == batch.num_seqs and h.device.type == "cpu":
+            return self._decode_native(h, cos, sin, batch, cache)
         for layer in self.layers:
             h = layer(h, cos, sin, batch, cache)
         return self.norm(h)
+
+    def prepare_native(self) -> bool:
+        """Make decode steps (one token per sequence, with a cache) run each block as one native call
+        (ops/native_decode.py); the layers above stay the reference and run everything else. Needs a packed
+        model; returns whether every layer qualified."""
+        ok = True
+        for layer in self.layers:
+            mixer = layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn
+            ok &= mixer.prepare_native() and layer.mlp.prepare_native()
+        for norm in [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm,
+                                                                        layer.post_attention_layernorm)]:
+            norm.w1 = 1.0 + norm.weight.float()
+        self.native_decode = ok
+        return ok
+
+    def _decode_native(self, h, cos, sin, batch, cache):
+        from qwen35.ops.native_decode import add_rms_norm
+
+        y = None  # each residual add is fused into the norm after it
+        for layer in self.layers:
+            h, a = add_rms_norm(h, y, layer.input_layernorm.w1, layer.input_layernorm.eps)
+            if layer.layer_type == "linear_attention":
+                y = layer.linear_attn.decode_native(a, batch, cache)
+            else:
+                y = layer.self_attn.decode_native(a, cos, sin, batch, cache)
+            h, a = add_rms_norm(h, y, layer.post_attention_layernorm.w1, layer.post_attention_layernorm.eps)
+            y = layer.mlp.decode_native(a)
+        return add_rms_norm(h, y, self.norm.w1, self.norm.eps)[1]
 
 
 class Qwen3_5ForCausalLM(nn.Module):
@@ -238,6 +308,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         for layer in self.model.layers:
             if hasattr(layer, "linear_attn"):
                 layer.linear_attn.native_decode = True
+        self.model.prepare_native()
         if self.cfg.tie_word_embeddings:
             self.model.embed_tokens = PackedEmbedding(self.lm_head.weight)
         return count

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear_avx2.c", "gdn_decode.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear_avx2.c", "gdn_decode.c", "decode_blocks.c")]
+HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]
 # Rows up to which the kernel runs. Measured on the 2-core EPYC VM with a 248k x 1024 bf16 head: 16 rows 83 GFLOP/s
 # in the kernel vs 6 for unpack + sgemm (the unpack copy dominates); at prefill sizes sgemm wins.
 SMALL_M = 16
@@ -48,10 +49,11 @@ class Packed:
         if (np_, kp) != (n, k):
             w = F.pad(w, (0, kp - k, 0, np_ - n))
         self.data = w.reshape(*lead, np_ // 4, 4, kp // 8, 8).transpose(-3, -2).contiguous()
+        self._ptr = None  # data_ptr, for linear's fast path
 
     def __getitem__(self, i: int) -> "Packed":
         out = Packed.__new__(Packed)
-        out.n, out.k, out.dtype, out.data = self.n, self.k, self.dtype, self.data[i]
+        out.n, out.k, out.dtype, out.data, out._ptr = self.n, self.k, self.dtype, self.data[i], None
         return out
 
     @property
@@ -71,6 +73,16 @@ class Packed:
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(w, Packed):
         return F.linear(x, w, bias)
+    if bias is None and x.dim() == 2 and x.dtype == torch.float32 and 0 < x.shape[0] <= SMALL_M \
+            and x.is_contiguous() and w.data.dim() == 4:  # decode's common case, with the least Python in the way
+        if w._ptr is None:
+            fn = native().qwen35_linear_bf16 if w.dtype == torch.bfloat16 else native().qwen35_linear_f32
+            w._ptr = (w.data.data_ptr(), fn, w.data.shape[-4] * 4, w.data.shape[-3] * 8)
+        ptr, fn, np_, kp = w._ptr
+        if kp == w.k:
+            y = torch.empty(x.shape[0], np_)
+            fn(x.data_ptr(), ptr, y.data_ptr(), x.shape[0], np_, kp)
+            return y if np_ == w.n else y[:, :w.n]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
@@ -143,7 +155,7 @@ def _lib():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) found")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
     from qwen35.demo import cache_dir
 
     out = cache_dir() / "native" / f"qwen35_cpu-{digest}.so"
@@ -158,11 +170,18 @@ def _lib():
                 raise OSError(f"compiling the native kernels failed: {r.stderr.strip()[:500]}")
             os.replace(tmp_out, out)
     lib = ctypes.CDLL(str(out))
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    moe_block = [ptr] * 2 + [i64] * 5 + [ptr] * 4 + [i64] * 3
     signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
                   "qwen35_moe_bf16": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
                   "qwen35_moe_f32": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
-                  "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5}
+                  "qwen35_moe_block_bf16": moe_block, "qwen35_moe_block_f32": moe_block,
+                  "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5,
+                  "qwen35_add_rmsnorm": [ptr] * 5 + [i64] * 2 + [f32],
+                  "qwen35_causal_conv": [ptr] * 6 + [i64] * 3,
+                  "qwen35_gdn_step": [ptr, i64, ptr, i64] + [ptr] * 7 + [f32, ptr] + [i64] * 6,
+                  "qwen35_attn_decode": [ptr, i64, ptr, ptr, f32, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr,
+                                         i64, ptr] + [i64] * 4 + [f32]}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None

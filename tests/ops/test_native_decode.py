@@ -56,18 +56,23 @@ def test_fused_experts_match_reference(dtype, N):
 
 @pytest.mark.parametrize("kind", ["moe_vl", "dense"])
 def test_packed_decode_through_the_cache_equals_prefill(checkpoint, kind):
+    """A packed model prefilling in pieces, then one token per step (the native decode blocks, with the batch
+    shrinking as a prompt ends) equals the same model prefilling each whole prompt.
+
+    In fp32 the two differ by summation order only. In bf16 what crosses a step boundary is rounded to bf16 on
+    both paths (K/V are read back from the cache, conv inputs are rounded to the cache's precision), so they agree
+    to fp32 rounding until an input that lies within that rounding of a bf16 tie rounds the other way; one such
+    flip moves later logits by ~1e-4 (relative). Wrong slots, histories or rounding show at 1e-2 and above, and
+    the block tests check the rounding itself exactly."""
     from qwen35.models.loader import load_model
     from tests.tiny_models import run_pieces
 
-    """Activations are fp32 and the caches bf16: what crosses a step boundary is rounded to bf16 on both paths (K/V
-    are read back from the cache, conv inputs are rounded to the cache's precision), so stepping differs from a
-    whole prefill only by fp32 summation order (the plain bf16 model shows no difference at all)."""
     prompts = [torch.randint(0, 150, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 9)]
     cuts = [list(range(5, 30)), list(range(1, 9))]  # then one token per step
-    gaps = {}
-    for pack in (True, False):
-        model = load_model(checkpoint(kind)[0], dtype="bfloat16", pack=pack)[0]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
+        model = load_model(checkpoint(kind)[0], dtype=dtype, pack=True)[0]
+        assert model.model.native_decode
         whole = run_pieces(model, prompts, [[], []])
         stepped = run_pieces(model, prompts, cuts, poison=True)
-        gaps[pack] = sum((a - b).abs().mean() / a.abs().mean() for a, b in zip(whole, stepped)) / len(prompts)
-    assert gaps[True] < 1e-5 and gaps[False] < 1e-5, gaps
+        gap = sum((a - b).abs().mean() / a.abs().mean() for a, b in zip(whole, stepped)) / len(prompts)
+        assert gap < tol, (dtype, gap)

@@ -1,0 +1,310 @@
+/* Whole blocks of a decode step (one new token per sequence) in one native call each, so a step is a few calls per
+ * layer instead of dozens of framework ops. Activations are fp32; caches are bf16 or fp32 (flag `*_bf16`), rounded
+ * to nearest-even on write as torch's `.to(torch.bfloat16)` does. Each function's reference is named beside it; the
+ * model uses these only where qwen35/models/qwen3_5.py takes its native decode path.
+ *
+ *   qwen35_add_rmsnorm  h' = h + y; a = rms_norm(h') * w1                      (ops/norms.rms_norm, w1 = 1 + w)
+ *   qwen35_gdn_step     conv window + SiLU, q/k l2-norm, gates, gated-delta step in place, gated RMSNorm
+ *                       (GatedDeltaNet._decode_step + gated_rms_norm)
+ *   qwen35_causal_conv  causal depthwise conv + SiLU over packed prompt tokens      (ops/conv.causal_conv1d)
+ *   qwen35_attn_decode  q/k RMSNorm, partial rotary, K/V written to the paged cache, attention over each
+ *                       sequence's cached positions, sigmoid gate                   (Attention.forward)
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* element i of a cache tensor stored as bf16 or fp32 */
+static inline float cache_get(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void cache_put(void *p, int bf16, int64_t i, float x) {
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+/* x rounded to the cache's precision */
+static inline float cache_round(int bf16, float x) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* 8-lane dot products and axpy over D (any D; AVX2 for the multiple-of-8 part) */
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_hadd_ps(x, x);
+    x = _mm_hadd_ps(x, x);
+    return _mm_cvtss_f32(x);
+}
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_bf16(b + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+static inline void axpy_bf16(float w, const uint16_t *x, float *y, int64_t n) {
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8_bf16(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += w * bf16_to_f32(x[i]);
+}
+static inline void axpy_f32(float w, const float *x, float *y, int64_t n) {
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += w * x[i];
+}
+
+static void rmsnorm_row(const float *x, const float *w1, float *out, int64_t n, float eps) {
+    const float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * r * w1[i];
+}
+
+/* h_out = h + y (y may be NULL: h_out = h); a = rms_norm(h_out) * w1. All [M, H]. */
+void qwen35_add_rmsnorm(const float *h, const float *y, const float *w1, float *h_out, float *a, int64_t M,
+                        int64_t H, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *hm = h + m * H;
+        float *om = h_out + m * H;
+        for (int64_t i = 0; i < H; i++) om[i] = y ? hm[i] + y[m * H + i] : hm[i];
+        rmsnorm_row(om, w1, a + m * H, H, eps);
+    }
+}
+
+/* One Gated DeltaNet decode step for S sequences, from the fused input projection to the gated norm.
+ * proj [S, stride]: [q (Hk*K) | k (Hk*K) | v (Hv*V) | z (Hv*V) | b (Hv) | a (Hv)] (in_proj_qkv, _z, _b, _a).
+ * conv_pool [slots, C, Kw-1], conv_w [C, Kw] fp32; ssm_pool [slots, Hv, K, V] fp32; slot slots[s], history
+ * present when has_state[s] (otherwise zeros: stale slots are never read). A_log, dt_bias [Hv], norm_w [V] fp32.
+ * out [S, Hv*V]: norm(o) * w * silu(z), ready for out_proj. */
+void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t conv_bf16, const float *conv_w,
+                     float *ssm_pool, const int64_t *slots, const uint8_t *has_state, const float *A_log,
+                     const float *dt_bias, const float *norm_w, float eps, float *out, int64_t S, int64_t Hk,
+                     int64_t Hv, int64_t K, int64_t V, int64_t Kw) {
+    const int64_t key_dim = Hk * K, value_dim = Hv * V, C = 2 * key_dim + value_dim, Wh = Kw - 1;
+    const int64_t group = Hv / Hk;
+    const float q_scale = 1.0f / sqrtf((float)K);
+    float *mixed = malloc(sizeof(float) * S * C);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < S; s++) {  /* conv window: [history | this token rounded to the cache's precision] */
+            const float *x = proj + s * stride;
+            const int64_t base = slots[s] * C * Wh;
+            for (int64_t c = 0; c < C; c++) {
+                float acc = 0.0f, cur = cache_round((int)conv_bf16, x[c]);
+                for (int64_t i = 0; i < Wh; i++) {
+                    const float past = has_state[s] ? cache_get(conv_pool, (int)conv_bf16, base + c * Wh + i) : 0.0f;
+                    acc += past * conv_w[c * Kw + i];
+                }
+                acc += cur * conv_w[c * Kw + Wh];
+                for (int64_t i = 0; i + 1 < Wh; i++)
+                    cache_put(conv_pool, (int)conv_bf16, base + c * Wh + i,
+                              has_state[s] ? cache_get(conv_pool, (int)conv_bf16, base + c * Wh + i + 1) : 0.0f);
+                if (Wh > 0) cache_put(conv_pool, (int)conv_bf16, base + c * Wh + Wh - 1, cur);
+                mixed[s * C + c] = silu(acc);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < S * 2 * Hk; item++) {  /* l2-normalise q and k heads; q also * K^-1/2 */
+            const int64_t s = item / (2 * Hk), j = item % (2 * Hk);
+            float *x = mixed + s * C + j * K;
+            const float r = 1.0f / sqrtf(dot_f32(x, x, K) + 1e-6f);
+            for (int64_t i = 0; i < K; i++) x[i] = j < Hk ? x[i] * r * q_scale : x[i] * r;
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t s = 0; s < S; s++) {
+            for (int64_t h = 0; h < Hv; h++) {
+                const float *row = proj + s * stride;
+                const float *qh = mixed + s * C + (h / group) * K, *kh = mixed + s * C + key_dim + (h / group) * K;
+                const float *vh = mixed + s * C + 2 * key_dim + h * V, *zh = row + C + h * V;
+                const float b = row[C + value_dim + h], a = row[C + value_dim + Hv + h] + dt_bias[h];
+                const float softplus = a > 20.0f ? a : log1pf(expf(a));
+                const float decay = expf(-expf(A_log[h]) * softplus), beta = 1.0f / (1.0f + expf(-b));
+                float *st = ssm_pool + (slots[s] * Hv + h) * K * V, *oh = out + s * value_dim + h * V;
+                float kv[V], u[V];
+                if (!has_state[s]) memset(st, 0, sizeof(float) * K * V);
+                for (int64_t j = 0; j < V; j++) kv[j] = 0.0f;
+                for (int64_t i = 0; i < K; i++) {
+                    const float ki = kh[i], *srow = st + i * V;
+                    for (int64_t j = 0; j < V; j++) kv[j] += srow[j] * ki;
+                }
+                for (int64_t j = 0; j < V; j++) {
+                    u[j] = beta * (vh[j] - decay * kv[j]);
+                    oh[j] = 0.0f;
+                }
+                for (int64_t i = 0; i < K; i++) {
+                    const float ki = kh[i], qi = qh[i];
+                    float *srow = st + i * V;
+                    for (int64_t j = 0; j < V; j++) {
+                        srow[j] = decay * srow[j] + ki * u[j];
+                        oh[j] += srow[j] * qi;
+                    }
+                }
+                const float r = 1.0f / sqrtf(dot_f32(oh, oh, V) / (float)V + eps);  /* w * norm(o) * silu(z) */
+                for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * r) * silu(zh[j]);
+            }
+        }
+    }
+    free(mixed);
+}
+
+/* Gated full attention for S sequences of one new token each, over a paged K/V cache [blocks, bs, Hkv, D].
+ * qkv [S, stride]: [q_proj (per head: query D | gate D) | k (Hkv*D) | v (Hkv*D)]. qn1, kn1 [D]: 1 + the q/k norm
+ * weights. cos, sin [S, rd]: rotary on the first rd channels of each head, NeoX halves. The new K/V go to flat
+ * position slot_mapping[s]; sequence s then attends to its first context_lens[s] positions through its row of
+ * block_tables [S, max_blocks]. out [S, Hq*D] = attention * sigmoid(gate). */
+void qwen35_attn_decode(const float *qkv, int64_t stride, const float *qn1, const float *kn1, float eps,
+                        const float *cos_, const float *sin_, int64_t rd, void *k_cache, void *v_cache,
+                        int64_t cache_bf16, const int64_t *slot_mapping, const int64_t *block_tables,
+                        int64_t max_blocks, const int64_t *context_lens, int64_t block_size, float *out, int64_t S,
+                        int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+    const int bf = (int)cache_bf16;
+    const int64_t G = Hq / Hkv, half = rd / 2;
+    float *q = malloc(sizeof(float) * S * Hq * D);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < S * (Hq + Hkv); item++) {  /* norm + rotary; k and v into the cache */
+            const int64_t s = item / (Hq + Hkv), j = item % (Hq + Hkv);
+            const float *row = qkv + s * stride, *c = cos_ + s * rd, *sn = sin_ + s * rd;
+            float x[D];
+            if (j < Hq) rmsnorm_row(row + j * 2 * D, qn1, x, D, eps);
+            else rmsnorm_row(row + 2 * Hq * D + (j - Hq) * D, kn1, x, D, eps);
+            float r[D];
+            memcpy(r, x, sizeof(float) * D);
+            for (int64_t i = 0; i < half; i++) {
+                r[i] = x[i] * c[i] - x[i + half] * sn[i];
+                r[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
+            }
+            if (j < Hq) {
+                memcpy(q + (s * Hq + j) * D, r, sizeof(float) * D);
+            } else {
+                const int64_t h = j - Hq, at = (slot_mapping[s] * Hkv + h) * D;
+                const float *v = row + 2 * Hq * D + Hkv * D + h * D;
+                for (int64_t i = 0; i < D; i++) {
+                    cache_put(k_cache, bf, at + i, r[i]);
+                    cache_put(v_cache, bf, at + i, v[i]);
+                }
+            }
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t item = 0; item < S * Hkv; item++) {  /* the G query heads of one kv head read its K/V once */
+            const int64_t s = item / Hkv, kvh = item % Hkv, L = context_lens[s];
+            const int64_t *table = block_tables + s * max_blocks;
+            const float *qg = q + (s * Hq + kvh * G) * D;
+            float *p = malloc(sizeof(float) * G * (L > 0 ? L : 1)), *acc = calloc(G * D, sizeof(float));
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t at = ((table[l / block_size] * block_size + l % block_size) * Hkv + kvh) * D;
+                for (int64_t g = 0; g < G; g++)
+                    p[g * L + l] = scale * (bf ? dot_bf16(qg + g * D, (const uint16_t *)k_cache + at, D)
+                                               : dot_f32(qg + g * D, (const float *)k_cache + at, D));
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float *pg = p + g * L, mx = -INFINITY, sum = 0.0f;
+                for (int64_t l = 0; l < L; l++) mx = pg[l] > mx ? pg[l] : mx;
+                for (int64_t l = 0; l < L; l++) sum += (pg[l] = expf(pg[l] - mx));
+                for (int64_t l = 0; l < L; l++) pg[l] /= sum;
+            }
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t at = ((table[l / block_size] * block_size + l % block_size) * Hkv + kvh) * D;
+                for (int64_t g = 0; g < G; g++) {
+                    if (bf) axpy_bf16(p[g * L + l], (const uint16_t *)v_cache + at, acc + g * D, D);
+                    else axpy_f32(p[g * L + l], (const float *)v_cache + at, acc + g * D, D);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kvh * G + g;
+                const float *gate = qkv + s * stride + h * 2 * D + D;
+                float *o = out + (s * Hq + h) * D;
+                for (int64_t i = 0; i < D; i++) o[i] = acc[g * D + i] / (1.0f + expf(-gate[i]));
+            }
+            free(p);
+            free(acc);
+        }
+    }
+    free(q);
+}
+
+/* Causal depthwise conv + SiLU over packed sequences (prefill). x [N, C] fp32, sequence s owning rows
+ * cu[s]:cu[s+1]; w [C, Kw]; hist [S, C, Kw-1] (the inputs before each sequence's first row; NULL: zeros).
+ * y [N, C] = silu(sum_i w[c, i] x[t - Kw + 1 + i, c]); new_hist [S, C, Kw-1] = each sequence's last Kw-1 inputs. */
+void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const float *hist, float *y,
+                        float *new_hist, int64_t S, int64_t C, int64_t Kw) {
+    const int64_t Wh = Kw - 1, N = cu[S];
+    float *wt = malloc(sizeof(float) * Kw * C);  /* [Kw, C]: one tap's weights contiguous over channels */
+    int64_t *seq = malloc(sizeof(int64_t) * (N > 0 ? N : 1));
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t i = 0; i < Kw; i++) wt[i * C + c] = w[c * Kw + i];
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t t = cu[s]; t < cu[s + 1]; t++) seq[t] = s;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const int64_t s = seq[t], j = t - cu[s];
+        float *yt = y + t * C;
+        if (j >= Wh) {  /* the whole window is in x */
+            int64_t c = 0;
+            for (; c + 8 <= C; c += 8) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t i = 0; i < Kw; i++)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + i * C + c),
+                                          _mm256_loadu_ps(x + (t - Wh + i) * C + c), acc);
+                _mm256_storeu_ps(yt + c, silu8(acc));
+            }
+            for (; c < C; c++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < Kw; i++) acc += wt[i * C + c] * x[(t - Wh + i) * C + c];
+                yt[c] = silu(acc);
+            }
+        } else {  /* the first Kw-1 tokens reach into the history */
+            for (int64_t c = 0; c < C; c++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < Kw; i++) {
+                    const int64_t jj = j - Wh + i;
+                    const float v = jj >= 0 ? x[(cu[s] + jj) * C + c] : hist ? hist[(s * C + c) * Wh + Wh + jj] : 0.0f;
+                    acc += wt[i * C + c] * v;
+                }
+                yt[c] = silu(acc);
+            }
+        }
+    }
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t len = cu[s + 1] - cu[s];
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t i = 0; i < Wh; i++) {
+                const int64_t jj = len - Wh + i;
+                new_hist[(s * C + c) * Wh + i] =
+                    jj >= 0 ? x[(cu[s] + jj) * C + c] : hist ? hist[(s * C + c) * Wh + Wh + jj] : 0.0f;
+            }
+    }
+    free(wt);
+    free(seq);
+}
