@@ -72,52 +72,69 @@ def gated_delta_rule_chunked(
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     N, Hv, V = v.shape
-    out_dtype, state_shape = v.dtype, (len(lengths), Hv, q.shape[2], V)
+    Hk, K = q.shape[1], q.shape[2]
+    G = Hv // Hk
+    out_dtype, state_shape = v.dtype, (len(lengths), Hv, K, V)
     C = chunk_size
-    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm, repeat_heads=False)  # q, k stay per k-head
 
-    # Lay the chunks of all sequences end to end: sequence s owns chunks first_chunk[s] ... first_chunk[s] +
-    # num_chunks[s] - 1 and its tokens fill them from the start. The tail of a last chunk stays zero, and a zero step
+    # Chunks are laid out chunk-index-major: with sequences ranked by decreasing chunk count, chunk i of the
+    # sequence ranked r sits at offset[i] + r, so the chunks the scan advances at step i are one contiguous slice.
+    # A sequence's tokens fill its chunks from the start; the tail of a last chunk stays zero, and a zero step
     # (g = 0, beta = 0, k = 0) leaves the state as it is, so padding never reaches the next chunk or sequence.
     device = v.device
     num_chunks = [-(-length // C) for length in lengths]
-    total_chunks = sum(num_chunks)
-    first_chunk = torch.tensor([0, *num_chunks[:-1]], device=device).cumsum(0)
+    order, _, num_active = _plan_scan(num_chunks, torch.zeros(len(lengths), dtype=torch.long, device=device))
+    rank = [0] * len(lengths)
+    for r, seq in enumerate(order.tolist() if order is not None else range(len(lengths))):
+        rank[seq] = r
+    offsets = [0]
+    for n in num_active:
+        offsets.append(offsets[-1] + n)
+    total_chunks = offsets[-1]
     first_token = cu_seqlens[:-1].to(device=device, dtype=torch.long)
     seq_of_token = torch.repeat_interleave(torch.tensor(lengths, device=device), output_size=N)  # [N]
-    slot = torch.arange(N, device=device) - first_token[seq_of_token] + C * first_chunk[seq_of_token]  # padded index
+    local = torch.arange(N, device=device) - first_token[seq_of_token]
+    offsets_t = torch.tensor(offsets[:-1], device=device)
+    slot = (offsets_t[local // C] + torch.tensor(rank, device=device)[seq_of_token]) * C + local % C
 
-    def to_chunks(x: Tensor) -> Tensor:  # [N, Hv, ...] -> [total_chunks, Hv, C, ...]
+    def to_chunks(x: Tensor) -> Tensor:  # [N, H, ...] -> [total_chunks, H, C, ...]
         padded = x.new_zeros(total_chunks * C, *x.shape[1:])
         padded[slot] = x
-        return padded.view(total_chunks, C, *x.shape[1:]).transpose(1, 2)
+        return padded.view(total_chunks, C, *x.shape[1:]).transpose(1, 2).contiguous()
 
-    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # q, k [.., C, K]; v [.., C, V]; g, beta [.., C]
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # q, k [.., Hk, C, K]; v [.., Hv, C, V]; g, beta [.., Hv, C]
+
+    def per_v_head(x: Tensor) -> Tensor:  # [.., Hv, ...] viewed as [.., Hk, G, ...]
+        return x.view(total_chunks, Hk, G, *x.shape[2:])
 
     # Intra-chunk quantities, all chunks at once. gamma[r] is the log decay from the chunk start through token r, and
     # decay[r, s] = exp(gamma[r] - gamma[s]) for r >= s is what token s's write has decayed by when token r reads.
     # Entries r < s are set to -inf before exp: they are masked anyway, and exp of a positive sum could overflow.
-    gamma = g.cumsum(-1)  # [.., C]
+    # Products of q and k are formed once per k-head and broadcast over the G v-heads that share it.
+    gamma = g.cumsum(-1)  # [.., Hv, C]
     causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [.., C, C]
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [.., Hv, C, C]
+    kk, qk = (k @ k.mT)[:, :, None], (q @ k.mT)[:, :, None]  # [.., Hk, 1, C, C]
 
     # The writes u of a chunk solve (I + A) u = beta·v − beta·exp(gamma)·k S_in with A = strictly_lower(diag(beta)
     # K Kᵀ ⊙ decay). Split by linearity: u = u0 − w S_in, where u0 and w do not depend on the incoming state.
-    # solve_triangular reads only A's strict lower part and takes the diagonal as ones, i.e. solves with I + A.
-    A = beta[..., :, None] * (k @ k.mT) * decay
-    u0 = _solve_unit_lower(A, beta[..., None] * v)  # [.., C, V]
-    w = _solve_unit_lower(A, (beta * gamma.exp())[..., None] * k)  # [.., C, K]
+    # Both come from one triangular solve with the two right-hand sides side by side (solve_triangular reads only
+    # A's strict lower part and takes the diagonal as ones, i.e. solves with I + A; forming (I + A)⁻¹ instead and
+    # multiplying loses ~1e-4 when decays are steep).
+    A = (per_v_head(beta)[..., :, None] * kk * per_v_head(decay)).view(total_chunks, Hv, C, C)
+    bk = (per_v_head(beta * gamma.exp())[..., None] * k[:, :, None]).view(total_chunks, Hv, C, K)
+    u0, w = _solve_unit_lower(A, torch.cat([beta[..., None] * v, bk], dim=-1)).split([V, K], dim=-1)
 
-    attn = (q @ k.mT) * decay  # causal scores inside the chunk, diagonal included: o_r reads S_r after its own write
-    q_decayed = q * gamma.exp()[..., None]  # q_r reads the incoming state decayed to token r
-    k_decayed = k * (gamma[..., -1:] - gamma).exp()[..., None]  # write of token r decayed to the chunk end
+    attn = (qk * per_v_head(decay)).view(total_chunks, Hv, C, C)  # causal scores, diagonal included: o_r reads S_r
+    q_decayed = (q[:, :, None] * per_v_head(gamma.exp())[..., None]).view(total_chunks, Hv, C, K)  # reads S_in
+    k_decayed = (k[:, :, None] * per_v_head((gamma[..., -1:] - gamma).exp())[..., None]).view(total_chunks, Hv, C, K)
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [.., 1, 1]
 
-    order, first_chunk, num_active = _plan_scan(num_chunks, first_chunk)  # now longest sequence first
-    state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in the same order
+    state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in rank order
     o = torch.empty_like(v)  # [total_chunks, Hv, C, V]
     for i, n in enumerate(num_active):
-        c = first_chunk[:n] + i  # chunk i of each of the n sequences that have one
+        c = slice(offsets[i], offsets[i] + n)  # chunk i of the n sequences that have one
         s = state[:n]
         u = u0[c] - w[c] @ s  # the actual writes: remove what the incoming state already predicts
         o[c] = q_decayed[c] @ s + attn[c] @ u
@@ -188,12 +205,16 @@ def _l2norm(x: Tensor) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk_l2norm: bool) -> tuple[Tensor, ...]:
-    """float32 inputs with q, k normalised, q scaled by K^-1/2, and q, k repeated to one head per v-head."""
+def _prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, use_qk_l2norm: bool,
+             repeat_heads: bool = True) -> tuple[Tensor, ...]:
+    """float32 inputs with q, k normalised, q scaled by K^-1/2, and (repeat_heads) q, k repeated to one head per
+    v-head."""
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     q = q * q.shape[-1] ** -0.5
+    if not repeat_heads:
+        return q, k, v, g, beta
     group = v.shape[1] // q.shape[1]  # consecutive v-heads share a q/k head
     return q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1), v, g, beta
 
