@@ -23,10 +23,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def prepare_native(self) -> bool:
-        return True  # the decode path calls forward: two packed matmuls and one elementwise op
+        from qwen35.ops.native_decode import fits
 
-    def decode_native(self, x):
-        return self(x)
+        H = self.down_proj.weight.n if hasattr(self.down_proj, "weight") else 0
+        return self.gate_up is not None and fits(self.gate_up.weight) and fits(self.down_proj, n=H)
+
+    def decode_layer(self, h, y_prev, norm):
+        """h += y_prev, then norm + forward as one native call (ops/native_decode.mlp_layer)."""
+        from qwen35.ops.native_decode import mlp_layer
+
+        return mlp_layer(h, y_prev, norm, self)
 
 
 class Router(nn.Module):
@@ -71,19 +77,17 @@ class SparseMoeBlock(nn.Module):
         return routed + torch.sigmoid(shared_gate) * shared
 
     def prepare_native(self) -> bool:
-        from qwen35.ops.linear import Packed, PackedLinear
-        from qwen35.ops.native_decode import moe_block_shapes
+        from qwen35.ops.linear import Packed
+        from qwen35.ops.native_decode import fits
 
         gate_up, down, shared_down = self.experts.gate_up_proj, self.experts.down_proj, self.shared_expert.down_proj
-        return (self.in_proj is not None and isinstance(gate_up, Packed) and isinstance(down, Packed)
-                and isinstance(shared_down, PackedLinear) and shared_down.bias is None
-                and moe_block_shapes(gate_up, down, shared_down.weight))
+        return (self.in_proj is not None and fits(self.in_proj.weight) and isinstance(gate_up, Packed)
+                and isinstance(down, Packed) and gate_up.dtype == down.dtype == self.in_proj.weight.dtype
+                and all(w.n % 4 == 0 and w.k % 8 == 0 for w in (gate_up, down))
+                and fits(shared_down, n=down.n))
 
-    def decode_native(self, x):
-        """forward as one native call after the fused input projection (ops/native_decode.moe_block)."""
-        from qwen35.ops.linear import linear
-        from qwen35.ops.native_decode import moe_block
+    def decode_layer(self, h, y_prev, norm):
+        """h += y_prev, then norm + forward as one native call (ops/native_decode.moe_layer)."""
+        from qwen35.ops.native_decode import moe_layer
 
-        return moe_block(x, linear(x, self.in_proj.weight), self.experts.gate_up_proj.shape[0], self.top_k,
-                         self.renormalize, self.experts.gate_up_proj, self.experts.down_proj,
-                         self.shared_expert.down_proj.weight)
+        return moe_layer(h, y_prev, norm, self)

@@ -95,24 +95,22 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(o.reshape(N, self.value_dim))
 
     def prepare_native(self) -> bool:
-        """fp32 copies of the small parameters the native decode step reads; False if this layer cannot take it."""
-        if self.in_proj is None:
+        """fp32 copies of the small parameters the native decode layer reads; False if this layer cannot take it."""
+        from qwen35.ops.native_decode import fits
+
+        H = self.out_proj.weight.n if hasattr(self.out_proj, "weight") else 0
+        if self.in_proj is None or not fits(self.in_proj.weight) or not fits(self.out_proj, n=H, k=self.value_dim):
             return False
         self._native = dict(conv_w=self.conv1d.weight[:, 0, :].float().contiguous(), A_log=self.A_log.float(),
                             dt_bias=self.dt_bias.float(), norm_w=self.norm.weight.float())
         return True
 
-    def decode_native(self, x, batch: ForwardBatch, cache):
-        """forward for one token per sequence, as one native call between the two projections
-        (ops/native_decode.gdn_step)."""
-        from qwen35.ops.linear import linear
-        from qwen35.ops.native_decode import gdn_step
+    def decode_layer(self, h, y_prev, norm, cos, sin, batch: ForwardBatch, cache):
+        """h += y_prev, then norm + forward for one token per sequence, as one native call
+        (ops/native_decode.gdn_layer). Returns this mixer's output."""
+        from qwen35.ops.native_decode import gdn_layer
 
-        n = self._native
-        o = gdn_step(linear(x, self.in_proj.weight), cache.conv[self.layer_idx], n["conv_w"], cache.ssm[self.layer_idx],
-                     batch.state_slots, batch.has_initial_state, n["A_log"], n["dt_bias"], n["norm_w"], self.norm.eps,
-                     self.num_k_heads, self.num_v_heads, self.k_head_dim, self.v_head_dim)
-        return self.out_proj(o)
+        return gdn_layer(h, y_prev, norm, self, batch, cache)
 
     def _split(self, mixed):
         N = mixed.shape[0]
@@ -183,21 +181,21 @@ class Attention(nn.Module):
 
 
     def prepare_native(self) -> bool:
-        if self.qkv_proj is None:
+        from qwen35.ops.native_decode import fits
+
+        H = self.o_proj.weight.n if hasattr(self.o_proj, "weight") else 0
+        if self.qkv_proj is None or not fits(self.qkv_proj.weight) or \
+                not fits(self.o_proj, n=H, k=self.num_heads * self.head_dim):
             return False
         self._native = dict(qn1=1.0 + self.q_norm.weight.float(), kn1=1.0 + self.k_norm.weight.float())
         return True
 
-    def decode_native(self, x, cos, sin, batch: ForwardBatch, cache):
-        """forward for one token per sequence: norms, rotary, K/V write, attention and gate in one native call
-        (ops/native_decode.attn_decode)."""
-        from qwen35.ops.linear import linear
-        from qwen35.ops.native_decode import attn_decode
+    def decode_layer(self, h, y_prev, norm, cos, sin, batch: ForwardBatch, cache):
+        """h += y_prev, then norm + forward for one token per sequence: norms, rotary, K/V write, attention, gate
+        and o_proj in one native call (ops/native_decode.attn_layer). Returns this mixer's output."""
+        from qwen35.ops.native_decode import attn_layer
 
-        o = attn_decode(linear(x, self.qkv_proj.weight), self._native["qn1"], self._native["kn1"], self.q_norm.eps,
-                        cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], batch, self.num_heads,
-                        self.num_kv_heads, self.head_dim, self.scale)
-        return self.o_proj(o)
+        return attn_layer(h, y_prev, norm, self, cos, sin, batch, cache)
 
 
 class DecoderLayer(nn.Module):
@@ -249,9 +247,9 @@ class TextModel(nn.Module):
         return self.norm(h)
 
     def prepare_native(self) -> bool:
-        """Make decode steps (one token per sequence, with a cache) run each block as one native call
-        (ops/native_decode.py); the layers above stay the reference and run everything else. Needs a packed
-        model; returns whether every layer qualified."""
+        """Make decode steps (one token per sequence, with a cache) run each half of a layer (norm + mixer, norm +
+        FFN) as one native call (ops/native_decode.py); the layers above stay the reference and run everything
+        else. Needs a packed model; returns whether every layer qualified."""
         ok = True
         for layer in self.layers:
             mixer = layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn
@@ -265,15 +263,12 @@ class TextModel(nn.Module):
     def _decode_native(self, h, cos, sin, batch, cache):
         from qwen35.ops.native_decode import add_rms_norm
 
-        y = None  # each residual add is fused into the norm after it
+        h = h.clone()  # the layers add each residual into it in place
+        y = None  # each half's output, added to h by the half after it (its norm comes with the add)
         for layer in self.layers:
-            h, a = add_rms_norm(h, y, layer.input_layernorm.w1, layer.input_layernorm.eps)
-            if layer.layer_type == "linear_attention":
-                y = layer.linear_attn.decode_native(a, batch, cache)
-            else:
-                y = layer.self_attn.decode_native(a, cos, sin, batch, cache)
-            h, a = add_rms_norm(h, y, layer.post_attention_layernorm.w1, layer.post_attention_layernorm.eps)
-            y = layer.mlp.decode_native(a)
+            mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
+            y = mixer.decode_layer(h, y, layer.input_layernorm, cos, sin, batch, cache)
+            y = layer.mlp.decode_layer(h, y, layer.post_attention_layernorm)
         return add_rms_norm(h, y, self.norm.w1, self.norm.eps)[1]
 
 

@@ -103,7 +103,8 @@ def gated_delta_rule_chunked(
         padded[slot] = x
         return padded.view(total_chunks, C, *x.shape[1:]).transpose(1, 2).contiguous()
 
-    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # q, k [.., Hk, C, K]; v [.., Hv, C, V]; g, beta [.., Hv, C]
+    # q, k [.., Hk, C, K]; v [.., Hv, C, V]; g, beta [.., Hv, C]
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
 
     def per_v_head(x: Tensor) -> Tensor:  # [.., Hv, ...] viewed as [.., Hk, G, ...]
         return x.view(total_chunks, Hk, G, *x.shape[2:])

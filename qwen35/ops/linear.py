@@ -171,17 +171,19 @@ def _lib():
             os.replace(tmp_out, out)
     lib = ctypes.CDLL(str(out))
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    moe_block = [ptr] * 2 + [i64] * 5 + [ptr] * 4 + [i64] * 3
     signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
                   "qwen35_moe_bf16": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
                   "qwen35_moe_f32": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
-                  "qwen35_moe_block_bf16": moe_block, "qwen35_moe_block_f32": moe_block,
                   "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5,
                   "qwen35_add_rmsnorm": [ptr] * 5 + [i64] * 2 + [f32],
-                  "qwen35_causal_conv": [ptr] * 6 + [i64] * 3,
-                  "qwen35_gdn_step": [ptr, i64, ptr, i64] + [ptr] * 7 + [f32, ptr] + [i64] * 6,
-                  "qwen35_attn_decode": [ptr, i64, ptr, ptr, f32, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr,
-                                         i64, ptr] + [i64] * 4 + [f32]}
+                  "qwen35_causal_conv": [ptr] * 6 + [i64] * 3}
+    layer_in = [ptr, ptr, ptr, f32, i64, ptr, i64]  # h, y_prev, w1, norm eps, H, in_w, in_np (csrc/decode_blocks.c)
+    signatures.update({
+        "qwen35_gdn_layer": layer_in + [ptr, i64, ptr, ptr, i64] + [ptr] * 7 + [f32] + [i64] * 6,
+        "qwen35_attn_layer": layer_in + [ptr, i64, ptr, ptr, ptr, f32, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
+                                         ptr, i64] + [i64] * 4 + [f32],
+        "qwen35_moe_layer": layer_in + [i64, ptr] + [i64] * 3 + [ptr] * 3 + [i64] * 3,
+        "qwen35_mlp_layer": layer_in + [ptr, i64, ptr, i64, i64]})
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None

@@ -36,63 +36,83 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, w1: torch.Tensor, eps:
     return h_out, a
 
 
-def gdn_step(proj: torch.Tensor, conv_pool: torch.Tensor, conv_w: torch.Tensor, ssm_pool: torch.Tensor,
-             slots: torch.Tensor, has_state: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-             norm_w: torch.Tensor, eps: float, Hk: int, Hv: int, K: int, V: int) -> torch.Tensor:
-    """A Gated DeltaNet decode step from the fused in_proj output [S, qkv | z | b | a] to the gated-norm output
-    [S, Hv*V], updating conv_pool and ssm_pool at `slots` in place. Reference: GatedDeltaNet.forward."""
-    S, C, Kw = proj.shape[0], conv_w.shape[0], conv_w.shape[1]
-    if (conv_pool.shape[1:] != (C, Kw - 1) or conv_pool.dtype not in (torch.bfloat16, torch.float32)
-            or ssm_pool.dtype != torch.float32 or ssm_pool.shape[1:] != (Hv, K, V)
-            or not conv_pool.is_contiguous() or not ssm_pool.is_contiguous()):
-        raise ValueError("gdn_step: cache pools of unexpected shape or dtype")
-    slots = slots.to(torch.int64).contiguous()
-    has = has_state.to(torch.uint8).contiguous()
-    out = torch.empty(S, Hv * V)
-    native().qwen35_gdn_step(proj.data_ptr(), _rows(proj), conv_pool.data_ptr(), conv_pool.dtype == torch.bfloat16,
-                             conv_w.data_ptr(), ssm_pool.data_ptr(), slots.data_ptr(), has.data_ptr(),
-                             A_log.data_ptr(), dt_bias.data_ptr(), norm_w.data_ptr(), eps, out.data_ptr(), S, Hk,
-                             Hv, K, V, Kw)
-    return out
+def _layer_in(h: torch.Tensor, y_prev: torch.Tensor | None, norm, in_w: Packed) -> list:
+    """The arguments every fused layer half starts with (csrc/decode_blocks.c): h is updated in place."""
+    if h.dtype != torch.float32 or not h.is_contiguous() or (y_prev is not None and y_prev.shape != h.shape):
+        raise ValueError("decode layers take contiguous float32 hidden states [S, H]")
+    return [h.data_ptr(), None if y_prev is None else y_prev.data_ptr(), norm.w1.data_ptr(), norm.eps, h.shape[1],
+            in_w.data.data_ptr(), in_w.data.shape[-4] * 4]
 
 
-def attn_decode(qkv: torch.Tensor, qn1: torch.Tensor, kn1: torch.Tensor, eps: float, cos: torch.Tensor,
-                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, Hq: int, Hkv: int, D: int,
-                scale: float) -> torch.Tensor:
-    """Gated attention of one new token per sequence from the fused q/k/v output; writes K/V to the paged cache.
-    Returns [S, Hq*D] (gated, before o_proj). Reference: Attention.forward."""
-    S = qkv.shape[0]
-    if k_cache.dtype not in (torch.bfloat16, torch.float32) or not k_cache.is_contiguous() \
-            or k_cache.shape[2:] != (Hkv, D) or k_cache.shape != v_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError("attn_decode: K/V cache of unexpected shape or dtype")
+def gdn_layer(h, y_prev, norm, mixer, batch, cache) -> torch.Tensor:
+    """h += y_prev; the Gated DeltaNet mixer (qwen35.models.qwen3_5.GatedDeltaNet) on rms_norm(h), from the fused
+    input projection through the gated-delta step (conv and recurrent state updated in place at the batch's slots)
+    to out_proj. Returns the mixer's output [S, H]."""
+    conv, ssm = cache.conv[mixer.layer_idx], cache.ssm[mixer.layer_idx]
+    if conv.dtype not in (torch.bfloat16, torch.float32) or ssm.dtype != torch.float32 \
+            or not conv.is_contiguous() or not ssm.is_contiguous():
+        raise ValueError("gdn_layer: cache pools of unexpected dtype or layout")
+    n, w = mixer._native, mixer.in_proj.weight
+    y = torch.empty_like(h)
+    native().qwen35_gdn_layer(*_layer_in(h, y_prev, norm, w), mixer.out_proj.weight.data.data_ptr(),
+                              w.dtype == torch.bfloat16, y.data_ptr(), conv.data_ptr(), conv.dtype == torch.bfloat16,
+                              n["conv_w"].data_ptr(), ssm.data_ptr(), batch.state_slots.data_ptr(),
+                              batch.has_initial_state.data_ptr(), n["A_log"].data_ptr(), n["dt_bias"].data_ptr(),
+                              n["norm_w"].data_ptr(), mixer.norm.eps, h.shape[0], mixer.num_k_heads,
+                              mixer.num_v_heads, mixer.k_head_dim, mixer.v_head_dim, n["conv_w"].shape[1])
+    return y
+
+
+def attn_layer(h, y_prev, norm, mixer, cos, sin, batch, cache) -> torch.Tensor:
+    """h += y_prev; gated attention (qwen35.models.qwen3_5.Attention) on rms_norm(h): q/k norms, rotary, K/V written
+    to the paged cache, attention over each sequence's cached positions, the gate and o_proj. Returns [S, H]."""
+    k_cache, v_cache = cache.k[mixer.layer_idx], cache.v[mixer.layer_idx]
+    if k_cache.dtype not in (torch.bfloat16, torch.float32) or v_cache.dtype != k_cache.dtype \
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("attn_layer: K/V cache of unexpected dtype or layout")
+    w = mixer.qkv_proj.weight
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    tables = batch.block_tables.contiguous()
-    out = torch.empty(S, Hq * D)
-    native().qwen35_attn_decode(qkv.data_ptr(), _rows(qkv), qn1.data_ptr(), kn1.data_ptr(), eps, cos.data_ptr(),
-                                sin.data_ptr(), cos.shape[1], k_cache.data_ptr(), v_cache.data_ptr(),
-                                k_cache.dtype == torch.bfloat16, batch.slot_mapping.data_ptr(), tables.data_ptr(),
-                                tables.shape[1], batch.context_lens.data_ptr(), k_cache.shape[1], out.data_ptr(), S,
-                                Hq, Hkv, D, scale)
-    return out
+    y = torch.empty_like(h)
+    native().qwen35_attn_layer(*_layer_in(h, y_prev, norm, w), mixer.o_proj.weight.data.data_ptr(),
+                               w.dtype == torch.bfloat16, y.data_ptr(), mixer._native["qn1"].data_ptr(),
+                               mixer._native["kn1"].data_ptr(), mixer.q_norm.eps, cos.data_ptr(), sin.data_ptr(),
+                               cos.shape[1], k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype == torch.bfloat16,
+                               batch.slot_mapping.data_ptr(), batch.block_tables.data_ptr(),
+                               batch.block_tables.shape[1], batch.context_lens.data_ptr(), k_cache.shape[1],
+                               h.shape[0], mixer.num_heads, mixer.num_kv_heads, mixer.head_dim, mixer.scale)
+    return y
 
 
-def moe_block(x: torch.Tensor, proj: torch.Tensor, num_experts: int, top_k: int, renormalize: bool,
-              gate_up: Packed, down: Packed, shared_down: Packed) -> torch.Tensor:
-    """The sparse-MoE block from its fused input projection [S, router | shared gate | shared gate | shared up]:
-    routing, the routed experts and the gated shared expert. Reference: SparseMoeBlock.forward."""
-    S, H = x.shape
-    inter, shared_inter = down.k, shared_down.k
-    if gate_up.dtype != down.dtype or shared_down.dtype != down.dtype or not moe_block_shapes(gate_up, down,
-                                                                                              shared_down):
-        raise ValueError("moe_block: expert weights of unexpected shape or dtype")
-    x = x.contiguous()
-    out = torch.empty(S, H)
-    fn = native().qwen35_moe_block_bf16 if down.dtype == torch.bfloat16 else native().qwen35_moe_block_f32
-    fn(x.data_ptr(), proj.data_ptr(), _rows(proj), S, num_experts, top_k, renormalize, gate_up.data.data_ptr(),
-       down.data.data_ptr(), shared_down.data.data_ptr(), out.data_ptr(), H, inter, shared_inter)
-    return out
+def moe_layer(h, y_prev, norm, block) -> torch.Tensor:
+    """h += y_prev; the sparse-MoE block (qwen35.layers.mlp.SparseMoeBlock) on rms_norm(h): routing from the fused
+    input projection, the routed experts and the gated shared expert. Returns [S, H]."""
+    w, experts = block.in_proj.weight, block.experts
+    y = torch.empty_like(h)
+    native().qwen35_moe_layer(*_layer_in(h, y_prev, norm, w), w.dtype == torch.bfloat16, y.data_ptr(),
+                              experts.gate_up_proj.shape[0], block.top_k, block.renormalize,
+                              experts.gate_up_proj.data.data_ptr(), experts.down_proj.data.data_ptr(),
+                              block.shared_expert.down_proj.weight.data.data_ptr(), experts.down_proj.k,
+                              block.shared_expert.down_proj.weight.k, h.shape[0])
+    return y
 
 
-def moe_block_shapes(gate_up: Packed, down: Packed, shared_down: Packed) -> bool:
-    """The native block needs unpadded packed shapes (rows % 4, columns % 8)."""
-    return all(w.n % 4 == 0 and w.k % 8 == 0 for w in (gate_up, down, shared_down))
+def mlp_layer(h, y_prev, norm, mlp) -> torch.Tensor:
+    """h += y_prev; the dense SwiGLU MLP (qwen35.layers.mlp.MLP) on rms_norm(h). Returns [S, H]."""
+    w = mlp.gate_up.weight
+    y = torch.empty_like(h)
+    native().qwen35_mlp_layer(*_layer_in(h, y_prev, norm, w), mlp.down_proj.weight.data.data_ptr(),
+                              w.dtype == torch.bfloat16, y.data_ptr(), mlp.down_proj.weight.k, h.shape[0])
+    return y
+
+
+def fits(w, n: int | None = None, k: int | None = None) -> bool:
+    """A packed weight the fused layers can use: no padding of its input dimension (and of its output when it
+    writes the hidden state directly), and the expected shape."""
+    from qwen35.ops.linear import PackedLinear
+
+    if isinstance(w, PackedLinear):
+        if w.bias is not None:
+            return False
+        w = w.weight
+    return (isinstance(w, Packed) and w.k % 8 == 0 and (n is None or (w.n == n and n % 4 == 0))
+            and (k is None or w.k == k))

@@ -1,7 +1,8 @@
-"""The native decode blocks (ops/native_decode.py, csrc/decode_blocks.c) and the native prefill conv against the
-PyTorch layers they stand in for, on awkward shapes: scattered cache slots, fresh and carried states, NaN in
-slots and blocks nobody owns, bf16 and fp32 caches, head ratios, contexts crossing block boundaries. Given the
-same inputs, what they write to bf16 caches must round exactly as the PyTorch path does."""
+"""The native decode layers (ops/native_decode.py, csrc/decode_blocks.c: residual add + norm + mixer or FFN in one
+call) and the native prefill conv against the PyTorch layers they stand in for, on awkward shapes: scattered cache
+slots, fresh and carried states, NaN in slots and blocks nobody owns, bf16 and fp32 caches, head ratios, contexts
+crossing block boundaries. Given the same inputs, what they write to bf16 caches must round exactly as the PyTorch
+path does."""
 
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from qwen35.config import TextConfig
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.ops import linear as L
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_native
+from qwen35.layers.norm import RMSNorm
 from qwen35.ops.native_decode import add_rms_norm
 from qwen35.ops.norms import rms_norm
 from tests.tiny_models import BASE, MOE
@@ -45,6 +47,22 @@ def packed_copy(module, dtype):
     m = copy.deepcopy(module).to(dtype)
     L.pack_model(m)
     return m
+
+
+def residual(H, S, seed):
+    """(h, y_prev, norm, reference input): the native layer gets h and y_prev, the PyTorch layer norm(h + y_prev).
+    The reference input is normalised by the native norm (checked against PyTorch's in test_add_rms_norm) so both
+    paths see bit-identical inputs and bf16 cache writes can be compared exactly."""
+    h, y_prev = rand(S, H, seed=seed), rand(S, H, seed=seed + 1)
+    norm = RMSNorm(H, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(rand(H, seed=seed + 2) * 0.2)
+    norm.w1 = 1.0 + norm.weight.float()
+    return h, y_prev, norm, add_rms_norm(h, y_prev, norm.w1, norm.eps)[1]
+
+
+def check_residual(h, ref_h):
+    assert torch.equal(h, ref_h)  # y_prev added in place
 
 
 def decode_batch(num_past: list[int], slots: list[int], block_ids: list[list[int]], block_size=4, positions=None):
@@ -100,10 +118,12 @@ def test_gdn_step_matches_layer(cache_dtype, heads):
     conv[0], ssm[0] = float("nan"), float("nan")  # a fresh sequence's slot must not be read
     ref_cache = SimpleNamespace(conv={0: conv.clone()}, ssm={0: ssm.clone()})
     nat_cache = SimpleNamespace(conv={0: conv.clone()}, ssm={0: ssm.clone()})
-    x = rand(S, cfg.hidden_size, seed=10)
+    h, y_prev, norm, x = residual(cfg.hidden_size, S, seed=10)
+    ref_h = h + y_prev
     with torch.no_grad():
         ref = layer(x, batch, ref_cache)
-        got = layer.decode_native(x, batch, nat_cache)
+        got = layer.decode_layer(h, y_prev, norm, None, None, batch, nat_cache)
+    check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     used = torch.tensor(slots)
     assert torch.equal(nat_cache.conv[0][used], ref_cache.conv[0][used])  # same rounding of the same inputs
@@ -135,10 +155,12 @@ def test_attn_decode_matches_layer(cache_dtype, Hq, Hkv):
                             torch.float32)
     ref_cache = SimpleNamespace(k={0: k.clone()}, v={0: v.clone()})
     nat_cache = SimpleNamespace(k={0: k.clone()}, v={0: v.clone()})
-    x = rand(3, cfg.hidden_size, seed=3)
+    h, y_prev, norm, x = residual(cfg.hidden_size, 3, seed=3)
+    ref_h = h + y_prev
     with torch.no_grad():
         ref = layer(x, cos, sin, batch, ref_cache)
-        got = layer.decode_native(x, cos, sin, batch, nat_cache)
+        got = layer.decode_layer(h, y_prev, norm, cos, sin, batch, nat_cache)
+    check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for name in ("k", "v"):  # the new entries: equal up to a rare last-bit flip of the same fp32 value
         a, b = getattr(nat_cache, name)[0].float(), getattr(ref_cache, name)[0].float()
@@ -159,6 +181,26 @@ def test_moe_block_matches_layer(dtype, N, renormalize):
         block.experts.down_proj.copy_(rand(8, 64, 40, seed=5) / 6)
     block = packed_copy(block, dtype)
     assert block.prepare_native()
-    x = rand(N, 64, seed=6)
+    h, y_prev, norm, x = residual(64, N, seed=6)
+    ref_h = h + y_prev
     with torch.no_grad():
-        torch.testing.assert_close(block.decode_native(x), block(x), rtol=1e-5, atol=1e-5)
+        ref = block(x)
+        got = block.decode_layer(h, y_prev, norm)
+    check_residual(h, ref_h)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [1, 3])
+def test_mlp_layer_matches_module(dtype, N):
+    from qwen35.layers.mlp import MLP
+
+    mlp = MLP(64, 40)
+    randomize(mlp, seed=N)
+    mlp = packed_copy(mlp, dtype)
+    assert mlp.prepare_native()
+    h, _, norm, _ = residual(64, N, seed=8)
+    with torch.no_grad():
+        got = mlp.decode_layer(h, None, norm)  # no residual to add: the first half of a step
+        ref = mlp(add_rms_norm(h, None, norm.w1, norm.eps)[1])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -52,7 +52,8 @@ def test_paged_attention_matches_reference(lens, heads, past):
     g = torch.Generator().manual_seed(2)
     Hq, Hkv, D, bs = *heads, 8, 4
     N = sum(lens)
-    q, k, v = torch.randn(N, Hq, D, generator=g), torch.randn(N, Hkv, D, generator=g), torch.randn(N, Hkv, D, generator=g)
+    q = torch.randn(N, Hq, D, generator=g)
+    k, v = torch.randn(N, Hkv, D, generator=g), torch.randn(N, Hkv, D, generator=g)
     pk = [torch.randn(past, Hkv, D, generator=g) for _ in lens]
     pv = [torch.randn(past, Hkv, D, generator=g) for _ in lens]
     # scattered, out-of-order blocks per sequence
@@ -86,7 +87,8 @@ def test_paged_attention_matches_reference(lens, heads, past):
         torch.testing.assert_close(varlen_attention(q, k, v, cu(lens), 0.3), out)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 1), (37, 8, 3), (200, 16, 4), (5, 3, 3)], ids=lambda s: f"N{s[0]}E{s[1]}k{s[2]}")
+@pytest.mark.parametrize("shape", [(1, 4, 1), (37, 8, 3), (200, 16, 4), (5, 3, 3)],
+                         ids=lambda s: f"N{s[0]}E{s[1]}k{s[2]}")
 def test_grouped_experts_match_reference(shape):
     N, E, k = shape
     g = torch.Generator().manual_seed(3)

@@ -308,3 +308,93 @@ void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const
     free(wt);
     free(seq);
 }
+
+/* ---- Whole decoder-layer halves of a decode step: one call each, the residual add and the norm included ----
+ * Every function below starts with h += y_prev (the previous half's output; NULL for none), a = rms_norm(h) * w1,
+ * proj = a @ in_w^T (packed weight, in_np rows), then runs its block and writes the half's output y [S, H] (the
+ * caller adds it to h at the next half). Weights are packed bf16 (wbf16) or fp32; K dimensions must need no
+ * padding (checked in Python). */
+void qwen35_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K);
+void qwen35_linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
+void qwen35_moe_block_bf16(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k,
+                           int64_t renorm, const uint16_t *gate_up, const uint16_t *down, const uint16_t *shared_down,
+                           float *out, int64_t H, int64_t I, int64_t Is);
+void qwen35_moe_block_f32(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k,
+                          int64_t renorm, const float *gate_up, const float *down, const float *shared_down,
+                          float *out, int64_t H, int64_t I, int64_t Is);
+
+static void lin(int64_t wbf16, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K) {
+    if (wbf16) qwen35_linear_bf16(x, (const uint16_t *)w, y, M, N, K);
+    else qwen35_linear_f32(x, (const float *)w, y, M, N, K);
+}
+
+/* h += y_prev; a = norm(h) (returned, malloc'd); *proj = a @ in_w^T (malloc'd) */
+static float *layer_in(float *h, const float *y_prev, const float *w1, float eps, int64_t S, int64_t H,
+                       const void *in_w, int64_t in_np, int64_t wbf16, float **proj) {
+    float *a = malloc(sizeof(float) * S * H);
+    for (int64_t m = 0; m < S; m++) {
+        float *hm = h + m * H;
+        if (y_prev)
+            for (int64_t i = 0; i < H; i++) hm[i] += y_prev[m * H + i];
+        rmsnorm_row(hm, w1, a + m * H, H, eps);
+    }
+    *proj = malloc(sizeof(float) * S * in_np);
+    lin(wbf16, a, in_w, *proj, S, in_np, H);
+    return a;
+}
+
+void qwen35_gdn_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
+                      int64_t in_np, const void *out_w, int64_t wbf16, float *y, void *conv_pool, int64_t conv_bf16,
+                      const float *conv_w, float *ssm_pool, const int64_t *slots, const uint8_t *has_state,
+                      const float *A_log, const float *dt_bias, const float *norm_w, float eps, int64_t S,
+                      int64_t Hk, int64_t Hv, int64_t K, int64_t V, int64_t Kw) {
+    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
+    float *o = malloc(sizeof(float) * S * Hv * V);
+    qwen35_gdn_step(proj, in_np, conv_pool, conv_bf16, conv_w, ssm_pool, slots, has_state, A_log, dt_bias, norm_w,
+                    eps, o, S, Hk, Hv, K, V, Kw);
+    lin(wbf16, o, out_w, y, S, H, Hv * V);
+    free(a); free(proj); free(o);
+}
+
+void qwen35_attn_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
+                       int64_t in_np, const void *out_w, int64_t wbf16, float *y, const float *qn1,
+                       const float *kn1, float eps, const float *cos_, const float *sin_, int64_t rd, void *k_cache,
+                       void *v_cache, int64_t cache_bf16, const int64_t *slot_mapping, const int64_t *block_tables,
+                       int64_t max_blocks, const int64_t *context_lens, int64_t block_size, int64_t S, int64_t Hq,
+                       int64_t Hkv, int64_t D, float scale) {
+    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
+    float *o = malloc(sizeof(float) * S * Hq * D);
+    qwen35_attn_decode(proj, in_np, qn1, kn1, eps, cos_, sin_, rd, k_cache, v_cache, cache_bf16, slot_mapping,
+                       block_tables, max_blocks, context_lens, block_size, o, S, Hq, Hkv, D, scale);
+    lin(wbf16, o, out_w, y, S, H, Hq * D);
+    free(a); free(proj); free(o);
+}
+
+void qwen35_moe_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
+                      int64_t in_np, int64_t wbf16, float *y, int64_t E, int64_t k, int64_t renorm,
+                      const void *gate_up, const void *down, const void *shared_down, int64_t I, int64_t Is,
+                      int64_t S) {
+    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
+    if (wbf16)
+        qwen35_moe_block_bf16(a, proj, in_np, S, E, k, renorm, gate_up, down, shared_down, y, H, I, Is);
+    else
+        qwen35_moe_block_f32(a, proj, in_np, S, E, k, renorm, gate_up, down, shared_down, y, H, I, Is);
+    free(a); free(proj);
+}
+
+/* dense SwiGLU: in_w is [gate | up] fused (2I rows), out_w the down projection */
+void qwen35_mlp_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
+                      int64_t in_np, const void *out_w, int64_t wbf16, float *y, int64_t I, int64_t S) {
+    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
+    float *act = malloc(sizeof(float) * S * I);
+    for (int64_t m = 0; m < S; m++) {
+        const float *g = proj + m * in_np, *u = g + I;
+        float *o = act + m * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
+        for (; i < I; i++) o[i] = silu(g[i]) * u[i];
+    }
+    lin(wbf16, act, out_w, y, S, H, I);
+    free(a); free(proj); free(act);
+}
