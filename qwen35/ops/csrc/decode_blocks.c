@@ -150,6 +150,10 @@ void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t
                 const float softplus = a > 20.0f ? a : log1pf(expf(a));
                 const float decay = expf(-expf(A_log[h]) * softplus), beta = 1.0f / (1.0f + expf(-b));
                 float *st = ssm_pool + (slots[s] * Hv + h) * K * V, *oh = out + s * value_dim + h * V;
+                /* the state this thread takes next, prefetched while this one is rewritten */
+                const int64_t ns = h + 1 < Hv ? s : s + 1, nh = h + 1 < Hv ? h + 1 : 0;
+                const char *next = ns < S && has_state[ns] ? (const char *)(ssm_pool + (slots[ns] * Hv + nh) * K * V)
+                                                           : NULL;
                 float kv[V], u[V];
                 if (!has_state[s]) memset(st, 0, sizeof(float) * K * V);
                 for (int64_t j = 0; j < V; j++) kv[j] = 0.0f;
@@ -164,6 +168,8 @@ void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t
                 for (int64_t i = 0; i < K; i++) {
                     const float ki = kh[i], qi = qh[i];
                     float *srow = st + i * V;
+                    if (next)
+                        for (int64_t l = 0; l < V * 4; l += 64) _mm_prefetch(next + i * V * 4 + l, _MM_HINT_T1);
                     for (int64_t j = 0; j < V; j++) {
                         srow[j] = decay * srow[j] + ki * u[j];
                         oh[j] += srow[j] * qi;
