@@ -25,7 +25,7 @@ class MLP(nn.Module):
     def prepare_native(self) -> bool:
         from qwen35.ops.native_decode import fits
 
-        H = self.down_proj.weight.n if hasattr(self.down_proj, "weight") else 0
+        H = self.down_proj.out_features
         return self.gate_up is not None and fits(self.gate_up.weight) and fits(self.down_proj, n=H)
 
     def decode_layer(self, h, y_prev, norm):

@@ -98,7 +98,7 @@ class GatedDeltaNet(nn.Module):
         """fp32 copies of the small parameters the native decode layer reads; False if this layer cannot take it."""
         from qwen35.ops.native_decode import fits
 
-        H = self.out_proj.weight.n if hasattr(self.out_proj, "weight") else 0
+        H = self.out_proj.out_features
         if self.in_proj is None or not fits(self.in_proj.weight) or not fits(self.out_proj, n=H, k=self.value_dim):
             return False
         self._native = dict(conv_w=self.conv1d.weight[:, 0, :].float().contiguous(), A_log=self.A_log.float(),
@@ -179,11 +179,10 @@ class Attention(nn.Module):
         o = o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
         return self.o_proj(o)
 
-
     def prepare_native(self) -> bool:
         from qwen35.ops.native_decode import fits
 
-        H = self.o_proj.weight.n if hasattr(self.o_proj, "weight") else 0
+        H = self.o_proj.out_features
         if self.qkv_proj is None or not fits(self.qkv_proj.weight) or \
                 not fits(self.o_proj, n=H, k=self.num_heads * self.head_dim):
             return False

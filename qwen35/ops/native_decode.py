@@ -1,11 +1,13 @@
-"""Python faces of the native decode blocks (csrc/decode_blocks.c, and the MoE block in csrc/linear_avx2.c).
+"""Python faces of the native decode layers (csrc/decode_blocks.c; the MoE block and the matmuls they call are in
+csrc/linear_avx2.c).
 
-A decode step (one new token per sequence) on a packed CPU model runs each block of a layer as one native call,
-so a step costs a few calls per layer instead of dozens of framework ops (at batch 1 those ops, not the weights,
-were most of the step). The PyTorch code in qwen35/models and qwen35/ops is the reference for each; the tests
-compare the two on awkward shapes, and a packed model stepping through its cache against its own prefill.
-Activations are contiguous float32 [S, ...]; every function returns a new tensor and mutates only the caches.
-Call only when ops.linear.native_available().
+A decode step (one new token per sequence) on a packed CPU model runs each half of a layer (residual add + norm +
+mixer, residual add + norm + FFN) as one native call, so a step costs two calls per layer instead of dozens of
+framework ops: at batch 1 those ops, not the weights, were most of the step. The PyTorch layers in qwen35/models
+and qwen35/layers are the reference for each; tests/ops/test_native_blocks.py compares the two on awkward shapes,
+and tests/ops/test_native_decode.py a packed model stepping through its cache against its own prefill.
+Hidden states are contiguous float32 [S, H]: each `*_layer(h, y_prev, norm, ...)` adds y_prev into h in place,
+updates the caches in place and returns the half's output [S, H]. Call only when ops.linear.native_available().
 """
 
 from __future__ import annotations
@@ -15,20 +17,12 @@ import torch
 from qwen35.ops.linear import Packed, native
 
 
-def _rows(x: torch.Tensor) -> int:
-    """Row stride of a [S, n] fp32 activation whose rows are contiguous (a fused projection may be a column slice
-    of its padded output)."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"expected float32 [S, n] rows, got {x.dtype} {tuple(x.shape)} stride {x.stride()}")
-    return x.stride(0)
-
-
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, w1: torch.Tensor, eps: float):
     """(h + y, rms_norm(h + y) * w1); y None means h itself. w1 is 1 + the zero-centred weight, fp32.
     Reference: ops.norms.rms_norm."""
     M, H = h.shape
-    if y is not None and y.shape != h.shape:
-        raise ValueError(f"residual {tuple(y.shape)} does not match {tuple(h.shape)}")
+    if h.dtype != torch.float32 or (y is not None and (y.shape != h.shape or y.dtype != torch.float32)):
+        raise ValueError("add_rms_norm takes float32 [S, H] hidden states and residuals of the same shape")
     h, y = h.contiguous(), y.contiguous() if y is not None else None
     h_out, a = torch.empty(M, H), torch.empty(M, H)
     native().qwen35_add_rmsnorm(h.data_ptr(), y.data_ptr() if y is not None else None, w1.data_ptr(),
