@@ -14,8 +14,9 @@ Per geometry and dtype, each system runs in its own process (so peak RSS is its 
   - 16 concurrent requests of 128 prompt tokens, 64 new tokens each (transformers: one left-padded static batch of
     16, 16 new tokens): aggregate decode tokens/s once every request has its first token;
   - peak RSS (and, for qwen35, the bytes of weights and cache it holds).
-The machine is measured in the same run: read bandwidth (a sum over 1 GiB, taken again right before every decode
-measurement because it moves by +-30% on a shared VM) and fp32/bf16 matmul peak (2048^3 products). Printed ratios:
+The machine is measured in the same run: read bandwidth (a sum over 1 GiB, taken again right before and right after
+every decode measurement, whose mean is that run's bandwidth, because it moves by +-30% on a shared VM; the probe's
+buffer is left out of the peak RSS) and fp32/bf16 matmul peak (2048^3 products). Printed ratios:
 qwen35 / transformers; decode / bandwidth bound (bytes of weights and state one step touches / bandwidth; with 16
 requests, the distinct experts they hit); prefill / matmul bound (2 FLOPs per active weight per token + causal
 attention, at the best matmul peak of any dtype). Greedy decoding, ignore-eos.
@@ -66,14 +67,53 @@ def geometry(name: str) -> dict:
 
 def read_bandwidth(trials: int = 3) -> float:
     """GB/s of a sum over 1 GiB of fp32 (far beyond any cache), best of `trials`. On a shared VM this moves by
-    +-30% from minute to minute, so every decode measurement takes one right before it."""
+    +-30% from minute to minute, so every decode measurement takes one right before it and one right after.
+    The probe's 1 GiB buffer is left out of the process's peak RSS (see PEAK)."""
+    PEAK.bank()
     x = torch.ones(2**28)
     best = 0.0
     for _ in range(trials):
         t = time.perf_counter()
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    del x
+    PEAK.reset()
     return best / 1e9
+
+
+class PeakRSS:
+    """Peak resident memory of this process without the bandwidth probe's buffer: the peak so far is banked before
+    each probe, and after it the kernel's high-water mark is reset (writing 5 to /proc/self/clear_refs, Linux).
+    Elsewhere getrusage's peak is used, which includes the probe."""
+
+    def __init__(self):
+        self.banked, self.resettable = 0.0, Path("/proc/self/clear_refs").exists()
+
+    @staticmethod
+    def _hwm_mb() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def bank(self):
+        self.banked = max(self.banked, self._hwm_mb())
+
+    def reset(self):
+        if self.resettable:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.resettable = False
+
+    def peak_mb(self) -> float:
+        return max(self.banked, self._hwm_mb())
+
+
+PEAK = PeakRSS()
 
 
 def machine_limits(trials: int = 5) -> dict:
@@ -134,7 +174,7 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return PEAK.peak_mb()
 
 
 def worker_qwen35(path: str, dtype: str) -> dict:
@@ -147,11 +187,13 @@ def worker_qwen35(path: str, dtype: str) -> dict:
               skip_tokenizer_init=True, native_kernels=True)
     out = {"load_s": time.perf_counter() - t0}
     llm.generate(prompts(1, 64, 0), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    out["bw_1_GBps"] = read_bandwidth()
+    out["bw_1_before_GBps"] = read_bandwidth()
     out["ttft_512_s"], out["decode_1_tok_s"] = _qwen35_run(llm, prompts(1, 512, 7), 128)
+    out["bw_1_after_GBps"] = read_bandwidth()
     out["ttft_2048_s"], _ = _qwen35_run(llm, prompts(1, 2048, 9), 1)
-    out["bw_16_GBps"] = read_bandwidth()
+    out["bw_16_before_GBps"] = read_bandwidth()
     _, out["decode_16_tok_s"] = _qwen35_run(llm, prompts(16, 128, 8), 64)
+    out["bw_16_after_GBps"] = read_bandwidth()
     out["peak_rss_mb"] = peak_rss_mb()
     out["weights_mb"] = _weight_bytes(llm.model) / 2**20
     out["cache_mb"] = _cache_bytes(llm.engine.cache) / 2**20
@@ -228,11 +270,13 @@ def worker_hf(path: str, dtype: str) -> dict:
         return steps[0] - t, rate
 
     run(prompts(1, 64, 0), 4)  # warm-up
-    out["bw_1_GBps"] = read_bandwidth()
+    out["bw_1_before_GBps"] = read_bandwidth()
     out["ttft_512_s"], out["decode_1_tok_s"] = run(prompts(1, 512, 7), HF_NEW_TOKENS[0])
+    out["bw_1_after_GBps"] = read_bandwidth()
     out["ttft_2048_s"], _ = run(prompts(1, 2048, 9), 1)
-    out["bw_16_GBps"] = read_bandwidth()
+    out["bw_16_before_GBps"] = read_bandwidth()
     _, out["decode_16_tok_s"] = run(prompts(16, 128, 8), HF_NEW_TOKENS[1])
+    out["bw_16_after_GBps"] = read_bandwidth()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -245,12 +289,15 @@ def run_worker(system: str, path: Path, dtype: str) -> dict:
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for L in (512, 2048):
         out[f"prefill_{L}_tok_s"] = L / out[f"ttft_{L}_s"]
+    for n in (1, 16):  # the bandwidth during a decode run: the mean of the probes right before and right after it
+        out[f"bw_{n}_GBps"] = (out[f"bw_{n}_before_GBps"] + out[f"bw_{n}_after_GBps"]) / 2
     return out
 
 
 def summarize(name: str, cfg, dtype: str, limits: dict, q: dict, hf: dict | None) -> dict:
-    """Rates against their bounds. Decode bounds use the bandwidth each system measured right before its decode
-    run; prefill bounds the best matmul peak of any dtype (bf16 weights are multiplied in fp32 here)."""
+    """Rates against their bounds. Decode bounds use the bandwidth each system measured around its decode run (the
+    mean of the probes right before and after it); prefill bounds the best matmul peak of any dtype (bf16 weights
+    are multiplied in fp32 here)."""
     nbytes = 2 if dtype == "bfloat16" else 4
     peak = max(limits["matmul_GFLOPs"].values()) * 1e9
     b1 = per_token_bytes(cfg, nbytes, context=512 + 64)

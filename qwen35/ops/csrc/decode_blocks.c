@@ -45,7 +45,7 @@ static inline float cache_round(int bf16, float x) { return bf16 ? bf16_to_f32(f
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
-/* 8-lane dot products and axpy over D (any D; AVX2 for the multiple-of-8 part) */
+/* 8-lane dot products, axpy, widening and exp over n (any n; AVX2 for the multiple-of-8 part) */
 static inline float hsum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_hadd_ps(x, x);
@@ -55,14 +55,6 @@ static inline float hsum8(__m256 v) {
 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_bf16(b + i), acc);
-    float s = hsum8(acc);
-    for (; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
-    return s;
-}
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
@@ -71,11 +63,24 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
-static inline void axpy_bf16(float w, const uint16_t *x, float *y, int64_t n) {
-    const __m256 wv = _mm256_set1_ps(w);
+static inline void widen_row(const uint16_t *x, float *y, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, load8_bf16(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += w * bf16_to_f32(x[i]);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load8_bf16(x + i));
+    for (; i < n; i++) y[i] = bf16_to_f32(x[i]);
+}
+/* x[i] = exp(x[i] - mx) in place; returns their sum */
+static inline float exp_shifted(float *x, int64_t n, float mx) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(mx);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float s = hsum8(acc);
+    for (; i < n; i++) s += (x[i] = expf(x[i] - mx));
+    return s;
 }
 static inline void axpy_f32(float w, const float *x, float *y, int64_t n) {
     const __m256 wv = _mm256_set1_ps(w);
@@ -228,24 +233,24 @@ void qwen35_attn_decode(const float *qkv, int64_t stride, const float *qn1, cons
             const int64_t *table = block_tables + s * max_blocks;
             const float *qg = q + (s * Hq + kvh * G) * D;
             float *p = malloc(sizeof(float) * G * (L > 0 ? L : 1)), *acc = calloc(G * D, sizeof(float));
+            float row[D];  /* one cached K or V row in fp32, widened once for the G query heads */
             for (int64_t l = 0; l < L; l++) {
                 const int64_t at = ((table[l / block_size] * block_size + l % block_size) * Hkv + kvh) * D;
-                for (int64_t g = 0; g < G; g++)
-                    p[g * L + l] = scale * (bf ? dot_bf16(qg + g * D, (const uint16_t *)k_cache + at, D)
-                                               : dot_f32(qg + g * D, (const float *)k_cache + at, D));
+                const float *kr = bf ? row : (const float *)k_cache + at;
+                if (bf) widen_row((const uint16_t *)k_cache + at, row, D);
+                for (int64_t g = 0; g < G; g++) p[g * L + l] = scale * dot_f32(qg + g * D, kr, D);
             }
             for (int64_t g = 0; g < G; g++) {
-                float *pg = p + g * L, mx = -INFINITY, sum = 0.0f;
+                float *pg = p + g * L, mx = -INFINITY;
                 for (int64_t l = 0; l < L; l++) mx = pg[l] > mx ? pg[l] : mx;
-                for (int64_t l = 0; l < L; l++) sum += (pg[l] = expf(pg[l] - mx));
+                const float sum = exp_shifted(pg, L, mx);
                 for (int64_t l = 0; l < L; l++) pg[l] /= sum;
             }
             for (int64_t l = 0; l < L; l++) {
                 const int64_t at = ((table[l / block_size] * block_size + l % block_size) * Hkv + kvh) * D;
-                for (int64_t g = 0; g < G; g++) {
-                    if (bf) axpy_bf16(p[g * L + l], (const uint16_t *)v_cache + at, acc + g * D, D);
-                    else axpy_f32(p[g * L + l], (const float *)v_cache + at, acc + g * D, D);
-                }
+                const float *vr = bf ? row : (const float *)v_cache + at;
+                if (bf) widen_row((const uint16_t *)v_cache + at, row, D);
+                for (int64_t g = 0; g < G; g++) axpy_f32(p[g * L + l], vr, acc + g * D, D);
             }
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kvh * G + g;

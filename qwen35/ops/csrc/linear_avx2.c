@@ -43,7 +43,7 @@ static inline float hsum(__m256 v) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;   \
             for (int64_t kb = 0; kb < KB; kb++) {                                                            \
                 const T *p = wb + kb * 32;                                                                   \
-                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);                                       \
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_NTA);                                       \
                 __m256 w0 = LOAD(p), w1 = LOAD(p + 8), w2 = LOAD(p + 16), w3 = LOAD(p + 24);                 \
                 __m256 v = _mm256_loadu_ps(x0 + kb * 8);                                                     \
                 FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);                              \
