@@ -1,4 +1,4 @@
-/* Matmuls against packed weights on x86-64 with AVX2 + FMA, fp32 accumulation, for the few rows of decoding.
+/* Matmuls against packed weights on x86-64 with AVX2 + FMA, fp32 accumulation.
  *
  * A weight [N, K] is packed by qwen35/ops/linear.py as [N/4][K/8][4][8]: for each block of 4 output rows, the
  * 8-wide chunks of the 4 rows sit next to each other, so a block is one contiguous stream the prefetcher follows
@@ -8,9 +8,10 @@
  *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
  *   M > 2:  the block widened to fp32 once into a thread buffer (L1), then 3 inputs at a time against its 4 rows
  *           (12 accumulators): FMA throughput bounds it; the next block is prefetched meanwhile.
- * qwen35_linear_* spreads the blocks of one weight over OpenMP threads; qwen35_moe_* runs the routed experts of a
- * batch: the (token, expert) pairs arrive sorted by expert, every hit expert multiplies all its tokens in one
- * pass over its weights (gate_up, SiLU(gate) * up, down), and nothing touches the experts nobody chose.
+ * qwen35_linear_* spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM
+ * may stall one vCPU); qwen35_moe_* runs the routed experts of a batch: the (token, expert) pairs are sorted by
+ * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
+ * SiLU(gate) * up, down), and nothing touches the experts nobody chose; this serves a prompt's experts too.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -169,7 +170,7 @@ static float *scratch(int which, int64_t n) {
     void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K) {                        \
         const float *xs[MAX_ROWS];                                                                           \
         for (int64_t i = 0; i < M && i < MAX_ROWS; i++) xs[i] = x + i * K;                                   \
-        _Pragma("omp parallel for schedule(static)")                                                         \
+        _Pragma("omp parallel for schedule(dynamic, 16)")                                                         \
         for (int64_t b = 0; b < N / 4; b++) BLOCK(w + b * K * 4, xs, M, K / 8, y + b * 4, N);                 \
     }
 
