@@ -1,5 +1,5 @@
-"""The packed CPU linear (native kernel for few rows, unpack + sgemm for many) against F.linear, on awkward shapes:
-row counts on both sides of the kernel's 2-row and 6-row blocks and of SMALL_M, sizes that need padding, 3D inputs,
+"""The packed CPU linear (the native kernel at every row count) against F.linear, on awkward shapes: row counts on
+both sides of the kernel's 2-row path, its 3-row tiles and its 96-row tiles, sizes that need padding, 3D inputs,
 bias, expert slices, and embedding rows read from a packed head."""
 
 import pytest
@@ -17,7 +17,7 @@ def rand(*shape, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 12, 13, 16, 17, 40])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 12, 13, 16, 17, 40, 95, 96, 97, 200])
 @pytest.mark.parametrize("N,K", [(1, 8), (4, 64), (5, 13), (37, 100), (64, 256)])
 def test_matches_reference(dtype, M, N, K):
     x, w = rand(M, K, seed=M), rand(N, K, seed=N + K, dtype=dtype)

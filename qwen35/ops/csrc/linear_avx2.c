@@ -162,16 +162,21 @@ static float *scratch(int which, int64_t n) {
     return buf[which];
 }
 
-#define MAX_ROWS 4096
+#define LINEAR_TILE 96
 #define MOE_TILE 48
 
 /* y[M, N] = x[M, K] @ w^T */
+/* y[M, N] = x[M, K] @ w^T. Rows go in tiles of LINEAR_TILE, whose inputs stay in L2 while every block passes. */
 #define DEFINE_LINEAR(NAME, T, BLOCK)                                                                             \
     void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K) {                        \
-        const float *xs[MAX_ROWS];                                                                           \
-        for (int64_t i = 0; i < M && i < MAX_ROWS; i++) xs[i] = x + i * K;                                   \
-        _Pragma("omp parallel for schedule(dynamic, 16)")                                                         \
-        for (int64_t b = 0; b < N / 4; b++) BLOCK(w + b * K * 4, xs, M, K / 8, y + b * 4, N);                 \
+        const float **xs = malloc(sizeof(float *) * (M > 0 ? M : 1));                                        \
+        for (int64_t i = 0; i < M; i++) xs[i] = x + i * K;                                                   \
+        for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {                                                    \
+            const int64_t mt = M - m0 < LINEAR_TILE ? M - m0 : LINEAR_TILE;                                  \
+            _Pragma("omp parallel for schedule(dynamic, 16)")                                                \
+            for (int64_t b = 0; b < N / 4; b++) BLOCK(w + b * K * 4, xs + m0, mt, K / 8, y + m0 * N + b * 4, N); \
+        }                                                                                                    \
+        free(xs);                                                                                            \
     }
 
 DEFINE_LINEAR(qwen35_linear_bf16, uint16_t, block_bf16)
