@@ -35,7 +35,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear_avx2.c", "gdn_decode.c", "decode_blocks.c")]
-HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "gdn_head.h")]
 class Packed:
     """A weight [..., n, k] stored as [..., ceil(n/4), ceil(k/8), 4, 8] (zero padded), any leading dims."""
 

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gdn_head.h"
 #include "simd.h"
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -159,27 +160,7 @@ void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t
                 const int64_t ns = h + 1 < Hv ? s : s + 1, nh = h + 1 < Hv ? h + 1 : 0;
                 const char *next = ns < S && has_state[ns] ? (const char *)(ssm_pool + (slots[ns] * Hv + nh) * K * V)
                                                            : NULL;
-                float kv[V], u[V];
-                if (!has_state[s]) memset(st, 0, sizeof(float) * K * V);
-                for (int64_t j = 0; j < V; j++) kv[j] = 0.0f;
-                for (int64_t i = 0; i < K; i++) {
-                    const float ki = kh[i], *srow = st + i * V;
-                    for (int64_t j = 0; j < V; j++) kv[j] += srow[j] * ki;
-                }
-                for (int64_t j = 0; j < V; j++) {
-                    u[j] = beta * (vh[j] - decay * kv[j]);
-                    oh[j] = 0.0f;
-                }
-                for (int64_t i = 0; i < K; i++) {
-                    const float ki = kh[i], qi = qh[i];
-                    float *srow = st + i * V;
-                    if (next)
-                        for (int64_t l = 0; l < V * 4; l += 64) _mm_prefetch(next + i * V * 4 + l, _MM_HINT_T1);
-                    for (int64_t j = 0; j < V; j++) {
-                        srow[j] = decay * srow[j] + ki * u[j];
-                        oh[j] += srow[j] * qi;
-                    }
-                }
+                gdn_head_step(st, qh, kh, vh, decay, beta, oh, K, V, !has_state[s], next);
                 const float r = 1.0f / sqrtf(dot_f32(oh, oh, V) / (float)V + eps);  /* w * norm(o) * silu(z) */
                 for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * r) * silu(zh[j]);
             }

@@ -3,12 +3,14 @@
  * For sequence s (state slot slots[s]) and v-head h (q/k head h / (Hv / Hk)), with S = pool[slots[s], h] [K, V]:
  *     S = exp(g) S;  u = beta (v - S^T k);  S = S + k u^T;  o = S^T q
  * q and k arrive l2-normalised (q also scaled by K^-1/2), everything in fp32. A sequence without earlier tokens
- * (has_state[s] == 0) starts from zeros. Two passes over each 64 KiB head state, both vectorised over V by the
- * compiler; sequences x heads are spread over OpenMP threads. The reference is gated_delta_rule_recurrent.
+ * (has_state[s] == 0) starts from zeros. Each head: gdn_head.h (two passes over its 64 KiB state, vectorised over V
+ * by the compiler); sequences x heads are spread over OpenMP threads. The reference is gated_delta_rule_recurrent.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "gdn_head.h"
 
 void qwen35_gdn_decode(float *pool, const int64_t *slots, const uint8_t *has_state, const float *q, const float *k,
                        const float *v, const float *g, const float *beta, float *o, int64_t S, int64_t Hk,
@@ -22,25 +24,7 @@ void qwen35_gdn_decode(float *pool, const int64_t *slots, const uint8_t *has_sta
             const float *vh = v + (s * Hv + h) * V;
             float *oh = o + (s * Hv + h) * V;
             const float decay = expf(g[s * Hv + h]), b = beta[s * Hv + h];
-            float kv[V], u[V];
-            if (!has_state[s]) memset(st, 0, sizeof(float) * K * V);
-            for (int64_t j = 0; j < V; j++) kv[j] = 0.0f;
-            for (int64_t i = 0; i < K; i++) {
-                const float ki = kh[i], *row = st + i * V;
-                for (int64_t j = 0; j < V; j++) kv[j] += row[j] * ki;
-            }
-            for (int64_t j = 0; j < V; j++) {
-                u[j] = b * (vh[j] - decay * kv[j]);
-                oh[j] = 0.0f;
-            }
-            for (int64_t i = 0; i < K; i++) {
-                const float ki = kh[i], qi = qh[i];
-                float *row = st + i * V;
-                for (int64_t j = 0; j < V; j++) {
-                    row[j] = decay * row[j] + ki * u[j];
-                    oh[j] += row[j] * qi;
-                }
-            }
+            gdn_head_step(st, qh, kh, vh, decay, b, oh, K, V, !has_state[s], NULL);
         }
     }
 }

@@ -1,0 +1,34 @@
+/* One gated-delta step of one head, in place on its state st [K, V] (fp32):
+ *     S = decay S;  u = beta (v - S^T k);  S = S + k u^T;  o = S^T q   (o reads after the write)
+ * `fresh`: the sequence has no earlier tokens, its state starts from zeros (a stale slot is never read).
+ * `next` (may be NULL): a state to prefetch into L2 while this one is rewritten. Shared by gdn_decode.c and
+ * decode_blocks.c; the reference is ops/gated_delta.gated_delta_rule_recurrent. */
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline void gdn_head_step(float *st, const float *qh, const float *kh, const float *vh, float decay,
+                                 float beta, float *oh, int64_t K, int64_t V, int fresh, const char *next) {
+    float kv[V], u[V];
+    if (fresh) memset(st, 0, sizeof(float) * K * V);
+    for (int64_t j = 0; j < V; j++) kv[j] = 0.0f;
+    for (int64_t i = 0; i < K; i++) {
+        const float ki = kh[i], *srow = st + i * V;
+        for (int64_t j = 0; j < V; j++) kv[j] += srow[j] * ki;
+    }
+    for (int64_t j = 0; j < V; j++) {
+        u[j] = beta * (vh[j] - decay * kv[j]);
+        oh[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < K; i++) {
+        const float ki = kh[i], qi = qh[i];
+        float *srow = st + i * V;
+        if (next)
+            for (int64_t l = 0; l < V * 4; l += 64) _mm_prefetch(next + i * V * 4 + l, _MM_HINT_T1);
+        for (int64_t j = 0; j < V; j++) {
+            srow[j] = decay * srow[j] + ki * u[j];
+            oh[j] += srow[j] * qi;
+        }
+    }
+}
