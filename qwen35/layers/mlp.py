@@ -78,12 +78,13 @@ class SparseMoeBlock(nn.Module):
 
     def prepare_native(self) -> bool:
         from qwen35.ops.linear import Packed
+        from qwen35.ops.moe import native_shapes
         from qwen35.ops.native_decode import fits
 
         gate_up, down, shared_down = self.experts.gate_up_proj, self.experts.down_proj, self.shared_expert.down_proj
         return (self.in_proj is not None and fits(self.in_proj.weight) and isinstance(gate_up, Packed)
                 and isinstance(down, Packed) and gate_up.dtype == down.dtype == self.in_proj.weight.dtype
-                and all(w.n % 4 == 0 and w.k % 8 == 0 for w in (gate_up, down))
+                and native_shapes(gate_up, down)
                 and fits(shared_down, n=down.n))
 
     def decode_layer(self, h, y_prev, norm):

@@ -38,7 +38,7 @@ def experts_reference(x, weights, ids, gate_up_proj, down_proj):
 
 def experts_grouped(x, weights, ids, gate_up_proj, down_proj):
     """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice."""
-    if isinstance(gate_up_proj, Packed) and _native_shapes(gate_up_proj, down_proj):
+    if isinstance(gate_up_proj, Packed) and native_shapes(gate_up_proj, down_proj):
         return experts_native(x, weights, ids, gate_up_proj, down_proj)
     N, k = ids.shape
     flat_ids = ids.reshape(-1)
@@ -59,7 +59,8 @@ def experts_grouped(x, weights, ids, gate_up_proj, down_proj):
     return out
 
 
-def _native_shapes(gate_up: Packed, down: Packed) -> bool:
+def native_shapes(gate_up: Packed, down: Packed) -> bool:
+    """The native expert kernels need unpadded packed experts (rows % 4, columns % 8)."""
     return gate_up.n % 4 == 0 and gate_up.k % 8 == 0 and down.n % 4 == 0 and down.k % 8 == 0
 
 
