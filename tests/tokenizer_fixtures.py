@@ -11,8 +11,9 @@ from pathlib import Path
 
 from qwen35.tokenizer_build import build_qwen35_tokenizer
 
-SHARED = Path(__file__).parents[1].parent / "shared"
-CHAT_TEMPLATE_PATH = SHARED / "fixtures" / "qwen3_5_chat_template.jinja"
+# The chat template shipped with the Qwen3.5 checkpoints (Apache-2.0), kept in the repository so tests need nothing
+# beside the clone.
+CHAT_TEMPLATE_PATH = Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja"
 QWEN35_GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044]}
 
 
