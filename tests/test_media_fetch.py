@@ -3,6 +3,7 @@ addresses are refused in every spelling and on every redirect, hosts on the allo
 reads the same, and a fetch ends at its deadline and its byte cap however the server behaves. A symlink loop in the
 local media folder is a MediaError."""
 
+import argparse
 import asyncio
 import io
 import ipaddress
@@ -20,6 +21,7 @@ from qwen35.multimodal import fetch as fetch_module
 from qwen35.multimodal.fetch import FAILED, fetch, fetch_sync, is_public
 from qwen35.multimodal.inputs import MediaPolicy, URLSource, resolve
 from qwen35.multimodal.items import MediaError
+from qwen35.serve.server_cli import add_media_arguments, media_kwargs
 
 
 def _png() -> bytes:
@@ -263,3 +265,13 @@ def test_policy_arguments_are_checked():
             MediaPolicy.of(remote_timeout=bad)
     assert MediaPolicy.of(allowed_media_domains="Example.COM").allowed_media_domains == {"example.com"}
     assert MediaPolicy.of(allowed_media_domains=["[::1]"]).allowed_media_domains == {"::1"}
+
+
+def test_serve_media_flags():
+    parser = argparse.ArgumentParser()
+    add_media_arguments(parser)
+    kw = media_kwargs(parser.parse_args(["--allow-remote-media", "--allowed-media-domains", "a.example", "[::1]",
+                                         "--media-fetch-timeout", "2.5"]))
+    policy = MediaPolicy.of(kw["allowed_local_media_path"], kw["allow_remote_media"], kw["allowed_media_domains"],
+                            kw["media_fetch_timeout"])
+    assert policy == MediaPolicy(None, True, 2.5, frozenset({"a.example", "::1"}))
