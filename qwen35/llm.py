@@ -42,11 +42,14 @@ class LLM:
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
                  tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
                  limit_mm_per_prompt: dict[str, int] | None = None, allowed_local_media_path: str | Path | None = None,
-                 allow_remote_media: bool = False, language_model_only: bool = False,
+                 allow_remote_media: bool = False, allowed_media_domains: Sequence[str] | None = None,
+                 media_fetch_timeout: float = 10.0, language_model_only: bool = False,
                  native_kernels: bool | None = None):
         """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
         allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
-        besides data: URLs (media given directly in `multi_modal_data` is always taken). language_model_only:
+        besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
+        public addresses, or if allowed_media_domains is given from those hosts only (wherever they resolve), each
+        fetch within media_fetch_timeout seconds. language_model_only:
         load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: pack the
         weights for the native CPU kernels (default: for bf16/fp16 weights on CPU; see models.loader.load_model)."""
         if model is None:
@@ -61,8 +64,8 @@ class LLM:
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)
         self.media_limits = media_limits(limit_mm_per_prompt)
-        self.media_policy = MediaPolicy(Path(allowed_local_media_path) if allowed_local_media_path else None,
-                                        allow_remote_media)
+        self.media_policy = MediaPolicy.of(allowed_local_media_path, allow_remote_media, allowed_media_domains,
+                                           media_fetch_timeout)
         gen_path = self.model_path / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self.tokenizer = None

@@ -1,10 +1,14 @@
 """Images and videos through `qwen35 serve` (a real server process on a tiny multimodal checkpoint, driven by the
 `openai` client and httpx): answers equal `LLM.chat` for the same content, streaming included; bad or forbidden
-media get a 400 naming the problem and the server stays healthy."""
+media get a 400 naming the problem and the server stays healthy; remote media come only from allowed hosts, and a
+slow one holds up no other request."""
 
 import base64
 import io
+import os
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -13,6 +17,8 @@ import pytest
 from PIL import Image
 
 from qwen35 import LLM, SamplingParams
+from qwen35.multimodal.fetch import FAILED
+from tests.test_media_fetch import BODY, MediaServer
 from tests.test_mm_processing import write_video
 from tests.test_server import Server
 from tests.tiny_models import build
@@ -37,12 +43,15 @@ def media(tmp_path_factory):
     img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((80, 60))
     img.save(root / "cat.png")
     write_video(root / "clip.mp4", n=20, fps=10, w=48, h=32)
+    (root / "loop.png").symlink_to(root / "loop.png")
     return root
 
 
 @pytest.fixture(scope="module")
 def server(ckpt, media, tmp_path_factory):
-    llm_kw = {"allowed_local_media_path": str(media), "limit_mm_per_prompt": {"image": 2, "video": 1}}
+    # remote media from "localhost" only (the tests' own HTTP servers), each fetch within 5 s
+    llm_kw = {"allowed_local_media_path": str(media), "limit_mm_per_prompt": {"image": 2, "video": 1},
+              "allow_remote_media": True, "allowed_media_domains": ["localhost"], "media_fetch_timeout": 5.0}
     s = Server(ckpt, tmp_path_factory.mktemp("logs") / "server.log", llm=llm_kw, max_body_bytes=8 * 2**20)
     try:
         yield s.wait_ready()
@@ -93,14 +102,17 @@ def test_image_and_video_answers_equal_llm_chat(client, llm, media):
         assert ask(client, content, stream=True) == want
 
 
+def post(server, content):
+    return httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+        "messages": [{"role": "user", "content": content}]})
+
+
+def img(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def test_bad_and_forbidden_media_are_400(server, media, tmp_path):
-    def post(content):
-        return httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
-
-    def img(url):
-        return {"type": "image_url", "image_url": {"url": url}}
-
     good = img(data_url(media / "cat.png", "image/png"))
     truncated = "data:image/png;base64," + base64.b64encode((media / "cat.png").read_bytes()[:100]).decode()
     buf = io.BytesIO()
@@ -109,9 +121,10 @@ def test_bad_and_forbidden_media_are_400(server, media, tmp_path):
     cases = {
         "truncated": ([img(truncated)], "truncated|corrupt"),
         "not base64": ([img("data:image/png;base64,@@@@")], "base64"),
-        "remote": ([img("https://example.com/cat.png")], "http"),
+        "remote": ([img("https://example.com/cat.png")], "example.com/cat.png: cannot fetch"),
         "outside folder": ([img(str(tmp_path / "x.png"))], "outside the allowed"),
         "missing file": ([img(str(media / "nope.png"))], "nope.png"),
+        "symlink loop": ([img(str(media / "loop.png"))], "loop.png: cannot resolve"),
         "aspect ratio": ([img(thin)], "aspect ratio"),
         "too many images": ([good, good, good], "too many images"),
         "video as image": ([img(data_url(media / "clip.mp4", "image/png"))], "not an image"),
@@ -121,11 +134,48 @@ def test_bad_and_forbidden_media_are_400(server, media, tmp_path):
         "unknown part": ([{"type": "input_audio", "input_audio": {}}], "not supported"),
     }
     for name, (content, match) in cases.items():
-        r = post(content)
+        r = post(server, content)
         assert r.status_code == 400, (name, r.text)
         message = r.json()["error"]["message"]
         assert message and (not match or re.search(match, message)), (name, message)
     assert httpx.get(server.url + "/health").status_code == 200
-    assert post([good]).status_code == 200
+    assert post(server, [good]).status_code == 200
     metrics = server.metrics()
     assert metrics["qwen35_num_requests_running"] == 0
+
+
+def test_remote_media_from_allowed_hosts_only(server):
+    with MediaServer() as web:
+        local = f"http://localhost:{web.port}"
+        fetched = post(server, [img(f"{local}/ok")])
+        assert fetched.status_code == 200, fetched.text
+        inline = post(server, [img("data:image/png;base64," + base64.b64encode(BODY).decode())])
+        assert fetched.json()["choices"][0]["message"] == inline.json()["choices"][0]["message"]
+        refused = [f"http://127.0.0.1:{web.port}/ok", f"http://2130706433:{web.port}/ok", "http://0.0.0.0/",
+                   f"{local}/redirect?http://127.0.0.1:{web.port}/metadata", f"{local}/missing",
+                   "http://localhost:1/closed-port"]
+        hits = len(web.hits)
+        for url in refused:
+            r = post(server, [img(url)])
+            assert r.status_code == 400 and r.json()["error"]["message"] == f"image URL {url[:80]}: {FAILED}", r.text
+        assert web.hits[hits:] == [f"/redirect?http://127.0.0.1:{web.port}/metadata", "/missing"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_slow_remote_media_holds_up_no_other_request(server, media):
+    # more dripping fetches than the default worker pool has threads, then a data: URL request
+    n = min(32, (os.cpu_count() or 1) + 4) + 1
+    inline = [img(data_url(media / "cat.png", "image/png"))]
+    assert post(server, inline).status_code == 200  # warm: the timed request below is not the server's first
+    with MediaServer() as web, ThreadPoolExecutor(n) as pool:
+        start = time.monotonic()
+        slow = [pool.submit(post, server, [img(f"http://localhost:{web.port}/drip")]) for _ in range(n)]
+        while web.hits.count("/drip") < n and time.monotonic() - start < 20:
+            time.sleep(0.05)
+        assert web.hits.count("/drip") == n
+        assert post(server, inline).status_code == 200
+        assert not any(f.done() for f in slow)  # the data: URL did not wait for the dripping fetches
+        answers = [f.result() for f in slow]
+        assert time.monotonic() - start < 5.0 + 4.0  # each fetch ended at its 5 s deadline
+    assert {(a.status_code, a.json()["error"]["message"]) for a in answers} == {
+        (400, f"image URL http://localhost:{web.port}/drip: {FAILED}")}

@@ -10,8 +10,8 @@ returns the sources in order.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from qwen35.multimodal.config import MediaLimits, ProcessorConfig
+from qwen35.multimodal.fetch import fetch, fetch_sync
 from qwen35.multimodal.image import load_image, process_image
 from qwen35.multimodal.items import MediaError, VisualItem
 from qwen35.multimodal.prompt import MultimodalPrompt, VisionTokens, expand_prompt
@@ -33,8 +34,22 @@ class MediaPolicy:
     """Where URL-named media may come from. data: URLs are always accepted."""
 
     allowed_local_media_path: Path | None = None  # local files (plain paths, file:// URLs) only inside this folder
-    allow_remote_media: bool = False  # fetch http(s) URLs
-    remote_timeout: float = 10.0
+    allow_remote_media: bool = False  # fetch http(s) URLs (from public addresses only; see multimodal.fetch)
+    remote_timeout: float = 10.0  # seconds for one whole fetch, redirects included
+    allowed_media_domains: frozenset[str] | None = None  # if set, fetch from these hosts only, wherever they resolve
+
+    @staticmethod
+    def of(allowed_local_media_path=None, allow_remote_media: bool = False, allowed_media_domains=None,
+           remote_timeout: float = 10.0) -> "MediaPolicy":
+        """From the LLM / server arguments, checked."""
+        if not (isinstance(remote_timeout, (int, float)) and 0 < remote_timeout < float("inf")):
+            raise ValueError(f"media_fetch_timeout must be a positive number of seconds, got {remote_timeout!r}")
+        if isinstance(allowed_media_domains, str):
+            allowed_media_domains = [allowed_media_domains]
+        hosts = None if allowed_media_domains is None else frozenset(
+            host.lower().strip("[]") for host in allowed_media_domains)  # "[::1]" is spelled ::1 in a URL's hostname
+        root = Path(allowed_local_media_path) if allowed_local_media_path else None
+        return MediaPolicy(root, allow_remote_media, float(remote_timeout), hosts)
 
 
 @dataclass
@@ -42,6 +57,7 @@ class URLSource:
     """A media reference from a chat part, resolved under the policy when it is loaded."""
 
     url: str
+    data: bytes | None = None  # the body, once an http(s) URL is fetched
 
 
 def split_chat_media(messages: list) -> tuple[list, list, list]:
@@ -84,38 +100,66 @@ def resolve(src, policy: MediaPolicy, max_bytes: int, what: str):
     """A URLSource -> something load_image / load_video take (bytes, a path or the data URL); others unchanged."""
     if not isinstance(src, URLSource):
         return src
+    if src.data is not None:
+        return src.data
     url = src.url
     if url.startswith("data:"):
         return url
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
-        if not policy.allow_remote_media:
-            raise MediaError(f"{what} URL {url[:80]}: fetching http(s) media is disabled (start the server with "
-                             "--allow-remote-media, or send a data: URL)")
-        return _fetch(url, policy.remote_timeout, max_bytes, what)
+        _check_remote(url, policy, what)
+        return fetch_sync(url, max_bytes, policy.remote_timeout, policy.allowed_media_domains, f"{what} URL")
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] == ":\\"):  # a path (or a Windows drive letter)
         path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme == "file" else url)
         root = policy.allowed_local_media_path
         if root is None:
             raise MediaError(f"{what} {url[:80]}: local files are not allowed (start the server with "
                              "--allowed-local-media-path DIR, or send a data: URL)")
-        real, root = path.resolve(), Path(root).resolve()
+        try:
+            real, root = path.resolve(), Path(root).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+            raise MediaError(f"{what} {url[:80]}: cannot resolve this path ({e})") from None
         if not real.is_relative_to(root):
             raise MediaError(f"{what} {url[:80]}: outside the allowed local media folder {root}")
         return real
     raise MediaError(f"{what} URL {url[:80]}: unsupported scheme {scheme!r} (use data:, http(s): or a local path)")
 
 
-def _fetch(url: str, timeout: float, max_bytes: int, what: str) -> bytes:
+def _check_remote(url: str, policy: MediaPolicy, what: str) -> None:
+    if not policy.allow_remote_media:
+        raise MediaError(f"{what} URL {url[:80]}: fetching http(s) media is disabled (start the server with "
+                         "--allow-remote-media, or send a data: URL)")
+
+
+async def fetch_remote_media(images: list, videos: list, policy: MediaPolicy, limits: MediaLimits
+                             ) -> tuple[list, list]:
+    """The sources with every http(s) URLSource fetched, concurrently and on the running event loop (a slow host
+    then holds no worker thread that other requests wait for). Counts are checked first: nothing is fetched for a
+    request that will be refused."""
+    limits.check_counts(len(images), len(videos))
+
+    async def one(src, max_bytes: int, what: str):
+        if not (isinstance(src, URLSource) and src.data is None
+                and urllib.parse.urlsplit(src.url).scheme.lower() in ("http", "https")):
+            return src
+        _check_remote(src.url, policy, what)
+        return URLSource(src.url, await fetch(src.url, max_bytes, policy.remote_timeout,
+                                              policy.allowed_media_domains, f"{what} URL"))
+
+    tasks = [asyncio.ensure_future(one(src, limits.max_image_bytes, _item_name("image", k, len(images))))
+             for k, src in enumerate(images, 1)]
+    tasks += [asyncio.ensure_future(one(src, limits.max_video_bytes, _item_name("video", k, len(videos))))
+              for k, src in enumerate(videos, 1)]
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "qwen35"}),
-                                    timeout=timeout) as resp:
-            data = resp.read(max_bytes + 1)
-    except Exception as e:  # noqa: BLE001  (URLError, HTTPError, timeouts, bad certificates: all the client's fault)
-        raise MediaError(f"{what} URL {url[:80]}: cannot fetch ({e})") from None
-    if len(data) > max_bytes:
-        raise MediaError(f"{what} URL {url[:80]}: larger than the limit of {max_bytes} bytes")
-    return data
+        done = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:  # one failure ends the request: stop the other fetches now, not at their deadlines
+            task.cancel()
+    return done[:len(images)], done[len(images):]
+
+
+def _item_name(kind: str, k: int, count: int) -> str:
+    return f"{kind} {k}" if count > 1 else kind
 
 
 def as_list(x) -> list:
@@ -143,14 +187,14 @@ def process_media(images: list, videos: list, cfg: ProcessorConfig, limits: Medi
         if isinstance(src, VisualItem):
             out_images.append(src)
             continue
-        name = f"image {k}" if len(images) > 1 else "image"
+        name = _item_name("image", k, len(images))
         img = load_image(resolve(src, policy, limits.max_image_bytes, name), limits, _name(src, name))
         out_images.append(process_image(img, cfg, name))
     for k, src in enumerate(videos, 1):
         if isinstance(src, VisualItem):
             out_videos.append(src)
             continue
-        name = f"video {k}" if len(videos) > 1 else "video"
+        name = _item_name("video", k, len(videos))
         frames = load_video(resolve(src, policy, limits.max_video_bytes, name), cfg, limits, _name(src, name))
         out_videos.append(process_video(frames, cfg, name))
     return out_images, out_videos

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen35.chat import assistant_message, render
 from qwen35.chat_template import ChatTemplateError
 from qwen35.engine.llm_engine import EngineError
-from qwen35.multimodal.inputs import prepare_prompt, split_chat_media
+from qwen35.multimodal.inputs import fetch_remote_media, prepare_prompt, split_chat_media
 from qwen35.multimodal.items import MediaError
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams, SamplingParamsError
@@ -418,6 +418,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         if not images and not videos:
             return prompt_ids, None
         try:
+            images, videos = await fetch_remote_media(images, videos, llm.media_policy, llm.media_limits)
             return await asyncio.to_thread(prepare_prompt, prompt_ids, images, videos, llm.model_config,
                                            llm.processor_config, tokenizer.encode, llm.media_limits,
                                            llm.media_policy)

@@ -32,7 +32,11 @@ def add_media_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="let image_url / video_url name local files (paths or file:// URLs) inside DIR")
     p.add_argument("--allow-remote-media", action="store_true",
-                   help="fetch http(s) image_url / video_url (off by default: data: URLs only)")
+                   help="fetch http(s) image_url / video_url from public addresses (off by default: data: URLs only)")
+    p.add_argument("--allowed-media-domains", nargs="+", metavar="HOST",
+                   help="with --allow-remote-media: fetch from these hosts only, private addresses included")
+    p.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="total time one remote media fetch may take, redirects included (default 10)")
     p.add_argument("--limit-mm-per-prompt", type=json.loads, default=None, metavar="JSON",
                    help='most images / videos per request, e.g. \'{"image": 4, "video": 1}\' (default 16 / 4)')
     p.add_argument("--language-model-only", action="store_true",
@@ -41,6 +45,7 @@ def add_media_arguments(p: argparse.ArgumentParser) -> None:
 
 def media_kwargs(args) -> dict:
     return {"allowed_local_media_path": args.allowed_local_media_path, "allow_remote_media": args.allow_remote_media,
+            "allowed_media_domains": args.allowed_media_domains, "media_fetch_timeout": args.media_fetch_timeout,
             "limit_mm_per_prompt": args.limit_mm_per_prompt, "language_model_only": args.language_model_only}
 
 
