@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import re
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,7 +40,11 @@ MAX_ITEMS = 100_000  # as Jinja's own MAX_RANGE
 MAX_CHARS = 1 << 25  # 32 Mi characters: far above any prompt a model can take
 MAX_INT_BITS = 1 << 16
 MAX_NODES = 250_000  # items visited when sizing a value before it is turned into text
-_RESERVED_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self")
+# Template variables the renderer sets itself; extra template kwargs may not replace them. vLLM lets request
+# kwargs override `tools`/`add_generation_prompt` (and fails on `messages`); qwen35 refuses all of them with a clear
+# error instead, so a request's meaning never depends on which of two fields wins.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "chat_template",
+                            "tokenize", "literal_tokens", "self")
 
 
 class ChatTemplateError(ValueError):
@@ -391,6 +396,17 @@ def prepare_messages(messages: Sequence[Any]) -> list[dict]:
     return prepared
 
 
+def check_template_kwargs(kwargs: Any) -> None:
+    """Extra template variables must be a mapping that does not name a variable the renderer sets itself."""
+    if not isinstance(kwargs, Mapping):
+        raise ChatTemplateError(f"chat_template_kwargs must be an object, got {type(kwargs).__name__}")
+    reserved = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        raise ChatTemplateError(
+            f"chat_template_kwargs cannot set {', '.join(map(repr, reserved))}: the request's own fields (messages, "
+            "tools, add_generation_prompt) set these template variables")
+
+
 def _template_line(exc: BaseException) -> int | None:
     # Jinja rewrites tracebacks so frames of template code carry the file name "<template>" and template lines.
     line, tb = None, exc.__traceback__
@@ -399,6 +415,50 @@ def _template_line(exc: BaseException) -> int | None:
             line = tb.tb_lineno
         tb = tb.tb_next
     return line
+
+
+class ChatPrompt(str):
+    """A rendered prompt that remembers which special-token strings came from the inputs (message content, tools,
+    template kwargs) rather than from the template: `literal_spans` are their (start, end) character ranges, which
+    `Tokenizer.encode` turns into plain-text ids. Appending text (e.g. a forced tool call) keeps the spans."""
+
+    literal_spans: tuple[tuple[int, int], ...] = ()
+
+    def __new__(cls, text: str, literal_spans=()):
+        prompt = super().__new__(cls, text)
+        prompt.literal_spans = tuple(literal_spans)
+        return prompt
+
+    def __add__(self, other: str) -> ChatPrompt:
+        return ChatPrompt(str.__add__(self, other), self.literal_spans)
+
+
+def _map_strings(value: Any, fn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def _render_literal(render, context: dict, literal_tokens: Sequence[str]) -> ChatPrompt:
+    """Render with every `literal_tokens` string inside the inputs swapped for a per-render marker the template
+    cannot produce, then put the strings back and record where they are."""
+    nonce = secrets.token_hex(8)
+    index = {t: i for i, t in enumerate(literal_tokens)}
+    found = re.compile("|".join(re.escape(t) for t in sorted(literal_tokens, key=len, reverse=True)))
+    text = render(_map_strings(context, lambda s: found.sub(lambda m: f"\ue000{nonce}{index[m[0]]}\ue001", s)))
+    parts, spans, pos, size = [], [], 0, 0
+    for m in re.finditer(f"\ue000{nonce}(\\d+)\ue001", text):
+        token = literal_tokens[int(m[1])]
+        parts += [text[pos:m.start()], token]
+        size += m.start() - pos
+        spans.append((size, size + len(token)))
+        size, pos = size + len(token), m.end()
+    parts.append(text[pos:])
+    return ChatPrompt("".join(parts), spans)
 
 
 class ChatTemplate:
@@ -415,12 +475,17 @@ class ChatTemplate:
     def render(
         self,
         messages: Sequence[Any],
+        /,
         tools: Sequence[Any] | None = None,
         add_generation_prompt: bool = False,
         enable_thinking: bool | None = None,
+        literal_tokens: Sequence[str] = (),
         **kwargs: Any,
     ) -> str:
-        """The prompt text. `enable_thinking=None` leaves it undefined so the template's own default applies."""
+        """The prompt text. `enable_thinking=None` leaves it undefined so the template's own default applies;
+        other keyword arguments become template variables (`chat_template_kwargs`). With `literal_tokens` (the
+        tokenizer's special tokens), those strings inside the inputs are marked literal in the returned ChatPrompt."""
+        check_template_kwargs(kwargs)
         if tools is not None and (isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence)):
             raise ChatTemplateError(f"tools must be a list of tool objects, got {type(tools).__name__}")
         context = plain_data(kwargs)
@@ -430,9 +495,13 @@ class ChatTemplate:
             messages=prepare_messages(messages),
             tools=plain_data(list(tools)) if tools is not None else None,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
         )
+        if literal_tokens:
+            return _render_literal(self._render, context, literal_tokens)
+        return self._render(context)
+
+    def _render(self, context: dict) -> str:
+        context = {**context, "bos_token": self.bos_token, "eos_token": self.eos_token}
         _render_state.deadline = time.monotonic() + RENDER_SECONDS
         try:
             parts, size = [], 0
