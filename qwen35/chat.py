@@ -3,19 +3,24 @@ and tool calls, the way an OpenAI-compatible server reports them."""
 
 from __future__ import annotations
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat_template import ChatTemplate, check_template_kwargs
 from qwen35.multimodal.inputs import split_chat_media
 from qwen35.serve.reasoning import is_thinking_prompt, split_reasoning
 from qwen35.serve.tool_calls import parse_tool_calls
 
 
-def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generation_prompt=True) -> str:
+def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generation_prompt=True,
+           escape_special_tokens=False) -> str:
+    """The prompt text. escape_special_tokens: special-token strings inside the conversation, tools and kwargs (not
+    the template's own markup) are marked so that `tokenizer.encode` turns them into plain-text ids."""
     tok = llm.tokenizer
     if tok is None or not tok.chat_template:
         raise ValueError(f"{llm.model_path}: the checkpoint has no chat template (chat_template.jinja or "
                          "tokenizer_config.json 'chat_template')")
+    check_template_kwargs(chat_template_kwargs or {})  # before the call: a key like 'tools' would clash with it
     template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
     return template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                           literal_tokens=tok.special_tokens if escape_special_tokens else (),
                            **(chat_template_kwargs or {}))
 
 
@@ -31,15 +36,16 @@ def assistant_message(text: str, thinking: bool, tools) -> dict:
     return msg
 
 
-def chat(llm, messages, sampling_params=None, tools=None, chat_template_kwargs=None, add_generation_prompt=True):
+def chat(llm, messages, sampling_params=None, tools=None, chat_template_kwargs=None, add_generation_prompt=True,
+         escape_special_tokens=False):
     """messages: one conversation (a list of message dicts) or a list of conversations."""
     conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
     prompts, requests = [], []
     for c in conversations:
         c, images, videos = split_chat_media(c)  # media parts become the placeholders templates render
-        prompt = render(llm, c, tools, chat_template_kwargs, add_generation_prompt)
+        prompt = render(llm, c, tools, chat_template_kwargs, add_generation_prompt, escape_special_tokens)
         prompts.append(prompt)
-        # The template already wrote every special token; encode it as text, with no BOS added (Qwen adds none).
+        # The template already wrote every special token; encode it as written, with no BOS added (Qwen adds none).
         requests.append({"prompt": prompt, "prompt_token_ids": llm.tokenizer.encode(prompt),
                          "multi_modal_data": {"image": images, "video": videos}})
     outputs = llm.generate(requests, sampling_params)

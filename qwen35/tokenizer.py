@@ -10,6 +10,8 @@ token and the chat template (`chat_template.jinja` wins over the config copy). S
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,8 @@ class Tokenizer:
         self.pad_token = pad_token
         self.pad_token_id = self.token_to_id(pad_token) if pad_token else None
         self.chat_template = chat_template
+        self._literal_backend: tokenizers.Tokenizer | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: str | Path, generation_config: Mapping | None = None) -> Tokenizer:
@@ -104,9 +108,49 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (BPE + added). The model's embedding may have more rows."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The added tokens marked special (`<|im_start|>`, `<|image_pad|>`, ...), which `encode` matches in text."""
+        return tuple(t.content for _, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. Added tokens written in the text (e.g. `<|im_start|>`) become their single ids."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`. Added tokens written in the text (e.g. `<|im_start|>`) become their single ids,
+        except special tokens inside the `literal_spans` of a ChatPrompt (strings that came from message content):
+        those are encoded as plain text, in context, as if the tokenizer had no special tokens."""
+        spans = getattr(text, "literal_spans", ())
+        if not spans:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            raise ValueError("a chat prompt is encoded as written: its template adds any BOS/EOS itself")
+        literal = self._literal()
+        # Splitting at the special tokens the template wrote is what the tokenizer does anyway: text between added
+        # tokens is encoded piece by piece. Only the pieces are encoded with special tokens treated as text.
+        ids, pos = [], 0
+        specials = sorted(self.special_tokens, key=len, reverse=True)
+        found = re.compile("|".join(map(re.escape, specials)) if specials else "(?!)")
+        for m in found.finditer(text):
+            if any(start < m.end() and m.start() < end for start, end in spans):
+                continue
+            ids += literal.encode(text[pos:m.start()], add_special_tokens=False).ids
+            ids.append(self.backend.token_to_id(m[0]))
+            pos = m.end()
+        ids += literal.encode(text[pos:], add_special_tokens=False).ids
+        return ids
+
+    def _literal(self) -> tokenizers.Tokenizer:
+        """A twin that shares this tokenizer's model but encodes special tokens as text (`encode_special_tokens` is
+        state on the tokenizer object, and other threads keep encoding with this one)."""
+        with self._lock:
+            if self._literal_backend is None:
+                b, added = self.backend, self.backend.get_added_tokens_decoder()
+                twin = tokenizers.Tokenizer(b.model)
+                twin.normalizer, twin.pre_tokenizer, twin.decoder = b.normalizer, b.pre_tokenizer, b.decoder
+                twin.add_tokens([added[i] for i in sorted(added)])
+                if any(twin.token_to_id(t.content) != i for i, t in added.items()):  # ids with gaps: copy instead
+                    twin = tokenizers.Tokenizer.from_str(b.to_str())
+                twin.encode_special_tokens = True
+                self._literal_backend = twin
+            return self._literal_backend
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

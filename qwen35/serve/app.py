@@ -287,7 +287,8 @@ def _sse(model) -> str:
 
 def build_app(llm, served_model_name: str | None = None, api_key: str | None = None,
               default_chat_template_kwargs: dict | None = None, max_waiting: int = 256,
-              max_body_bytes: int = 64 * 1024 * 1024, engine: AsyncEngine | None = None) -> FastAPI:
+              max_body_bytes: int = 64 * 1024 * 1024, engine: AsyncEngine | None = None,
+              escape_special_tokens: bool = False) -> FastAPI:
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or llm.model_path.name
     metrics = Metrics()
@@ -409,7 +410,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             raise APIError(400, "this model takes text only (no vision tower); it cannot take images or videos",
                            "messages")
         try:
-            return render(llm, normalize_messages(messages), tools, kwargs, add_generation_prompt), images, videos
+            return render(llm, normalize_messages(messages), tools, kwargs, add_generation_prompt,
+                          escape_special_tokens), images, videos
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
 

@@ -15,6 +15,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint folder name)")
     p.add_argument("--default-chat-template-kwargs", type=json.loads, default=None,
                    help='JSON object, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--escape-special-tokens", action="store_true",
+                   help="encode special-token strings written inside messages, tools or chat_template_kwargs (e.g. a "
+                        "user's literal '<|im_end|>') as plain text, so client text cannot forge turns or media "
+                        "placeholders (default: they become special tokens, as in vLLM)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -59,7 +63,7 @@ def cmd_serve(args) -> int:
               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
     app = build_app(llm, args.served_model_name, api_key=args.api_key,
                     default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, escape_special_tokens=args.escape_special_tokens)
     # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
     # shutdown hook, which stops the engine thread.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
