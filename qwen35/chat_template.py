@@ -35,7 +35,7 @@ from jinja2.compiler import CodeGenerator, optimizeconst
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _REASONING_ALIASES = ("reasoning", "thinking")
-RENDER_SECONDS = 5.0
+RENDER_SECONDS = 10.0
 MAX_ITEMS = 100_000  # as Jinja's own MAX_RANGE
 MAX_CHARS = 1 << 25  # 32 Mi characters: far above any prompt a model can take
 MAX_INT_BITS = 1 << 16
@@ -158,7 +158,7 @@ def _check_string_op(name: str, s: str, args: Sequence[Any], kwargs: Mapping) ->
         _check_chars(len(s) + (s.count("\n") + 1) * (len(width) if isinstance(width, str) else int(width)),
                      "an indented string")
     elif name == "wordwrap":
-        wrap = args[3] if len(args) > 3 else kwargs.get("wrapstring")
+        wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring")
         _check_chars(len(s) * (1 + len(wrap or "\n")), "a wrapped string")
     elif name in ("format", "format_map"):
         _check_format(s, args if name == "format" else (), kwargs if name == "format" else (args[0] if args else {}))

@@ -18,6 +18,9 @@ TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 WRAPPER_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 LAYER_TYPES = ("linear_attention", "full_attention")
 SUPPORTED_ROPE_TYPES = ("default", "mrope")
+# Far above any real model; a larger count is a typo or a hostile file, and would cost seconds per field to parse.
+# The loader then checks the real count against the tensors present.
+MAX_LAYERS = 65_536
 
 
 class ConfigError(ValueError):
@@ -124,6 +127,8 @@ class TextConfig:
         g = lambda key, kind, default=...: _get(d, key, kind, default, where)  # noqa: E731
 
         num_layers = _positive(g("num_hidden_layers", int), "num_hidden_layers", where)
+        if num_layers > MAX_LAYERS:
+            raise ConfigError(f"config{where}: field 'num_hidden_layers' is {num_layers}, more than {MAX_LAYERS}")
         layer_types = g("layer_types", list, None)
         if layer_types is None:
             interval = _positive(g("full_attention_interval", int, 4), "full_attention_interval", where)

@@ -1,7 +1,9 @@
 """Strict loading: every way a checkpoint or config can be broken gives an error naming the tensor, file or field."""
 
 import json
+import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -174,3 +176,65 @@ def test_config_parsing_rules():
     assert not ModelConfig.from_hf({**wrapper, "tie_word_embeddings": False}).tie_word_embeddings  # top level wins
     with pytest.raises(ConfigError, match=r"config\.text_config: required field 'vocab_size'"):
         ModelConfig.from_hf({"model_type": "qwen3_5", "text_config": {k: v for k, v in base.items() if k != "vocab_size"}})
+
+
+def edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg.get("text_config", cfg), cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def layers(text_config, n):
+    text_config.pop("layer_types", None)
+    text_config["num_hidden_layers"] = n
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, c: layers(t, 10**7), r"'num_hidden_layers' is 10000000, more than 65536"),
+    (lambda t, c: layers(t, 60_000), r"'num_hidden_layers' is 60000 but the checkpoint holds 4 layers"),
+    (lambda t, c: layers(t, 3), r"'num_hidden_layers' is 3 but the checkpoint holds 4 layers"),
+    (lambda t, c: t.update(num_experts=10**6), r"'num_experts' is 1000000 but .*layer"),
+    (lambda t, c: t.update(vocab_size=10**12), r"'vocab_size' is 1000000000000 but embed_tokens\.weight has shape"),
+    (lambda t, c: t.update(head_dim=2**26), r"'head_dim' is 67108864 but layer 3's k_proj\.weight has shape"),
+])
+def test_config_sizes_checked_against_tensors(moe_copy, edit, message):
+    """Sizes a hostile config inflates are refused before any module is built or memory allocated."""
+    edit_config(moe_copy, edit)
+    start = time.monotonic()
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        load_model(moe_copy)
+    assert time.monotonic() - start < 5
+
+
+def test_vision_depth_checked_against_tensors(checkpoint, tmp_path):
+    src, _ = checkpoint("dense_vl")
+    shutil.copytree(src, tmp_path / "vl")
+    edit_config(tmp_path / "vl", lambda t, c: c["vision_config"].update(depth=10**7))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"'vision_config\.depth' is 10000000 but the checkpoint holds 1 blocks"):
+        load_model(tmp_path / "vl")
+    assert time.monotonic() - start < 5
+    load_model(tmp_path / "vl", vision=False)  # a tower that is set aside is not checked
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.int16, r"dtype I16, which qwen35 cannot load \(the model's weights are floating point"),
+    (torch.int32, r"dtype I32"), (torch.int64, r"dtype I64"), (torch.uint8, r"dtype U8"), (torch.bool, r"dtype BOOL"),
+    (torch.float8_e4m3fn, r"dtype F8_E4M3, which qwen35 cannot load \(FP8/quantized weights are not supported yet"),
+])
+def test_non_float_dtype_refused(moe_copy, dtype, message):
+    name = "model.layers.0.linear_attn.in_proj_z.weight"
+
+    def retype(t):
+        w = t[name].to(torch.bfloat16)
+        t[name] = w.view(dtype) if dtype.itemsize == 2 else w.to(dtype)  # I16: the bf16 bits, declared I16
+    rewrite(moe_copy, retype)
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)} has {message}"):
+        load_model(moe_copy)
+
+
+def test_float_dtypes_load(moe_copy):
+    name = "model.layers.0.linear_attn.in_proj_z.weight"
+    ref = load_model(moe_copy, dtype="float32")[0].state_dict()[name]
+    rewrite(moe_copy, lambda t: t.update({name: t[name].to(torch.float64)}))
+    assert torch.equal(load_model(moe_copy, dtype="float32")[0].state_dict()[name], ref)

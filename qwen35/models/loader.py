@@ -5,8 +5,11 @@ Checkpoint names are canonicalised to the text model's (`model.language_model.` 
 `visual.`); `mtp.*` is set aside (no speculative decoding yet), and so is `model.visual.*` when the model is loaded
 text-only (`vision=False`); per-expert 2D tensors are packed
 into the fused 3D expert tensors; Qwen3-Next's fused projections are split. A missing, unexpected or wrongly shaped
-tensor is a `CheckpointError` naming it; a truncated or corrupt file one naming the file. Nothing from a checkpoint
-is executed: no pickle, no remote code.
+tensor is a `CheckpointError` naming it; a truncated or corrupt file one naming the file. Before any module is built,
+the safetensors headers are checked: every tensor's bytes lie within its file, its dtype is a float the model can
+use, and the config's sizes (layer count, vision depth, vocabulary, hidden size, head size, experts) agree with the
+tensors present, so a hostile config cannot make loading build or allocate more than the files hold. Nothing from a
+checkpoint is executed: no pickle, no remote code.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ FP32_PARAMS = re.compile(r"\.(A_log|dt_bias)$")
 EXPERT_2D = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_GDN = re.compile(r"^model\.layers\.\d+\.linear_attn\.in_proj_(qkvz|ba)\.weight$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Checkpoint dtypes that can become the model's float weights. FP8 and integer (quantized) tensors are not
+# supported yet; an integer dtype on a weight is a corrupt or hostile header.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+BLOCK_INDEX = re.compile(r"^visual\.blocks\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -123,12 +131,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     cfg = config.text
     torch_dtype = resolve_dtype(dtype, config)
     vision = vision and config.vision is not None
+    start = time.time()
+    files = checkpoint_files(path)
+    check_headers(path, config, files, vision)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(cfg, config.vision if vision else None)
     params = dict(model.named_parameters(remove_duplicate=False))
     report = LoadReport()
-    start = time.time()
-    files = checkpoint_files(path)
     if progress is None:
         progress = sys.stderr.isatty()
     total = _total_bytes(files) if progress else 0
@@ -215,6 +224,54 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     return model, config, report
 
 
+def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool) -> None:
+    """Check every header entry that will be loaded (bytes, dtype) and the config's sizes against the shapes."""
+    cfg, shapes, by_file = config.text, {}, {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with _TensorReader(f) as reader:
+            for name in names:
+                cname, aside = canonical_name(name, vision)
+                tied_head = cname == "lm_head.weight" and cfg.tie_word_embeddings
+                if aside is None and cname is not None and not tied_head and name in reader.header:
+                    shapes[cname] = reader.check_entry(name)
+
+    def fail(field: str, value, found: str):
+        raise CheckpointError(f"{path}: config field '{field}' is {value} but {found}")
+
+    def count(pattern: re.Pattern) -> int:
+        return 1 + max((int(m[1]) for n in shapes if (m := pattern.match(n))), default=-1)
+
+    num_experts: dict[str, int] = {}  # per-expert 2D tensors: "model.layers.i.mlp.experts" -> highest index + 1
+    for n in shapes:
+        if m := EXPERT_2D.match(n):
+            num_experts[m[1]] = max(num_experts.get(m[1], 0), int(m[2]) + 1)
+    if (n := count(LAYER_INDEX)) != cfg.num_hidden_layers:
+        fail("num_hidden_layers", cfg.num_hidden_layers, f"the checkpoint holds {n} layers (model.layers.N)")
+    if vision and (n := count(BLOCK_INDEX)) != config.vision.depth:
+        fail("vision_config.depth", config.vision.depth, f"the checkpoint holds {n} blocks (model.visual.blocks.N)")
+    if vision and (patch := shapes.get("visual.patch_embed.proj.weight")) and patch[0] != config.vision.hidden_size:
+        fail("vision_config.hidden_size", config.vision.hidden_size, f"model.visual.patch_embed.proj.weight has "
+             f"shape {patch}")
+    if (embed := shapes.get("model.embed_tokens.weight")) and embed != [cfg.vocab_size, cfg.hidden_size]:
+        fail("vocab_size" if embed[:1] != [cfg.vocab_size] else "hidden_size",
+             cfg.vocab_size if embed[:1] != [cfg.vocab_size] else cfg.hidden_size,
+             f"embed_tokens.weight has shape {embed}")
+    full = cfg.layer_types.index("full_attention") if "full_attention" in cfg.layer_types else None
+    k_proj = shapes.get(f"model.layers.{full}.self_attn.k_proj.weight")
+    if k_proj and k_proj[0] != cfg.num_key_value_heads * cfg.head_dim:
+        fail("head_dim", cfg.head_dim, f"layer {full}'s k_proj.weight has shape {k_proj} for "
+             f"{cfg.num_key_value_heads} key/value heads")
+    for i, is_moe in enumerate(cfg.moe_layers):
+        gate = shapes.get(f"model.layers.{i}.mlp.gate.weight") if is_moe else None
+        if gate and gate[0] != cfg.num_experts:
+            fail("num_experts", cfg.num_experts, f"model.layers.{i}.mlp.gate.weight has shape {gate}")
+        n = num_experts.get(f"model.layers.{i}.mlp.experts", 0) if is_moe else 0
+        if n and n != cfg.num_experts:
+            fail("num_experts", cfg.num_experts, f"the checkpoint holds {n} experts in layer {i}")
+
+
 class _TensorReader:
     """Reads tensors of one safetensors file with plain reads into fresh buffers. A memory map would do too, but
     every page it touches counts toward the process's resident set until the file is closed, so loading would
@@ -240,17 +297,31 @@ class _TensorReader:
     def __exit__(self, *exc):
         self.fh.close()
 
-    def read(self, name: str) -> torch.Tensor:
+    def check_entry(self, name: str) -> list[int]:
+        """The tensor's shape, once its header entry is known to be a float tensor whose bytes lie in the file."""
         info = self.header.get(name)
         try:
-            dtype, shape, (start, end) = self.DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, start, end)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.path}: tensor {name} has an unreadable header entry {info!r}") from None
+        if dtype not in FLOAT_DTYPES:
+            kind = "FP8/quantized weights are not supported yet" if str(dtype).startswith("F8") else \
+                "the model's weights are floating point"
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which qwen35 cannot load ({kind}; "
+                                  f"expected one of {', '.join(FLOAT_DTYPES)})")
         numel = math.prod(shape)
-        if end - start != numel * dtype.itemsize or self.base + end > self.size:
+        if end - start != numel * self.DTYPES[dtype].itemsize or self.base + end > self.size:
             raise CheckpointError(f"{self.path}: cannot read tensor {name} (truncated or corrupt file?): its "
                                   f"{end - start} bytes at offset {self.base + start} do not hold {shape} "
-                                  f"{info['dtype']} within the file's {self.size} bytes")
+                                  f"{dtype} within the file's {self.size} bytes")
+        return shape
+
+    def read(self, name: str) -> torch.Tensor:
+        shape = self.check_entry(name)
+        info = self.header[name]
+        dtype, (start, end) = self.DTYPES[info["dtype"]], info["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
         self.fh.seek(self.base + start)
         view, done = memoryview(buf.numpy()), 0
