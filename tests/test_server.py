@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, run as a real process on a loopback port and driven by the official `openai` client
-and raw `httpx` (32 concurrent streaming clients among them): outputs equal `LLM.generate`, streaming, reasoning, tools, errors, concurrency, abort on
-disconnect, and the waiting-queue limit."""
+and raw `httpx` (32 concurrent streaming clients among them): outputs equal `LLM.generate`, streaming, reasoning,
+tools, errors, concurrency, abort on disconnect, and the waiting-queue limit."""
 
 import json
 import re
@@ -15,7 +15,7 @@ import pytest
 
 from qwen35 import LLM, SamplingParams
 from qwen35.chat import render
-from qwen35.serve.app import ChatStreamState, build_chat_choice
+from qwen35.serve.responses import ChatStreamState, build_chat_choice
 from qwen35.serve.reasoning import split_reasoning
 from tests.tiny_models import build
 from tests.tokenizer_fixtures import add_qwen35_tokenizer
@@ -53,10 +53,11 @@ def ckpt(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, ckpt, log_path, **cfg):
+    def __init__(self, ckpt, log_path, script=SERVER, **cfg):
         cfg = {"model": str(ckpt), "api_key": None, "max_num_seqs": 32, "max_waiting": 256, **cfg}
+        self.headers = {"Authorization": f"Bearer {cfg['api_key']}".encode()} if cfg["api_key"] else {}
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(cfg)], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)], stdout=subprocess.PIPE,
                                      stderr=self.log, text=True)
         self.url = None
 
@@ -85,7 +86,7 @@ class Server:
         self.log.close()
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text
         return {name: float(value) for name, value in re.findall(r"^([^#\s]+) (\S+)$", text, re.M)}
 
 

@@ -1,4 +1,8 @@
-"""OpenAI-compatible request, response and stream-chunk types (pydantic), with vLLM's sampling extras."""
+"""OpenAI-compatible request, response and stream-chunk types (pydantic), with vLLM's sampling extras.
+
+Requests are checked here before anything else sees them (a failure is a 400 naming the field): floats must be
+finite, `n` / `best_of` at most `MAX_N`, `seed` a 64-bit integer, logprob counts at most `MAX_LOGPROBS`, `tools` and
+`tool_choice` of OpenAI's shape. Lone surrogates (`\\ud800`) in any string fail JSON parsing itself."""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 128  # completions per request (OpenAI's limit); each is a sequence in the engine
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit, vLLM's default max_logprobs)
+_INT64 = 2**63
 
 
 def random_id(prefix: str) -> str:
@@ -31,15 +39,15 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions (OpenAI names plus vLLM extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool = False
@@ -56,22 +64,42 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
 
 
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools):
+        for i, tool in enumerate(tools or []):
+            fn = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(
+                    fn.get("name"), str):
+                raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+        return tools
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
 

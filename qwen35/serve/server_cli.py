@@ -11,7 +11,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics "
+                   "with --public-metrics); a non-ASCII key is matched as UTF-8 bytes")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint folder name)")
     p.add_argument("--default-chat-template-kwargs", type=json.loads, default=None,
                    help='JSON object, e.g. \'{"enable_thinking": false}\'')
@@ -25,8 +27,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-cache-bytes", type=int)
-    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20,
-                   help="largest request body accepted (images and videos arrive inside it as data: URLs)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted (default: a max-length prompt, plus one image at the "
+                   "per-image limit for a vision model; images and videos arrive inside it as data: URLs)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send its request body")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request line and headers")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections beyond which new ones get a 503")
     add_media_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -58,13 +66,18 @@ def cmd_serve(args) -> int:
 
     from qwen35.llm import LLM
     from qwen35.serve.app import build_app
+    from qwen35.serve.middleware import uvicorn_config
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
     app = build_app(llm, args.served_model_name, api_key=args.api_key,
                     default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
-                    max_body_bytes=args.max_body_bytes, escape_special_tokens=args.escape_special_tokens)
+                    max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
+                    body_timeout=args.body_timeout,
+                    escape_special_tokens=args.escape_special_tokens)
     # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
     # shutdown hook, which stops the engine thread.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.Server(uvicorn_config(app, head_timeout=args.head_timeout, max_connections=args.max_connections,
+                                  host=args.host, port=args.port, log_level="info",
+                                  timeout_graceful_shutdown=10)).run()
     return 0
