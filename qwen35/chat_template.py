@@ -160,6 +160,12 @@ def _check_string_op(name: str, s: str, args: Sequence[Any], kwargs: Mapping) ->
     elif name == "wordwrap":
         wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring")
         _check_chars(len(s) * (1 + len(wrap or "\n")), "a wrapped string")
+    elif name in ("split", "rsplit", "splitlines", "list"):  # a list of up to one item per character
+        sep = args[0] if args and isinstance(args[0], str) and name != "list" else None
+        pieces = len(s) if name == "list" else s.count(sep) if sep else sum(map(s.count, " \t\n\r"))
+        if pieces > MAX_CHARS // 32:
+            raise TemplateLimitError(f"{name}() would make a list of about {pieces} strings, more than the limit of "
+                                     f"{MAX_CHARS // 32}")
     elif name in ("format", "format_map"):
         _check_format(s, args if name == "format" else (), kwargs if name == "format" else (args[0] if args else {}))
 
