@@ -8,10 +8,10 @@ iterate them) and `reasoning`/`thinking` fill `reasoning_content`. Every failure
 what went wrong and where, never a raw Jinja traceback.
 
 The sandbox blocks unsafe attributes but not unbounded work, so rendering is bounded too (`TemplateLimitError`):
-ranges, numbers passed to calls and filters, and lists built by `*`/`+` hold at most `MAX_ITEMS`; strings built by
-operators, concatenation, formatting and filters, and the whole output, hold at most `MAX_CHARS`; integers at most
-`MAX_INT_BITS` bits; and a render that runs past `RENDER_SECONDS` (checked at every call, attribute access, operator,
-filter, loop step and output chunk) stops.
+ranges, lists built by `*`/`+` and the sizes given to filters and str methods (widths, counts) are at most
+`MAX_ITEMS`; strings built by operators, `~`, formatting and filters, values turned into text, and the whole output
+hold at most `MAX_CHARS`; integers at most `MAX_INT_BITS` bits; and a render that runs past `RENDER_SECONDS`
+(checked at every call, attribute access, operator, filter, loop step and output chunk) stops.
 """
 
 from __future__ import annotations
