@@ -8,10 +8,10 @@ iterate them) and `reasoning`/`thinking` fill `reasoning_content`. Every failure
 what went wrong and where, never a raw Jinja traceback.
 
 The sandbox blocks unsafe attributes but not unbounded work, so rendering is bounded too (`TemplateLimitError`):
-ranges, numbers passed to calls and filters, and lists built by `*`/`+` hold at most `MAX_ITEMS`; strings built by
-operators, concatenation, formatting and filters, and the whole output, hold at most `MAX_CHARS`; integers at most
-`MAX_INT_BITS` bits; and a render that runs past `RENDER_SECONDS` (checked at every call, attribute access, operator,
-filter, loop step and output chunk) stops.
+ranges, lists built by `*`/`+` and the sizes given to filters and str methods (widths, counts) are at most
+`MAX_ITEMS`; strings built by operators, `~`, formatting and filters, values turned into text, and the whole output
+hold at most `MAX_CHARS`; integers at most `MAX_INT_BITS` bits; and a render that runs past `RENDER_SECONDS`
+(checked at every call, attribute access, operator, filter, loop step and output chunk) stops.
 """
 
 from __future__ import annotations
@@ -162,6 +162,12 @@ def _check_string_op(name: str, s: str, args: Sequence[Any], kwargs: Mapping) ->
     elif name == "wordwrap":
         wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring")
         _check_chars(len(s) * (1 + len(wrap or "\n")), "a wrapped string")
+    elif name in ("split", "rsplit", "splitlines", "list"):  # a list of up to one item per character
+        sep = args[0] if args and isinstance(args[0], str) and name != "list" else None
+        pieces = len(s) if name == "list" else s.count(sep) if sep else sum(map(s.count, " \t\n\r"))
+        if pieces > MAX_CHARS // 32:
+            raise TemplateLimitError(f"{name}() would make a list of about {pieces} strings, more than the limit of "
+                                     f"{MAX_CHARS // 32}")
     elif name in ("format", "format_map"):
         _check_format(s, args if name == "format" else (), kwargs if name == "format" else (args[0] if args else {}))
 

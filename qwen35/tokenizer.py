@@ -57,7 +57,7 @@ class Tokenizer:
         self.pad_token = pad_token
         self.pad_token_id = self.token_to_id(pad_token) if pad_token else None
         self.chat_template = chat_template
-        self._literal_backend: tokenizers.Tokenizer | None = None
+        self._literal_backend: tuple[tokenizers.Tokenizer, re.Pattern] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -122,14 +122,15 @@ class Tokenizer:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens:
             raise ValueError("a chat prompt is encoded as written: its template adds any BOS/EOS itself")
-        literal = self._literal()
+        literal, found = self._literal()
         # Splitting at the special tokens the template wrote is what the tokenizer does anyway: text between added
         # tokens is encoded piece by piece. Only the pieces are encoded with special tokens treated as text.
-        ids, pos = [], 0
-        specials = sorted(self.special_tokens, key=len, reverse=True)
-        found = re.compile("|".join(map(re.escape, specials)) if specials else "(?!)")
+        ids, pos, spans = [], 0, iter(sorted(spans))
+        span = next(spans, None)
         for m in found.finditer(text):
-            if any(start < m.end() and m.start() < end for start, end in spans):
+            while span is not None and span[1] <= m.start():
+                span = next(spans, None)
+            if span is not None and span[0] < m.end():  # written by the user, not by the template
                 continue
             ids += literal.encode(text[pos:m.start()], add_special_tokens=False).ids
             ids.append(self.backend.token_to_id(m[0]))
@@ -137,9 +138,10 @@ class Tokenizer:
         ids += literal.encode(text[pos:], add_special_tokens=False).ids
         return ids
 
-    def _literal(self) -> tokenizers.Tokenizer:
+    def _literal(self) -> tuple[tokenizers.Tokenizer, re.Pattern]:
         """A twin that shares this tokenizer's model but encodes special tokens as text (`encode_special_tokens` is
-        state on the tokenizer object, and other threads keep encoding with this one)."""
+        state on the tokenizer object, and other threads keep encoding with this one), and a regex of the special
+        tokens, longest first as the tokenizer matches them."""
         with self._lock:
             if self._literal_backend is None:
                 b, added = self.backend, self.backend.get_added_tokens_decoder()
@@ -149,7 +151,8 @@ class Tokenizer:
                 if any(twin.token_to_id(t.content) != i for i, t in added.items()):  # ids with gaps: copy instead
                     twin = tokenizers.Tokenizer.from_str(b.to_str())
                 twin.encode_special_tokens = True
-                self._literal_backend = twin
+                specials = sorted(self.special_tokens, key=len, reverse=True)
+                self._literal_backend = twin, re.compile("|".join(map(re.escape, specials)) if specials else "(?!)")
             return self._literal_backend
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

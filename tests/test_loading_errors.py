@@ -135,10 +135,12 @@ def test_fused_expert_layout_loads_like_per_expert(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.pop("hidden_size"), r"required field 'hidden_size' is missing"),
-    (lambda c: c.update(num_key_value_heads=3), r"'num_attention_heads' \(4\) is not a multiple of 'num_key_value_heads' \(3\)"),
+    (lambda c: c.update(num_key_value_heads=3),
+     r"'num_attention_heads' \(4\) is not a multiple of 'num_key_value_heads' \(3\)"),
     (lambda c: c.update(linear_num_value_heads=5), r"'linear_num_value_heads' \(5\) is not a multiple"),
     (lambda c: c.update(model_type="llama"), r"unknown model_type 'llama'"),
-    (lambda c: c.update(layer_types=["linear_attention"] * 3), r"'layer_types' has 3 entries but num_hidden_layers is 4"),
+    (lambda c: c.update(layer_types=["linear_attention"] * 3),
+     r"'layer_types' has 3 entries but num_hidden_layers is 4"),
     (lambda c: c.update(layer_types=["linear_attention"] * 3 + ["sliding"]), r"'layer_types\[3\]' is 'sliding'"),
     (lambda c: c.update(hidden_size="64"), r"field 'hidden_size' must be int"),
     (lambda c: c.update(num_experts_per_tok=9), r"'num_experts_per_tok' \(9\) exceeds 'num_experts' \(8\)"),
@@ -175,7 +177,8 @@ def test_config_parsing_rules():
     assert ModelConfig.from_hf(wrapper).tie_word_embeddings  # falls back to text_config
     assert not ModelConfig.from_hf({**wrapper, "tie_word_embeddings": False}).tie_word_embeddings  # top level wins
     with pytest.raises(ConfigError, match=r"config\.text_config: required field 'vocab_size'"):
-        ModelConfig.from_hf({"model_type": "qwen3_5", "text_config": {k: v for k, v in base.items() if k != "vocab_size"}})
+        ModelConfig.from_hf({"model_type": "qwen3_5",
+                             "text_config": {k: v for k, v in base.items() if k != "vocab_size"}})
 
 
 def edit_config(path, fn):

@@ -33,6 +33,7 @@ HOSTILE = {
     "replace amplifies": ("{% set s = 'x' * 100000 %}{{ s.replace('', s)|length }}", "a replaced string"),
     "join amplifies": ("{{ range(100000)|join('x' * 100000) }}", "a joined string"),
     "wordwrap amplifies": ("{{ ('x ' * 100000)|wordwrap(1, true, 'y' * 1000) }}", "a wrapped string"),
+    "split into a huge list": ("{% set s = ' ' * 10**7 %}{{ (s.split(' ') + s.split(' '))|length }}", r"split\(\)"),
     "indent amplifies": ("{{ ('\\n' * 100000)|indent(100000) }}", "an indented string"),
     "tojson of a repeated tree": ("{% set a = [messages] * 100000 %}{% set b = [a] * 100000 %}{{ b|tojson }}",
                                   "items"),
