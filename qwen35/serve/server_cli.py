@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import socket
+
+from qwen35.cli_types import device, json_object, mm_limits, port, positive_int
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint folder name)")
-    p.add_argument("--default-chat-template-kwargs", type=json.loads, default=None,
+    p.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                    help='JSON object, e.g. \'{"enable_thinking": false}\'')
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    p.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="queued requests beyond which new ones get 503")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--kv-cache-bytes", type=int)
-    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20,
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--max-model-len", type=positive_int)
+    p.add_argument("--max-num-seqs", type=positive_int, default=32)
+    p.add_argument("--kv-cache-bytes", type=positive_int)
+    p.add_argument("--max-body-bytes", type=positive_int, default=64 * 2**20,
                    help="largest request body accepted (images and videos arrive inside it as data: URLs)")
     add_media_arguments(p)
     p.set_defaults(func=cmd_serve)
@@ -33,7 +37,7 @@ def add_media_arguments(p: argparse.ArgumentParser) -> None:
                    help="let image_url / video_url name local files (paths or file:// URLs) inside DIR")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="fetch http(s) image_url / video_url (off by default: data: URLs only)")
-    p.add_argument("--limit-mm-per-prompt", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--limit-mm-per-prompt", type=mm_limits, default=None, metavar="JSON",
                    help='most images / videos per request, e.g. \'{"image": 4, "video": 1}\' (default 16 / 4)')
     p.add_argument("--language-model-only", action="store_true",
                    help="load a multimodal checkpoint without its vision tower (text only)")
@@ -44,18 +48,44 @@ def media_kwargs(args) -> dict:
             "limit_mm_per_prompt": args.limit_mm_per_prompt, "language_model_only": args.language_model_only}
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a ValueError naming the address and why it cannot be used. It listens only
+    once uvicorn serves on it (as vLLM does), so clients are refused, not left waiting, while the model loads."""
+    sock = None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while old connections linger
+        sock.bind(addr)
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise ValueError(f"cannot bind --host {host} --port {port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from qwen35.llm import LLM
     from qwen35.serve.app import build_app
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
-    app = build_app(llm, args.served_model_name, api_key=args.api_key,
-                    default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
-                    max_body_bytes=args.max_body_bytes)
-    # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
-    # shutdown hook, which stops the engine thread.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
-    return 0
+    # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
+    sock = bind(args.host, args.port)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
+        app = build_app(llm, args.served_model_name, api_key=args.api_key,
+                        default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
+                        max_body_bytes=args.max_body_bytes)
+        # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
+        # shutdown hook, which stops the engine thread.
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10))
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host,
+                                                sock.getsockname()[1])  # uvicorn says this only when it binds
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1
