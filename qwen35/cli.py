@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen35.cli_types import device, int_list, positive_int
+
 
 def _resolve_config(target: str):
     from qwen35.config import ModelConfig
@@ -17,8 +19,7 @@ def _resolve_config(target: str):
         return ModelConfig.from_hf(PRESETS[target.lower()])
     if Path(target).is_dir():
         return ModelConfig.from_dir(target)
-    raise SystemExit(f"qwen35 info: {target!r} is neither a checkpoint directory nor a preset "
-                     f"({', '.join(PRESETS)})")
+    raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)}, all)")
 
 
 def cmd_info(args) -> int:
@@ -37,6 +38,7 @@ def cmd_info(args) -> int:
 def cmd_forward(args) -> int:
     import torch
 
+    from qwen35.config import ModelConfig
     from qwen35.demo import demo_checkpoint
     from qwen35.models.batch import ForwardBatch, SeqChunk
     from qwen35.models.loader import load_model
@@ -44,11 +46,14 @@ def cmd_forward(args) -> int:
     path = args.model or demo_checkpoint()
     if args.model is None:
         print(f"Using the embedded default model at {path} (random weights: outputs are not meaningful).")
+    vocab = ModelConfig.from_dir(path).text.vocab_size
+    ids = args.token_ids or list(range(1, 65))
+    if not all(0 <= t < vocab for t in ids):
+        raise ValueError(f"--token-ids must be in 0..{vocab - 1}, got {ids}")
     t0 = time.time()
     model, config, report = load_model(path, dtype=args.dtype, device=args.device)
     print(f"Loaded {config.model_type}: {report.num_tensors} tensors, {report.num_bytes / 1e6:.1f} MB "
           f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else ""))
-    ids = [int(x) for x in args.token_ids.split(",")] if args.token_ids else list(range(1, 65))
     batch = ForwardBatch.build([SeqChunk(ids)], device=args.device)
     with torch.inference_mode():
         t0 = time.time()
@@ -65,29 +70,39 @@ SAMPLING_FLAGS = [  # (flag, type, help); each maps to the SamplingParams field 
     ("temperature", float, "0 = greedy"), ("top_p", float, None), ("top_k", int, "0 or -1 disables"),
     ("min_p", float, None), ("repetition_penalty", float, None), ("presence_penalty", float, None),
     ("frequency_penalty", float, None), ("seed", int, None), ("min_tokens", int, None),
-    ("logprobs", int, "top logprobs per generated token (with --json)"),
-    ("prompt_logprobs", int, "top logprobs per prompt token (with --json)"), ("n", int, "completions per prompt"),
+    ("logprobs", int, "top logprobs per generated token (needs --json)"),
+    ("prompt_logprobs", int, "top logprobs per prompt token (needs --json)"), ("n", int, "completions per prompt"),
 ]
+NOT_IN_CHAT = ("n", "logprobs", "prompt_logprobs")
+
+
+class _NotInChat(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"argument {option_string}: not available in chat, which shows one answer as text "
+                     "(qwen35 generate --json takes it)")
 
 
 def _add_engine_flags(p) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model, random weights)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests running at once")
+    p.add_argument("--kv-cache-bytes", type=positive_int, help="KV cache budget in bytes")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     p.add_argument("--language-model-only", action="store_true",
                    help="load a multimodal checkpoint without its vision tower (text only)")
 
 
-def _add_sampling_flags(p) -> None:
+def _add_sampling_flags(p, skip=()) -> None:
     for name, typ, help_ in SAMPLING_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
+        if name in skip:
+            p.add_argument("--" + name.replace("_", "-"), action=_NotInChat, help=argparse.SUPPRESS)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--stop-token-ids", help="comma-separated token ids that end generation")
+    p.add_argument("--stop-token-ids", type=int_list, help="comma-separated token ids that end generation")
     p.add_argument("--ignore-eos", action="store_true", default=None)
     p.add_argument("--no-skip-special-tokens", dest="skip_special_tokens", action="store_false", default=None)
 
@@ -107,9 +122,9 @@ def _sampling_params(args, **overrides):
     """The user's sampling flags, validated before any model is loaded; generation_config fills the rest later."""
     from qwen35.sampling_params import SamplingParams
 
-    given = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS}
+    given = {name: getattr(args, name, None) for name, _, _ in SAMPLING_FLAGS}
     given.update(stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=args.skip_special_tokens,
-                 stop_token_ids=[int(t) for t in args.stop_token_ids.split(",")] if args.stop_token_ids else None)
+                 stop_token_ids=args.stop_token_ids)
     for k, v in overrides.items():
         if given.get(k) is None:
             given[k] = v
@@ -135,9 +150,17 @@ def _with_media(prompt: str, images: list[str], videos: list[str]):
     return {"prompt": prompt, "multi_modal_data": {"image": images, "video": videos}}
 
 
+def _check_files(args) -> None:
+    for flag in ("image", "video"):
+        for f in getattr(args, flag):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"--{flag} {f}: no such file")
+
+
 def cmd_generate(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _sampling_params(args)
+    _check_files(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _make_llm(args)
     params = params.with_defaults(llm._generation_defaults())
     prompt = _with_media(prompt, args.image, args.video)
@@ -171,6 +194,7 @@ def cmd_chat(args) -> int:
     from qwen35.chat_repl import ChatRepl
 
     params = _sampling_params(args, max_tokens=1024)
+    _check_files(args)
     llm = _make_llm(args)
     attachments = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
@@ -190,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("forward", help="load a checkpoint and run one forward pass (smoke test)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--token-ids", help="comma-separated prompt token ids (default 1..64)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--token-ids", type=int_list, help="comma-separated prompt token ids (default 1..64)")
     p.set_defaults(func=cmd_forward)
 
-    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    p = gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     p.add_argument("--json", action="store_true", help="print the structured result instead of streaming")
     _add_engine_flags(p)
@@ -206,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-think", action="store_true", help="start with thinking off")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     _add_engine_flags(p)
-    _add_sampling_flags(p)
+    _add_sampling_flags(p, skip=NOT_IN_CHAT)
     p.set_defaults(func=cmd_chat)
 
     from qwen35.serve.server_cli import add_serve_parser
@@ -214,18 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(sub)
 
     args = parser.parse_args(argv)
+    if args.command == "generate" and not args.json and (args.logprobs is not None or args.prompt_logprobs is not None):
+        gen.error("--logprobs and --prompt-logprobs need --json (the streamed text has no place for them)")
     from qwen35.chat_template import ChatTemplateError
     from qwen35.config import ConfigError
     from qwen35.engine.llm_engine import EngineError
     from qwen35.models.loader import CheckpointError
     from qwen35.sampling_params import SamplingParamsError
 
+    # Exit status: 0 success; 2 bad arguments or input (argparse's usage errors and these one-line errors); 1 a
+    # runtime failure (an uncaught exception, with its traceback); 130 interrupted.
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, EngineError, SamplingParamsError, ChatTemplateError, FileNotFoundError,
             ValueError) as e:
         print(f"qwen35 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"qwen35 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _entry() -> int:

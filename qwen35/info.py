@@ -1,6 +1,7 @@
 """Sizes of a model from its config alone: parameters (total and active per token), weight memory at several
 precisions, KV-cache bytes per token and recurrent-state bytes per sequence. Parameters are counted on the real
-module tree built on the meta device, so the numbers cannot drift from the model code."""
+module tree built on the meta device, so the numbers cannot drift from the model code. The totals are the language
+model's (as the released sizes are quoted); a vision tower is counted on its own, under "vision"."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ GIB = 1024**3
 def model_stats(config: ModelConfig) -> dict:
     cfg = config.text
     with torch.device("meta"):
-        model = Qwen3_5ForCausalLM(cfg)
+        model = Qwen3_5ForCausalLM(cfg, config.vision)
     embed = cfg.vocab_size * cfg.hidden_size
     lm_head = 0 if cfg.tie_word_embeddings else embed
-    routed = attention = linear_attention = shared_ffn = dense_ffn = router = norms = 0
+    routed = attention = linear_attention = shared_ffn = dense_ffn = router = norms = vision = 0
     for name, p in model.named_parameters():  # a tied head appears once, as the embedding
         n = p.numel()
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             continue
-        if ".mlp.experts." in name:
+        if name.startswith("visual."):
+            vision += n
+        elif ".mlp.experts." in name:
             routed += n
         elif ".mlp.gate." in name:
             router += n
@@ -57,6 +60,7 @@ def model_stats(config: ModelConfig) -> dict:
             "total": total, "active": active, "embedding": embed, "lm_head": lm_head,
             "tied_embeddings": cfg.tie_word_embeddings, "decoder": body, "routed_experts": routed,
             "attention": attention, "linear_attention": linear_attention, "ffn_dense_or_shared": dense_ffn + shared_ffn,
+            "vision": vision,  # not in total or active
         },
         "weight_bytes": {
             "bf16": 2 * total,
@@ -86,13 +90,19 @@ def format_stats(name: str, s: dict) -> str:
         e = s["experts"]
         lines.append(f"  experts          {e['routed']} routed, {e['per_token']} per token + shared")
     lm = "tied to the embedding" if p["tied_embeddings"] else _fmt(p["lm_head"])
+    routed = f" (routed experts {_fmt(p['routed_experts'])})" if s["experts"] else ""
     lines += [
-        f"  parameters       {_fmt(p['total'])} total, {_fmt(p['active'])} active per token",
+        f"  parameters       {_fmt(p['total'])} total, {_fmt(p['active'])} active per token (language model)",
         f"    embedding      {_fmt(p['embedding'])}",
         f"    lm head        {lm}",
-        f"    decoder        {_fmt(p['decoder'])} (routed experts {_fmt(p['routed_experts'])})",
+        f"    decoder        {_fmt(p['decoder'])}{routed}",
         f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, fp8 {w['fp8'] / GIB:.2f} GiB, "
-        f"int4 {w['int4'] / GIB:.2f} GiB",
+        f"int4 {w['int4'] / GIB:.2f} GiB (language model)",
+    ]
+    if p["vision"]:
+        lines.append(f"  vision tower     {_fmt(p['vision'])} parameters, bf16 {2 * p['vision'] / GIB:.2f} GiB "
+                     "(not in the figures above)")
+    lines += [
         f"  KV cache         {s['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token (bf16)",
         f"  recurrent state  {s['recurrent_state_bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
         "(fp32 state + bf16 conv history)",

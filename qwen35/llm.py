@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qwen35.config import EngineConfig
 from qwen35.engine.llm_engine import LLMEngine
 from qwen35.models.loader import load_model
@@ -24,12 +26,45 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
 
 def media_limits(limit_mm_per_prompt: dict[str, int] | None) -> MediaLimits:
     limits = MediaLimits()
+    if not isinstance(limit_mm_per_prompt, (dict, type(None))):
+        raise ValueError(f"limit_mm_per_prompt takes {{'image': n, 'video': m}}, got {limit_mm_per_prompt!r}")
     for key, value in (limit_mm_per_prompt or {}).items():
-        if key not in ("image", "video") or not isinstance(value, int) or value < 0:
+        if key not in ("image", "video") or not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"limit_mm_per_prompt takes {{'image': n, 'video': m}} with n, m >= 0; "
                              f"got {key}={value!r}")
         limits = dataclasses.replace(limits, **{f"max_{key}s_per_prompt": value})
     return limits
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device if this torch build and machine can run on it; else a ValueError saying why, before any loading."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: {why}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
+    return dev
+
+
+PROMPT_FORMS = ("a prompt is a string, a list of token ids, or a dict with 'prompt' (a string) or "
+                "'prompt_token_ids' (a list of ints) and optionally 'multi_modal_data'; pass one prompt or a list")
+
+
+def _is_token_ids(p) -> bool:
+    return isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def _describe(p) -> str:
+    if isinstance(p, dict):
+        return "a dict with " + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in p.items()) if p else "an empty dict"
+    return type(p).__name__
 
 
 def _no_tokenizer(text: str):
@@ -52,6 +87,7 @@ class LLM:
         fetch within media_fetch_timeout seconds. language_model_only:
         load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: pack the
         weights for the native CPU kernels (default: for bf16/fp16 weights on CPU; see models.loader.load_model)."""
+        check_device(device)
         if model is None:
             from qwen35.demo import demo_checkpoint
 
@@ -89,21 +125,21 @@ class LLM:
                 if self.generation_config.get(key) is not None}
 
     def _prompts(self, prompts) -> list[dict]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, (str, dict)) or (_is_token_ids(prompts) and len(prompts) > 0):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"{PROMPT_FORMS}; got {type(prompts).__name__}")
         out = []
         for p in prompts:
             if isinstance(p, str):
-                out.append({"prompt": p})
-            elif isinstance(p, dict):
-                if "prompt_token_ids" not in p and "prompt" not in p:
-                    raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-                out.append(dict(p))
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                out.append({"prompt_token_ids": list(p)})
-            else:
-                raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(p).__name__}")
+                p = {"prompt": p}
+            elif _is_token_ids(p):
+                p = {"prompt_token_ids": list(p)}
+            elif not (isinstance(p, dict) and isinstance(p.get("prompt"), (str, type(None)))
+                      and (p.get("prompt") is not None or "prompt_token_ids" in p)
+                      and _is_token_ids(p.get("prompt_token_ids", []))):
+                raise TypeError(f"{PROMPT_FORMS}; got {_describe(p)}")
+            out.append(dict(p))
         for p in out:
             if "prompt_token_ids" not in p:
                 if self.tokenizer is None:
@@ -130,6 +166,10 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if not isinstance(sampling_params, (list, tuple)) or not all(isinstance(p, SamplingParams)
+                                                                     for p in sampling_params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+                            f"{type(sampling_params).__name__}")
         if len(sampling_params) != n:
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {n} prompts")
         return list(sampling_params)

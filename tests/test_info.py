@@ -9,13 +9,16 @@ from qwen35.models.loader import load_model
 from qwen35.presets import PRESETS
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "next", "dense_vl"])
 def test_counts_equal_the_loaded_checkpoint(checkpoint, kind):
     path, hf = checkpoint(kind)
     model, config, _ = load_model(path, dtype="float32")
     s = model_stats(config)
-    assert s["params"]["total"] == sum(p.numel() for p in model.parameters())  # a tied head counted once
-    assert s["params"]["total"] == sum(p.numel() for p in hf.parameters())
+    vision = sum(p.numel() for p in model.visual.parameters()) if model.visual is not None else 0
+    assert (s["params"]["vision"] > 0) == (kind == "dense_vl") and s["params"]["vision"] == vision
+    # a tied head counted once; the vision tower counted on its own
+    assert s["params"]["total"] + vision == sum(p.numel() for p in model.parameters())
+    assert s["params"]["total"] + vision == sum(p.numel() for p in hf.parameters())
     cfg = config.text
     if cfg.num_experts:
         inactive = s["params"]["routed_experts"] * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
@@ -38,5 +41,16 @@ def test_info_on_a_checkpoint_dir_and_all_presets(checkpoint, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "experts          8 routed, 3 per token" in out and "KV cache" in out
+    assert "(routed experts " in out
     assert main(["info", "all", "--json"]) == 0
     assert '"qwen3.5-397b-a17b"' in capsys.readouterr().out
+
+
+def test_info_says_what_the_counts_cover(capsys):
+    assert main(["info", "qwen3.5-0.8b"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts" not in out  # dense: no experts to speak of
+    assert "active per token (language model)" in out
+    assert "  vision tower     100.59M parameters, bf16 0.19 GiB (not in the figures above)" in out
+    assert main(["info", "qwen3-next-80b-a3b"]) == 0  # no vision tower: no line for it
+    assert "vision tower" not in capsys.readouterr().out

@@ -98,6 +98,17 @@ def test_chat_template_error_is_clear(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("bad", [123, None, 1.5, [1.5], [[1, "a"]], {"text": "hi"}, {"prompt": 5},
+                                 {"prompt_token_ids": "abc"}, [{"prompt": None}]])
+def test_bad_prompt_forms_name_the_accepted_ones(llm, bad):
+    with pytest.raises(TypeError, match=r"a prompt is a string, a list of token ids, or a dict with 'prompt' \(a "
+                                        r"string\) or 'prompt_token_ids' \(a list of ints\).*; got "):
+        llm.generate(bad)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
+        llm.generate("Hi", {"temperature": 0})
+    assert not llm.engine.has_unfinished_requests()
+
+
 def run_cli(*args, stdin=None, env=None):
     env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "qwen35", *args], input=stdin, capture_output=True, text=True,
