@@ -339,14 +339,14 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             await stream.aclose()
         yield "data: [DONE]\n\n"
 
-    def completion_inputs(prompts_in) -> list[tuple[str | None, list[int], str]]:
-        """(prompt text or None, prompt ids, prompt text for echo) per prompt; runs in a worker thread."""
+    def completion_inputs(prompts_in, echo: bool) -> list[tuple[str | None, list[int], str | None]]:
+        """(prompt text or None, prompt ids, text to echo or None) per prompt; runs in a worker thread."""
         items = []
         for p in prompts_in:
             if isinstance(p, str):
-                items.append((p, prompts.encode(p, "prompt"), p))
+                items.append((p, prompts.encode(p, "prompt"), p if echo else None))
             else:
-                items.append((None, list(p), tokenizer.decode(p)))
+                items.append((None, list(p), tokenizer.decode(p) if echo else None))
         return items
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
@@ -363,7 +363,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             raise APIError(400, "the prompt is empty", "prompt")
         if req.stream and len(prompts_in) > 1:
             raise APIError(400, "streaming takes one prompt per request", "prompt")
-        items = await asyncio.to_thread(completion_inputs, prompts_in)
+        items = await asyncio.to_thread(completion_inputs, prompts_in, req.echo)
         k = req.logprobs
         results = []
         request_id = random_id("cmpl")
@@ -377,7 +377,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                 for s in results:
                     await s.aclose()
                 raise
-        echoes = [echo if req.echo else None for _, _, echo in items]
+        echoes = [echo for _, _, echo in items]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(completion_stream(request_id, results[0], echoes[0], k, include_usage),

@@ -121,9 +121,8 @@ class Guard:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 return await self._refuse(413, f"request body exceeds {self.max_body_bytes} bytes", scope, send)
             try:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await self._read_body(receive)
-            except TimeoutError:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout)
+            except asyncio.TimeoutError:
                 return await self._refuse(408, f"the request body did not arrive within {self.body_timeout:g} s",
                                           scope, send)
             if body is None:
