@@ -11,9 +11,11 @@ and the native kernel runs every product with it, fp32 accumulation:
     96 input rows; measured against unpacking to fp32 for MKL's sgemm (6176x1024 weight): 3-4x at 64 rows, 1.4x
     at 512, 1.0-1.3x at 2048, and no fp32 copy of the weight.
 
-Outputs come back in the input's dtype. `linear(x, w)` takes a plain tensor (reference path) or a `Packed`.
-The kernel is compiled on first use with the system C compiler into the qwen35 cache (~1 s); without a compiler,
-on other CPUs, or with QWEN35_NATIVE=0, nothing is packed and `F.linear` runs.
+Both paths sum each output in the same order, so a row's result is bit for bit the same at any row count (decode
+does not depend on the batch; tests/ops/test_linear.py). Outputs come back in the input's dtype. `linear(x, w)`
+takes a plain tensor (reference path) or a `Packed`. The kernel is compiled on first use with the system C compiler
+into the qwen35 cache (~1 s); without a compiler, on other CPUs, or with QWEN35_NATIVE=0, nothing is packed and
+`F.linear` runs.
 """
 
 from __future__ import annotations

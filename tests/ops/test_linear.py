@@ -1,6 +1,7 @@
 """The packed CPU linear (the native kernel at every row count) against F.linear, on awkward shapes: row counts on
 both sides of the kernel's 2-row path, its 3-row tiles and its 96-row tiles, sizes that need padding, 3D inputs,
-bias, expert slices, and embedding rows read from a packed head."""
+bias, expert slices, and embedding rows read from a packed head; and the same row gives the same bits at every
+row count."""
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ def test_matches_reference(dtype, M, N, K):
     got = linear(x, Packed(w))
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-5 * K ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [2, 3, 4, 5, 95, 96, 97, 200])
+def test_rows_do_not_depend_on_the_batch(dtype, M):
+    """Batch invariance: a row's product is bit for bit the same alone (the kernel's few-row path) as inside M
+    rows (its many-row tiles, at every position in a tile), so greedy decoding does not depend on the batch."""
+    x, w = rand(M, 100, seed=M), Packed(rand(37, 100, seed=1, dtype=dtype))
+    together = linear(x, w)
+    for i in range(M):
+        assert torch.equal(linear(x[i:i + 1], w), together[i:i + 1]), i
 
 
 def test_input_dtype_leading_dims_and_bias():

@@ -1,7 +1,8 @@
 """The native decode kernels against their references: the in-place gated-delta step (scattered slots, fresh and
 carried states, head ratios 1/2/4, NaN in unused slots) and the fused routed-experts call (1 to 17 tokens, experts
-hit by many tokens or none); then a bf16 packed model decoding through the cache equals the same model prefilling
-the whole sequence, within bf16 rounding."""
+hit by many tokens or none), whose rows do not depend on the batch; then a packed model's decode steps give each
+sequence the same bits alone or batched, and a bf16 packed model decoding through the cache equals the same model
+prefilling the whole sequence, within bf16 rounding."""
 
 import pytest
 import torch
@@ -52,6 +53,40 @@ def test_fused_experts_match_reference(dtype, N):
     ref = experts_reference(x.float(), weights.float(), ids, gate_up.float(), down.float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_experts_rows_do_not_depend_on_the_batch(dtype):
+    """A token's routed-experts output is bit for bit the same alone as among 50 tokens (experts then multiply
+    many rows at once, in tiles)."""
+    E, H, inter, N = 4, 64, 40, 50
+    x = rand(N, H, seed=1)
+    gate_up = Packed((rand(E, 2 * inter, H, seed=2) / 8).to(dtype))
+    down = Packed((rand(E, H, inter, seed=3) / 6).to(dtype))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(N)])
+    weights = torch.softmax(rand(N, 2, seed=5), -1)
+    together = experts_native(x, weights, ids, gate_up, down)
+    for i in range(N):
+        assert torch.equal(experts_native(x[i:i + 1], weights[i:i + 1], ids[i:i + 1], gate_up, down),
+                           together[i:i + 1]), i
+
+
+@pytest.mark.parametrize("kind", ["moe_vl", "dense"])
+def test_packed_decode_is_batch_invariant(checkpoint, kind):
+    """Decode steps (the native decode layers and the LM head) give each sequence bit-identical logits whether it
+    runs alone or with others, the batch shrinking as prompts end: greedy output does not depend on the batch."""
+    from qwen35.models.loader import load_model
+    from tests.tiny_models import run_pieces
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (6, 2, 1, 4)]
+    cuts = [list(range(1, len(p))) for p in prompts]  # one token per sequence per step, from the first
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(checkpoint(kind)[0], dtype=dtype, pack=True)[0]
+        together = run_pieces(model, prompts, cuts)
+        for p, c, logits in zip(prompts, cuts, together):
+            assert torch.equal(run_pieces(model, [p], [c])[0], logits), (dtype, len(p))
 
 
 @pytest.mark.parametrize("kind", ["moe_vl", "dense"])

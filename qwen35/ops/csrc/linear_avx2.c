@@ -8,6 +8,8 @@
  *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
  *   M > 2:  the block widened to fp32 once into a thread buffer (L1), then 3 inputs at a time against its 4 rows
  *           (12 accumulators): FMA throughput bounds it; the next block is prefetched meanwhile.
+ * Both paths sum an output in the same order (per lane over K in steps of 8, then one fixed horizontal sum), so a
+ * row's result is bit for bit the same whatever rows share its call: outputs do not depend on the batch.
  * qwen35_linear_* spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM
  * may stall one vCPU); qwen35_moe_* runs the routed experts of a batch: the (token, expert) pairs are sorted by
  * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
@@ -27,14 +29,14 @@ static inline __m256 load_bf16(const uint16_t *p) {
 }
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
-
 #define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
+
+/* The 8 lanes of 4 accumulators summed into the 4 outputs, in one fixed order that every path uses: an output's
+ * value must not depend on how many rows were multiplied with it (batch invariance). */
+static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
 
 /* dst[i * stride + r] = <x_i, row r of block wb> for i < M, r < 4 */
 #define DEFINE_BLOCK(NAME, T, LOAD, PREFETCH, WIDEN)                                                              \
@@ -53,11 +55,8 @@ static inline float hsum(__m256 v) {
                     FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);                          \
                 }                                                                                            \
             }                                                                                                \
-            dst[0] = hsum(a0); dst[1] = hsum(a1); dst[2] = hsum(a2); dst[3] = hsum(a3);                      \
-            if (M == 2) {                                                                                    \
-                dst += stride;                                                                               \
-                dst[0] = hsum(c0); dst[1] = hsum(c1); dst[2] = hsum(c2); dst[3] = hsum(c3);                  \
-            }                                                                                                \
+            _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));                                                     \
+            if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c0, c1, c2, c3));                                \
             return;                                                                                          \
         }                                                                                                    \
         const float *wf = WIDEN(wb, KB);                                                                     \
@@ -70,11 +69,6 @@ static inline float hsum(__m256 v) {
 
 /* Many inputs (M > 2): the 4-row block, widened to fp32 once (it stays in L1), against 3 inputs at a time: 12
  * accumulators, 4 weight loads + 3 input loads per 12 FMAs, so FMA throughput bounds it. */
-static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-
 static void rows4x3(const float *wf, const float *x0, const float *x1, const float *x2, int64_t KB, float *dst,
                     int64_t stride, const char *next) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
