@@ -65,3 +65,13 @@ def device(value: str) -> str:
     except ValueError as e:
         raise ArgumentTypeError(str(e)) from None
     return value
+
+
+def api_key(value: str) -> str:
+    from qwen35.serve.middleware import check_api_key
+
+    try:
+        check_api_key(value)
+    except ValueError as e:
+        raise ArgumentTypeError(str(e)) from None
+    return value

@@ -61,6 +61,8 @@ def failure(argv, capsys) -> str:
     (["generate", "--device", "foo", "x"], "argument --device: unknown device 'foo' (use cpu, cuda or cuda:N)"),
     (["serve", "--device", "meta"], "argument --device: device 'meta' is not supported"),
     (["forward", "--device", "cuda:99"], "argument --device: device 'cuda:99': "),
+    (["serve", "--api-key", " key"], "argument --api-key: the API key must be non-empty, without control characters"),
+    (["serve", "--body-timeout", "nan"], "argument --body-timeout: must be a positive number of seconds, got nan"),
 ])
 def test_bad_flags_name_themselves_before_loading(argv, message, capsys, no_loading):
     assert message in usage_error(argv, capsys)

@@ -27,7 +27,7 @@ from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams, SamplingParamsError
 from qwen35.serve.async_engine import AsyncEngine
 from qwen35.serve.metrics import Metrics
-from qwen35.serve.middleware import (ERROR_RESPONSES, APIError, Guard, InFlight, error_response,
+from qwen35.serve.middleware import (ERROR_RESPONSES, APIError, Guard, InFlight, check_api_key, error_response,
                                      install_error_handlers)
 from qwen35.serve.prompts import Prompts, default_max_body_bytes, forced_tool_call
 from qwen35.serve.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -110,8 +110,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     """max_body_bytes: None derives it from the context length (see prompts.default_max_body_bytes).
     api_key: required on every route but /health (and /metrics when public_metrics); compared as UTF-8 bytes.
     body_timeout: seconds a client has to send its whole request body (408 after)."""
-    if api_key is not None and (not api_key or api_key != api_key.strip() or not api_key.isprintable()):
-        raise ValueError("the API key must be non-empty, without control characters or surrounding whitespace")
+    check_api_key(api_key)
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or llm.model_path.name
     metrics = Metrics()

@@ -32,6 +32,12 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} 
     (413, "Body too large"), (500, "Internal error"), (503, "Server busy or shutting down"))}
 
 
+
+def check_api_key(api_key: str | None) -> None:
+    """A key clients can send in a header: non-empty, no control characters, no surrounding whitespace."""
+    if api_key is not None and (not api_key or api_key != api_key.strip() or not api_key.isprintable()):
+        raise ValueError("the API key must be non-empty, without control characters or surrounding whitespace")
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)

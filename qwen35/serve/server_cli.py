@@ -6,7 +6,7 @@ import argparse
 import logging
 import socket
 
-from qwen35.cli_types import device, json_object, mm_limits, port, positive_float, positive_int
+from qwen35.cli_types import api_key, device, json_object, mm_limits, port, positive_float, positive_int
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -14,8 +14,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics "
-                   "with --public-metrics); a non-ASCII key is matched as UTF-8 bytes")
+    p.add_argument("--api-key", type=api_key,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics with "
+                   "--public-metrics); a non-ASCII key is matched as UTF-8 bytes")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint folder name)")
     p.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
