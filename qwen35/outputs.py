@@ -24,7 +24,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (not eos)
 
     def finished(self) -> bool:
@@ -39,5 +39,6 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None  # set when the engine failed this request (its completions end with "error"/"abort")
     # Filled by LLM.chat: the parsed assistant message of outputs[i] ({"reasoning_content", "content", "tool_calls"}).
     messages: list[dict[str, Any]] = field(default_factory=list)

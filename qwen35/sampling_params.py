@@ -1,9 +1,12 @@
 """`SamplingParams` with vLLM's semantics and validation: temperature 0 is greedy; top_k <= 0 and top_p = 1 disable
-those filters; penalties follow vLLM (repetition over prompt + output, presence/frequency over the output)."""
+those filters; penalties follow vLLM (repetition over prompt + output, presence/frequency over the output).
+Every number must be finite and in range; what needs the model (the vocabulary, max_num_seqs) the engine checks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 
 class SamplingParamsError(ValueError):
@@ -12,6 +15,9 @@ class SamplingParamsError(ValueError):
 
 @dataclass
 class SamplingParams:
+    MAX_N: ClassVar[int] = 128  # completions per request: each is a sequence in the batch
+    SEED_RANGE: ClassVar[range] = range(-2**63, 2**63)  # int64, as vLLM; seed + i (i < MAX_N) stays in torch's range
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -35,9 +41,11 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self._validate()
+        if self.stop is None or isinstance(self.stop, (list, tuple)):  # a copy: the engine keeps its own
+            self.stop = list(self.stop or [])
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
 
     @property
     def is_greedy(self) -> bool:
@@ -56,7 +64,8 @@ class SamplingParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return SamplingParams(**{**values, **updates})
 
-    def _validate(self):
+    def validate(self) -> None:
+        """Raise SamplingParamsError naming the first bad field (the engine calls it again: the fields are mutable)."""
         def fail(name, why):
             raise SamplingParamsError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
@@ -67,10 +76,14 @@ class SamplingParams:
 
         for name in ("n", "top_k", "min_tokens"):
             check_type(name, (int,))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            check_type(name, (bool,))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             check_type(name, (int, float))
-        if self.n < 1:
-            fail("n", "must be at least 1")
+            if not _is_finite(getattr(self, name)):
+                fail(name, "must be a finite number")
+        if not 1 <= self.n <= self.MAX_N:
+            fail("n", f"must be in [1, {self.MAX_N}]")
         if self.temperature < 0:
             fail("temperature", "must be non-negative")
         if not 0 < self.top_p <= 1:
@@ -96,9 +109,19 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 fail(name, "must be a non-negative integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            fail("seed", "must be an integer")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            fail("stop", "must be non-empty strings")
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "must be non-negative integers")
+        if self.seed is not None:
+            check_type("seed", (int,))
+            if self.seed not in self.SEED_RANGE:
+                fail("seed", "must be in [-2**63, 2**63 - 1]")
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
+            fail("stop", "must be a non-empty string or a list of them")
+        if not isinstance(self.stop_token_ids, list) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "must be a list of non-negative integers")
+
+
+def _is_finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False

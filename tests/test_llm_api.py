@@ -44,7 +44,7 @@ def test_text_prompt_greedy_matches_transformers(llm, ckpt):
 
 def test_eos_ids_and_generation_defaults(llm):
     assert llm.engine.eos_ids == {248046, 248044}
-    assert llm.model.vocab_limit == llm.tokenizer.vocab_size == 248077
+    assert llm.engine.vocab_limit == llm.tokenizer.vocab_size == 248077
     d = llm.get_default_sampling_params()
     assert (d.temperature, d.top_p, d.top_k) == (0.6, 0.95, 20)
     mine = SamplingParams.from_optional(temperature=0.0, max_tokens=3).with_defaults(llm._generation_defaults())

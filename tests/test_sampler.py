@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qwen35.engine.sampler import SampleRow, apply_penalties, filter_logits, sample
+from qwen35.engine.sampler import SampleRow, apply_penalties, filter_logits, sample, sample_row
 from qwen35.sampling_params import SamplingParams
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])
@@ -84,3 +84,28 @@ def test_filter_order_temperature_before_top_p():
     lg = filter_logits(LOGITS.clone(), SamplingParams(temperature=0.25, top_p=0.9))
     # at T=0.25 the top token holds > 0.86 and the second brings it past 0.9: exactly two survive
     assert torch.isfinite(lg).sum() == 2 and math.isfinite(lg[0]) and math.isfinite(lg[1])
+
+
+def test_extreme_finite_values_give_valid_tokens():
+    # A temperature past float32's range flattens the logits (it used to turn -inf / inf into NaN); a top_p below
+    # float32's resolution keeps the top token; a huge repetition penalty on a zero logit gives no inf * 0 = NaN.
+    logits = torch.tensor([2.0, 0.0, -1.0, float("-inf")])
+    freq = draw(SamplingParams(temperature=1e308), n=3000, logits=logits)
+    assert freq[3] == 0 and close(freq, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]), n=3000)
+    assert draw(SamplingParams(temperature=1.0, top_p=1e-300), n=50, logits=logits)[0] == 1.0
+    # seen ids 0 and 1 become ~0+ and 0: greedy keeps 0, a draw sees three near-equal finite logits
+    assert sample(logits[None], [SampleRow(SamplingParams(temperature=0, repetition_penalty=1e308), [0, 1], [],
+                                           None, [])]) == [0]
+    row = SampleRow(SamplingParams(temperature=1.0, repetition_penalty=1e308), [0, 1], [],
+                    torch.Generator().manual_seed(0), [])
+    assert {sample(logits[None], [row])[0] for _ in range(100)} == {0, 1, 2}
+
+
+def test_a_row_with_nothing_to_draw_raises_instead_of_naming_an_arbitrary_id():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 3.0]])
+    banned_all = SampleRow(SamplingParams(temperature=0), [], [], None, [0, 1, 2])
+    with pytest.raises(ValueError, match="no token can be sampled"):
+        sample_row(logits[0], banned_all)
+    with pytest.raises(RuntimeError):
+        sample_row(torch.full((3,), float("nan")), SampleRow(SamplingParams(), [], [], torch.Generator(), []))
+    assert sample_row(logits[1], SampleRow(SamplingParams(temperature=0), [], [], None, [5])) == 2  # ids past V

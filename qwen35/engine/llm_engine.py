@@ -4,7 +4,9 @@ batch at every step; each step is one packed forward that mixes prefill chunks a
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+from dataclasses import replace
 
 import torch
 
@@ -13,10 +15,12 @@ from qwen35.cache.manager import BlockManager, SlotPool
 from qwen35.config import EngineConfig
 from qwen35.engine.request import Request
 from qwen35.engine.runner import ModelRunner
-from qwen35.engine.sampler import SampleRow, sample, top_logprobs
+from qwen35.engine.sampler import SampleRow, sample_row, top_logprobs
 from qwen35.engine.scheduler import Scheduler
 from qwen35.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen35.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 MiB = 2**20
 CPU_KV_DEFAULT_BYTES = 4 * 2**30
@@ -24,6 +28,10 @@ CPU_KV_DEFAULT_BYTES = 4 * 2**30
 
 class EngineError(ValueError):
     """A request or engine setting the engine cannot honour; the message says why."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed one request in a step (the others carried on); the message says why."""
 
 
 def available_memory(device: torch.device) -> int:
@@ -56,10 +64,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, self.device)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else text.eos_token_id)
-        if tokenizer is not None:
-            model.vocab_limit = min(tokenizer.vocab_size, text.vocab_size)
+        # ids at or past the tokenizer's size (the embedding's padding rows) have no token: never drawn
+        self.vocab_limit = min(tokenizer.vocab_size, text.vocab_size) if tokenizer is not None else text.vocab_size
         self._parents: dict[str, list[Request]] = {}
         self._arrival = itertools.count()
+        self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
 
     def _num_blocks(self, per_token: int, per_slot: int) -> int:
@@ -86,15 +95,34 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, mm=None) -> None:
-        """mm: the MultimodalPrompt of a prompt whose placeholders `multimodal.prompt.expand_prompt` expanded."""
+        """mm: the MultimodalPrompt of a prompt whose placeholders `multimodal.prompt.expand_prompt` expanded.
+        Everything is checked and every completion built before any is queued: a rejected request leaves nothing."""
         if request_id in self._parents:
             raise EngineError(f"request id {request_id!r} is already running")
+        params = replace(params)  # validated again, and a copy: later changes by the caller cannot reach the step
+        self._check(prompt_token_ids, params, mm)
+        children = [self._child(request_id, i, prompt_token_ids, params, prompt, mm) for i in range(params.n)]
+        for req in children:
+            self.scheduler.add(req)
+        self._parents[request_id] = children
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams, mm) -> None:
         if not prompt_token_ids:
             raise EngineError("the prompt is empty")
-        vocab = self.model.vocab_limit or self.model_config.text.vocab_size
+        vocab = self.model_config.text.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.n > self.config.max_num_seqs:
+            raise EngineError(f"SamplingParams.n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}), "
+                              "the number of sequences this engine runs at once")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise EngineError(f"SamplingParams.{name} ({getattr(params, name)}) exceeds the vocabulary size "
+                                  f"({vocab})")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise EngineError(f"SamplingParams.stop_token_ids: {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise EngineError(f"the prompt has {n_prompt} tokens; max_model_len is {self.max_model_len}, which "
@@ -115,27 +143,25 @@ class LLMEngine:
                 raise EngineError("the prompt holds image/video placeholder tokens but no image or video was given")
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
-        children = []
-        for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator().manual_seed(params.seed + i)
-            elif not params.is_greedy:
-                gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
-            req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, list(prompt_token_ids), params,
-                          prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id,
-                          mm=mm)
-            req.max_total_tokens = min(self.max_model_len,
-                                       n_prompt + (params.max_tokens or self.max_model_len))
-            if params.logprobs is not None:
-                req.logprobs = []
-            if params.prompt_logprobs is not None:
-                req.prompt_logprobs = [None]
-            if self.tokenizer is not None:
-                req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
-            children.append(req)
-            self.scheduler.add(req)
-        self._parents[request_id] = children
+
+    def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm
+               ) -> Request:
+        gen = None
+        if params.seed is not None:  # an int64 seed + i (i < SamplingParams.MAX_N) stays within torch's uint64
+            gen = torch.Generator().manual_seed(params.seed + i)
+        elif not params.is_greedy:
+            gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
+        req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, list(prompt_token_ids), params,
+                      prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id, mm=mm)
+        req.max_total_tokens = min(self.max_model_len,
+                                   len(prompt_token_ids) + (params.max_tokens or self.max_model_len))
+        if params.logprobs is not None:
+            req.logprobs = []
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        if self.tokenizer is not None:
+            req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
+        return req
 
     def abort(self, request_id: str) -> None:
         for req in self._parents.pop(request_id, []):
@@ -151,31 +177,69 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and report every parent request that made progress."""
+        """Schedule, run one forward, sample, and report every parent request that made progress or failed.
+
+        The forward is shared (it updates every sequence's cache in place), so its failure is the caller's; what
+        follows runs request by request, and a request that raises there fails alone (`_fail`)."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         logits = self.runner.run(chunks)
-        sampling = [(c, lg) for c, lg in zip(chunks, logits) if c.completes_known_tokens]
+        sampling = [(c.request, lg[-1]) for c, lg in zip(chunks, logits) if c.completes_known_tokens]
         for c, lg in zip(chunks, logits):
             if lg is not None and c.request.prompt_logprobs is not None:
-                self._record_prompt_logprobs(c, lg)
+                self._guarded(c.request, self._record_prompt_logprobs, c, lg)
             c.request.num_computed_tokens += c.num_tokens
+        sampling = [(r, lg) for r, lg in sampling if not r.is_finished]
         if sampling:
-            rows = [SampleRow(c.request.params, c.request.prompt_token_ids, c.request.output_token_ids,
-                              c.request.generator, self._banned(c.request)) for c, _ in sampling]
-            last = torch.stack([lg[-1] for _, lg in sampling])
-            tokens = sample(last, rows)
-            need_lp = [i for i, (c, _) in enumerate(sampling) if c.request.params.logprobs is not None]
-            if need_lp:
-                k = max(sampling[i][0].request.params.logprobs for i in need_lp)
-                lp_rows = top_logprobs(last[need_lp], [tokens[i] for i in need_lp], k)
-                for i, lp in zip(need_lp, lp_rows):
-                    self._record_logprobs(sampling[i][0].request, tokens[i], lp)
-            for (c, _), tok in zip(sampling, tokens):
-                self._append_token(c.request, tok)
-        touched = dict.fromkeys(c.request.parent_id for c, _ in sampling)
+            reqs = [r for r, _ in sampling]
+            last = torch.stack([lg for _, lg in sampling]).float()
+            drawable = last[:, :self.vocab_limit]  # ids without a token are never drawn; logprobs see them all
+            tokens = [None if r.is_finished else self._guarded(r, sample_row, drawable[i], SampleRow(
+                r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r)))
+                for i, r in enumerate(reqs)]  # a sibling's failure finishes a request mid-loop
+            self._record_logprobs(last, reqs, tokens)
+            for r, tok in zip(reqs, tokens):
+                if not r.is_finished:
+                    self._guarded(r, self._append_token, r, tok)
+        touched = dict.fromkeys([r.parent_id for r, _ in sampling] + self._failed)
+        self._failed = []
         return [self._output(pid) for pid in touched if pid in self._parents]
+
+    def _record_logprobs(self, last: torch.Tensor, reqs: list[Request], tokens: list[int | None]) -> None:
+        """The sampled tokens' logprobs, for the requests that asked: one batched top-k, or row by row if that
+        raises, so that only a bad row's request fails."""
+        rows = [i for i, r in enumerate(reqs) if r.logprobs is not None and not r.is_finished]
+        if not rows:
+            return
+        try:
+            lps = top_logprobs(last[rows], [tokens[i] for i in rows], max(reqs[i].params.logprobs for i in rows))
+        except Exception:
+            lps = [self._guarded(reqs[i], lambda i=i: top_logprobs(last[i:i + 1], [tokens[i]],
+                                                                   reqs[i].params.logprobs)[0]) for i in rows]
+        for i, lp in zip(rows, lps):
+            if not reqs[i].is_finished:
+                self._guarded(reqs[i], self._add_logprobs, reqs[i], tokens[i], lp)
+
+    def _guarded(self, req: Request, fn, *args):
+        """fn(*args), or None after failing `req` if it raises."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._fail(req, e)
+            return None
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """Finish a request whose sampling or output handling raised, with its siblings (one unit): "error" for it,
+        "abort" for the siblings still running. The step carries on with every other request."""
+        logger.error("request %s failed in the engine step; the other requests continue", req.request_id,
+                     exc_info=exc)
+        req.error = f"{type(exc).__name__}: {exc}"
+        for r in self._parents.get(req.parent_id, [req]):
+            if r is req or not r.is_finished:
+                r.finish_reason = "error" if r is req else "abort"
+                self.scheduler.finish(r)
+        self._failed.append(req.parent_id)
 
     def _banned(self, req: Request) -> list[int]:
         p = req.params
@@ -186,7 +250,7 @@ class LLMEngine:
     def _decode_one(self, tok: int) -> str:
         return self.tokenizer.decode([tok]) if self.tokenizer is not None else None
 
-    def _record_logprobs(self, req: Request, tok: int, lp) -> None:
+    def _add_logprobs(self, req: Request, tok: int, lp) -> None:
         chosen_lp, rank, ids, lps = lp
         k = req.params.logprobs
         entry = {i: Logprob(v, r + 1, self._decode_one(i)) for r, (i, v) in enumerate(zip(ids[:k], lps[:k]))}
@@ -255,4 +319,4 @@ class LLMEngine:
         if finished:
             del self._parents[parent_id]
         return RequestOutput(parent_id, first.prompt, list(first.prompt_token_ids), first.prompt_logprobs, outs,
-                             finished)
+                             finished, error=next((r.error for r in children if r.error), None))

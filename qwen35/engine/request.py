@@ -39,8 +39,9 @@ class Request:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
     detokenizer: object | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
     mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)

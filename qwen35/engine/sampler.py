@@ -1,6 +1,10 @@
 """From logits to tokens, vLLM's order: penalties on the raw logits, then greedy argmax, or temperature, min-p,
 top-k, top-p and a draw from the request's own generator (so a seeded request samples the same tokens whatever
-else shares its batch). Logprobs are those of the raw model distribution, as vLLM reports by default."""
+else shares its batch). Logprobs are those of the raw model distribution, as vLLM reports by default.
+
+Any finite parameter gives a valid distribution: factors past float32's range are clamped to it (so no inf * 0 =
+NaN), top-p always keeps the most likely token, and a row left with nothing to draw raises (for its request
+alone: the engine samples row by row)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from qwen35.sampling_params import SamplingParams
+
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -21,22 +27,24 @@ class SampleRow:
 
 
 def apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
-    p = row.params
+    p, V = row.params, logits.shape[-1]
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long, device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        # prompt ids past the drawable vocabulary (ids without a token) have no logit here
+        seen = [t for t in sorted(set(row.prompt_ids) | set(row.output_ids)) if t < V]
+        if seen:
+            seen = torch.tensor(seen, dtype=torch.long, device=logits.device)
+            vals, rp = logits[seen], min(p.repetition_penalty, FP32_MAX)
+            logits[seen] = torch.where(vals > 0, vals / rp, vals * rp)
     if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
         out = torch.tensor(row.output_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(out, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p masks (to -inf). logits: [V] float32."""
-    logits = logits / p.temperature
+    logits = logits / min(p.temperature, FP32_MAX)  # a huge temperature flattens the logits; -inf stays -inf
     if p.min_p > 0:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
@@ -47,6 +55,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and never less than the top token (a top_p below float32's resolution rounds to 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -57,22 +66,27 @@ def _argmax(x: torch.Tensor) -> int:
     return int(x.numpy().argmax()) if x.device.type == "cpu" else int(torch.argmax(x))
 
 
+def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
+    """logits: [V] float32 over the ids that may be drawn (not modified). One token; raises if none can be drawn."""
+    p = row.params
+    if row.banned_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        logits = apply_penalties(logits.clone(), row)
+        banned = [t for t in row.banned_ids if t < logits.shape[-1]]
+        if banned:
+            logits[banned] = float("-inf")
+    if p.is_greedy:
+        tok = _argmax(logits)
+        if not logits[tok] > float("-inf"):  # NaN or all -inf: argmax would name an arbitrary id
+            raise ValueError("no token can be sampled: every logit is -inf or NaN")
+        return tok
+    probs = torch.softmax(filter_logits(logits, p), -1)
+    return int(torch.multinomial(probs, 1, generator=row.generator))  # raises on NaN or all-zero rows
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
     """logits: [B, V] (any float dtype, not modified). One token per row."""
     logits = logits.float()
-    out = []
-    for i, row in enumerate(rows):
-        lg, p = logits[i], row.params
-        if row.banned_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            lg = apply_penalties(lg.clone(), row)
-            if row.banned_ids:
-                lg[row.banned_ids] = float("-inf")
-        if p.is_greedy:
-            out.append(_argmax(lg))
-            continue
-        probs = torch.softmax(filter_logits(lg, row.params), -1)
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-    return out
+    return [sample_row(logits[i], row) for i, row in enumerate(rows)]
 
 
 def top_logprobs(logits: torch.Tensor, chosen: list[int], k: int):

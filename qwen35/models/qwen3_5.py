@@ -274,8 +274,8 @@ class TextModel(nn.Module):
 class Qwen3_5ForCausalLM(nn.Module):
     """Text decoder + LM head (+ the vision tower of multimodal checkpoints, whose merged patches replace the
     placeholder rows of `inputs_embeds`). `forward` returns final-normed hidden states [N, H]; `compute_logits`
-    projects the rows that need them. Ids at or above `vocab_limit` (the tokenizer's real size, when set) get -inf
-    logits."""
+    projects the rows that need them over the whole vocabulary, as the reference does: ids the tokenizer lacks (the
+    padding rows of the embedding) keep their logits, and the sampler never draws them."""
 
     def __init__(self, cfg: TextConfig, vision: VisionConfig | None = None):
         super().__init__()
@@ -285,7 +285,6 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.vocab_limit: int | None = None
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         return self.model(input_ids, batch, cache, inputs_embeds)
@@ -316,10 +315,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         return list(out.to(self.model.embed_tokens.weight.dtype).split([t * h * w // m2 for t, h, w in grids]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
-            logits[..., self.vocab_limit:] = float("-inf")
-        return logits
+        return self.lm_head(hidden)
 
     def cache_spec(self) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
         """What each layer keeps between steps: the model declares its cache, the cache manager allocates it."""

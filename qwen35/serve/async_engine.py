@@ -2,8 +2,9 @@
 
 Requests and aborts reach the thread through a command list guarded by a condition variable and are applied
 between steps; each request's outputs go back to its own `asyncio.Queue` via `loop.call_soon_threadsafe`. An error
-while adding a request goes to that request only; an error inside `step()` fails the requests then in flight and
-the loop carries on. With no work the thread sleeps on the condition (no spinning).
+while adding a request goes to that request only, and so does a request the step failed alone (`RequestFailed`);
+an error of the step as a whole (the shared forward) fails the requests then in flight and the loop carries on.
+With no work the thread sleeps on the condition (no spinning).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+from qwen35.engine.llm_engine import RequestFailed
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams
 
@@ -63,11 +65,13 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests accepted but not yet scheduled (queued commands plus the scheduler's waiting list)."""
+        """Sequences accepted but not yet scheduled (queued adds count their n, plus the scheduler's waiting list,
+        where each of a request's n completions is one sequence)."""
         return self._num_pending_adds + len(self.engine.scheduler.waiting)
 
     @property
     def num_running(self) -> int:
+        """Sequences in the running batch."""
         return len(self.engine.scheduler.running)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -79,8 +83,9 @@ class AsyncEngine:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
-            self._num_pending_adds += 1
-            self._commands.append(("add", request_id, list(prompt_token_ids), params, prompt, mm, loop, queue))
+            n = params.n
+            self._num_pending_adds += n
+            self._commands.append(("add", request_id, list(prompt_token_ids), params, prompt, mm, loop, queue, n))
             self._cond.notify()
         try:
             first = await queue.get()
@@ -131,7 +136,7 @@ class AsyncEngine:
             self._streams.pop(command[1], None)
             self.engine.abort(command[1])
             return
-        _, request_id, ids, params, prompt, mm, loop, queue = command
+        _, request_id, ids, params, prompt, mm, loop, queue, n = command
         try:
             self.engine.add_request(request_id, ids, params, prompt, mm=mm)
         except Exception as e:  # delivered to this request only
@@ -141,7 +146,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, _ADDED)
         finally:
             with self._cond:
-                self._num_pending_adds -= 1
+                self._num_pending_adds -= n
 
     def _run(self) -> None:
         while True:
@@ -170,6 +175,7 @@ class AsyncEngine:
                         logger.exception("abort of %s failed", request_id)
                 continue
             for out in outputs:
-                self._send(out.request_id, out)
+                self._send(out.request_id, out if out.error is None else RequestFailed(
+                    f"request {out.request_id} failed: {out.error}"))
         for request_id in list(self._streams):
             self._send(request_id, RuntimeError("the engine shut down"))
