@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_N = 128  # completions per request (OpenAI's limit); each is a sequence in the engine
+from qwen35.sampling_params import SamplingParams
+
+MAX_N = SamplingParams.MAX_N  # completions per request (OpenAI's limit); each is a sequence in the engine
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit, vLLM's default max_logprobs)
-_INT64 = 2**63
 
 
 def random_id(prefix: str) -> str:
@@ -47,7 +48,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = None
     max_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    seed: int | None = Field(None, ge=SamplingParams.SEED_RANGE.start, lt=SamplingParams.SEED_RANGE.stop)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool = False
