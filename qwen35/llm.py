@@ -7,6 +7,7 @@ import ctypes.util
 import dataclasses
 import itertools
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,29 @@ def media_limits(limit_mm_per_prompt: dict[str, int] | None) -> MediaLimits:
     return limits
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the OS. glibc keeps what large frees leave inside its heap (loading
     and packing the weights free ~160 MB on the demo model), which would otherwise stay resident for good."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to do
-        pass
+    malloc_trim = getattr(_libc(), "malloc_trim", None)  # glibc only (not musl, macOS, Windows)
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def fix_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its 128 KiB default for this process (a long-running server). Left alone it
+    rises to the largest block freed so far (up to 32 MiB); a step's transient tensors then come from the heap, where
+    small long-lived allocations pin the space between them, and RSS creeps up with no plateau. MALLOC_MMAP_THRESHOLD_
+    in the environment wins."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 def _no_tokenizer(text: str):

@@ -52,9 +52,10 @@ def media_kwargs(args) -> dict:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from qwen35.llm import LLM
+    from qwen35.llm import LLM, fix_mmap_threshold
     from qwen35.serve.app import build_app
 
+    fix_mmap_threshold()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args))
     app = build_app(llm, args.served_model_name, api_key=args.api_key,
