@@ -85,7 +85,7 @@ class TextConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
-    # Derived sizes (see shared/spec/text-model.md §1.5).
+    # Derived sizes.
     @property
     def key_dim(self) -> int:
         return self.linear_num_key_heads * self.linear_key_head_dim
@@ -231,7 +231,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower's geometry (shared/spec/vision-and-io.md §1)."""
+    """The vision tower's geometry (config.json's vision_config)."""
 
     depth: int = 27
     hidden_size: int = 1152

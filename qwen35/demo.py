@@ -36,7 +36,7 @@ DEMO_CONFIG = {
     "image_token_id": 248056, "video_token_id": 248057, "vision_start_token_id": 248053, "vision_end_token_id": 248054,
     "random_weights": True,
 }
-# The released preprocessor_config.json / video_preprocessor_config.json (shared/spec/vision-and-io.md §3.1).
+# The released preprocessor_config.json / video_preprocessor_config.json of the Qwen3.5 checkpoints.
 PREPROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
     "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16, "temporal_patch_size": 2,

@@ -1,11 +1,11 @@
-"""Built-in geometries of the released Qwen3.5 sizes and Qwen3-Next-80B-A3B (shared/spec/text-model.md §1.5), as
+"""Built-in geometries of the released Qwen3.5 sizes and Qwen3-Next-80B-A3B, as
 the config.json a checkpoint of that size carries. Used by `qwen35 info`, the benchmarks and the embedded demo."""
 
 from __future__ import annotations
 
 ROPE = {"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
         "mrope_section": [11, 11, 10], "mrope_interleaved": True}
-# Three ViT sizes (shared/spec/vision-and-io.md §1.2): small for 0.8B, medium for 2B/4B, large above.
+# Three ViT sizes: small for 0.8B, medium for 2B/4B, large above.
 _PATCH = {"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304}
 VIT_SMALL = {"depth": 12, "hidden_size": 768, "intermediate_size": 3072, "num_heads": 12, **_PATCH}
 VIT_MEDIUM = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, **_PATCH}

@@ -3,8 +3,8 @@
 Layers follow `config.layer_types`: Gated DeltaNet ("linear_attention") or gated full attention, each followed by
 a dense SwiGLU or sparse-MoE FFN. The forward works on packed sequences: input ids [N] with a `ForwardBatch`
 saying where each sequence starts, and an optional hybrid cache (paged K/V for attention layers, one conv +
-recurrent state slot per sequence for Gated DeltaNet layers). Parameter names match the HF text checkpoint.
-See shared/spec/text-model.md §2.
+recurrent state slot per sequence for Gated DeltaNet layers). Parameter names match the HF text checkpoint;
+the maths is transformers' `modeling_qwen3_5.py`, which the tests compare against.
 """
 
 from __future__ import annotations
