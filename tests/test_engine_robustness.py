@@ -265,7 +265,8 @@ def test_logprobs_are_over_the_full_vocabulary_as_transformers(llm, ckpt):
         top = torch.topk(row, 3)
         assert list(entry)[:3] == top.indices.tolist()
         for i, v in zip(top.indices.tolist(), top.values.tolist()):
-            assert abs(entry[i].logprob - v) < 1e-4 and entry[i].decoded_token == ""  # ids without a token
+            assert abs(entry[i].logprob - v) < 1e-4
+            assert entry[i].decoded_token == (f"w{i}" if i < NUM_TOKENS else "")  # "": an id without a token
         assert abs(entry[tok].logprob - row[tok].item()) < 1e-4 and entry[tok].rank > 1
     assert_nothing_left(llm)
 
