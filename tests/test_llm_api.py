@@ -188,7 +188,7 @@ def test_stream_deltas_concatenate_to_the_final_output(llm):
             toks[key] = toks.get(key, []) + c.token_ids
             lps[key] = lps.get(key, []) + c.logprobs
             reasons[key] = c.finish_reason
-    keys = sorted(text)
+    keys = sorted(text, key=lambda k: (int(k[0]), k[1]))  # request ids are counters: "10" comes after "9"
     assert [text[k] for k in keys] == [c.text for o in final for c in o.outputs]
     assert [toks[k] for k in keys] == [c.token_ids for o in final for c in o.outputs]
     assert [len(lps[k]) for k in keys] == [12] * 4 and set(reasons.values()) == {"length"}
