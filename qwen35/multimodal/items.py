@@ -39,3 +39,4 @@ class VideoFrames:
     indices: list[int]  # index of each sampled frame in the source video
     fps: float  # native frame rate of the source (24.0 when it was unknown, as transformers assumes)
     total_num_frames: int  # frames in the source video
+    source_hw: tuple[int, int] | None = None  # (H, W) at source resolution when `frames` are already resized
