@@ -112,3 +112,28 @@ def test_a_stream_keeps_going_while_an_image_is_encoded(ckpt, monkeypatch):
     text_done = next(i for i, (rid, done, _) in enumerate(events) if rid == text_id and done)
     assert text_done < first_image_token
     assert [toks for _, done, toks in events if done] == alone
+
+
+def test_scheduler_grants_the_encoder_budget_and_prefills_only_encoded_items():
+    import torch
+
+    from qwen35.cache.manager import BlockManager, SlotPool
+    from qwen35.engine.request import Request
+    from qwen35.engine.scheduler import Scheduler
+    from qwen35.multimodal.items import VisualItem
+    from qwen35.multimodal.prompt import VisionTokens, expand_prompt
+
+    items = [VisualItem("image", torch.zeros(64, 4), (1, 8, 8)), VisualItem("image", torch.zeros(16, 4), (1, 4, 4))]
+    ids, mm = expand_prompt([1, 2, VISION_START, IMAGE, VISION_END, 3, VISION_START, IMAGE, VISION_END, 4], items,
+                            [], VisionTokens(IMAGE, 151, VISION_START, VISION_END), 2, None)
+    assert mm.item_starts == [3, 22]  # 16 + 4 merged tokens
+    sched = Scheduler(BlockManager(64, 16), SlotPool(2), 2, 100, encoder_budget=30)
+    req = Request("r", ids, SamplingParams(max_tokens=1), mm=mm)
+    sched.add(req)
+    steps = []
+    while req.num_computed_tokens < len(ids):
+        (chunk,) = sched.schedule()
+        steps.append((chunk.num_tokens, mm.granted))
+        req.num_computed_tokens += chunk.num_tokens
+    # the text before the first image; a step that only encodes; then the rest once both images are granted
+    assert steps == [(3, 30), (0, 60), (len(ids) - 3, 80)]
