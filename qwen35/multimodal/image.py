@@ -117,15 +117,19 @@ def process_image(image: Image.Image, cfg: ProcessorConfig, name: str = "image")
         raise MediaError(f"{name}: {e}") from None
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image)
+    pixels = np.asarray(image)  # kept as uint8 until the tower asks for the float patches
+    return VisualItem("image", lambda: _image_patches(pixels, cfg), (1, h // cfg.patch_size, w // cfg.patch_size))
+
+
+def _image_patches(pixels: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:
+    h = pixels.shape[0]
     mean, std = np.array(cfg.image_mean, np.float32), np.array(cfg.image_std, np.float32)
     x = np.empty(pixels.shape, np.float32)  # [H, W, C]
     for r in range(0, h, STRIP_ROWS):  # in strips: the float64 step would otherwise cost 8 bytes per value at once
         x[r:r + STRIP_ROWS] = ((pixels[r:r + STRIP_ROWS].astype(np.float64) * cfg.rescale_factor).astype(np.float32)
                                - mean) / std
     frames = torch.from_numpy(x).permute(2, 0, 1)[None]  # [1, C, H, W]
-    pixel_values, grid = patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    return VisualItem("image", pixel_values, grid)
+    return patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)[0]
 
 
 def patchify(frames: torch.Tensor, patch_size: int, merge_size: int,

@@ -114,11 +114,17 @@ def process_video(video: VideoFrames, cfg: ProcessorConfig, name: str = "video")
     h, w = target_size(n, *(video.source_hw or frames.shape[1:3]), cfg, name)
     if frames.shape[1:3] != (h, w):
         frames = np.stack([_resize(f, h, w) for f in frames])
+    P = cfg.patch_size
+    grid = (-(-n // tp), h // P, w // P)
+    return VisualItem("video", lambda: _video_patches(frames, cfg), grid, calculate_timestamps(video.indices,
+                                                                                              video.fps, tp))
+
+
+def _video_patches(frames: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.video_mean) * (1.0 / cfg.video_rescale_factor)  # float32, as transformers fuses them
     std = torch.tensor(cfg.video_std) * (1.0 / cfg.video_rescale_factor)
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32).sub_(mean).div_(std)  # [n, h, w, C]
-    pixel_values, grid = patchify(x.permute(0, 3, 1, 2), cfg.patch_size, cfg.merge_size, tp)
-    return VisualItem("video", pixel_values, grid, calculate_timestamps(video.indices, video.fps, tp))
+    return patchify(x.permute(0, 3, 1, 2), cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)[0]
 
 
 def target_size(n: int, height: int, width: int, cfg: ProcessorConfig, name: str = "video") -> tuple[int, int]:
