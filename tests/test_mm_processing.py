@@ -415,7 +415,9 @@ def test_load_video_samples_the_right_frames(videos, kind):
     video = load_video(videos[kind])
     want = hf_video_processor(ProcessorConfig()).sample_frames(VideoMetadata(total_num_frames=30, fps=10.0))
     assert video.indices == want.tolist() == [0, 6, 12, 17, 23, 29]
-    assert (video.fps, video.total_num_frames, video.frames.shape) == (10.0, 30, (6, 48, 64, 3))
+    # frames are resized while decoding (only one is ever held at source size): 48x64 -> 64x64 for 6 frames
+    assert (video.fps, video.total_num_frames, video.source_hw, video.frames.shape) == (10.0, 30, (48, 64),
+                                                                                         (6, 64, 64, 3))
     red = video.frames[:, 8:-8, 8:-8, 0].reshape(6, -1).mean(axis=1)
     assert np.abs(red - 8 * np.array(video.indices)).max() < 6, red  # lossy codec: approximate colour
     item = process_video(video, ProcessorConfig())

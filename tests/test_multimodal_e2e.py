@@ -153,16 +153,19 @@ def mixed_requests():
     ]
 
 
-@pytest.mark.parametrize("budget", ["default", "small_chunks", "preempting"])
+@pytest.mark.parametrize("budget", ["default", "small_chunks", "preempting", "encoding_in_pieces"])
 def test_mixed_batch_equals_each_alone(ckpt, llm, budget):
     reqs = mixed_requests()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = [llm.generate(r, params)[0].outputs[0].token_ids for r in reqs]
-    kw = {"default": {}, "small_chunks": {"max_num_batched_tokens": 24},
-          # 17 blocks of 16 tokens x 512 bytes (1 attention layer x K,V x 2 heads x 32 x fp32): one 256-token
-          # request fits, the five together (~450 tokens) do not
-          "preempting": {"max_num_batched_tokens": 32, "kv_cache_bytes": 17 * 16 * 512}}[budget]
+    # 17 blocks of 16 tokens x 512 bytes (1 attention layer x K,V x 2 heads x 32 x fp32): one 256-token
+    # request fits, the five together (~450 tokens) do not
+    preempting = {"max_num_batched_tokens": 32, "kv_cache_bytes": 17 * 16 * 512}
+    kw = {"default": {}, "small_chunks": {"max_num_batched_tokens": 24}, "preempting": preempting,
+          "encoding_in_pieces": {"max_num_batched_tokens": 32}}[budget]
     other = LLM(ckpt[0], dtype="float32", max_model_len=256, **kw)
+    if budget == "encoding_in_pieces":  # 7 patches of tower work per step: every item takes several steps
+        other.engine.scheduler.encoder_budget = 7
     together = [o.outputs[0].token_ids for o in other.generate(reqs, params)]
     assert together == alone
     if budget == "preempting":

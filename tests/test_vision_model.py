@@ -136,3 +136,42 @@ def test_logits_match_transformers_whole_and_in_pieces(models, case):
     for cuts in ([], [1, 9, 10, L - 1], list(range(3, L, 7))):
         (ours,) = run_pieces(model, [expanded], [cuts], poison=True, mm=[(mm, feats)])
         torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
+
+
+def test_long_segment_in_query_blocks_matches_eager_transformers(models, monkeypatch):
+    """A 4096-patch image in query blocks of 64 rows (as a huge photo is split) equals transformers' eager attention,
+    which builds the full [N, N] score matrix."""
+    from qwen35.models import vision
+
+    model, hf = models
+    cfg = model.visual.cfg
+    monkeypatch.setattr(vision, "SCORE_ELEMENTS", cfg.num_heads * 4096 * 64)
+    monkeypatch.setattr(vision, "ROW_BLOCK", 512)
+    pv = torch.randn(4096, 384, generator=torch.Generator().manual_seed(3))
+    job = vision.EncodeJob(model.visual, pv, (1, 64, 64))
+    assert sum(kind == "out" for kind, *_ in job.pieces) == 64 * cfg.depth
+    hf_vision = hf.model.visual
+    monkeypatch.setattr(hf_vision.config, "_attn_implementation", "eager")
+    with torch.no_grad():
+        job.run_to(1, 1)
+        ref = hf_vision(pv, grid_thw=torch.tensor([(1, 64, 64)])).pooler_output
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(job.result, ref, atol=TOL, rtol=0)
+
+
+def test_encoding_in_many_steps_equals_one_pass(models, monkeypatch):
+    """However the engine spreads an item's pieces over steps, the embeddings are the same bits."""
+    from qwen35.models import vision
+
+    model, _ = models
+    monkeypatch.setattr(vision, "ROW_BLOCK", 64)
+    monkeypatch.setattr(vision, "SCORE_ELEMENTS", model.visual.cfg.num_heads * 96 * 32)
+    item = video(3, 8, 12, 8)
+    with torch.no_grad():
+        whole = model.visual(item.pixel_values, [item.grid_thw])
+        job = vision.EncodeJob(model.visual, item.pixel_values, item.grid_thw)
+        for k in range(1, 41):
+            job.run_to(k, 40)
+            assert job.finished == (k == 40)
+        assert len(job.pieces) > 20
+    assert torch.equal(job.result, whole)

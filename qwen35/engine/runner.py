@@ -1,7 +1,8 @@
 """Turns a schedule into tensors: one packed forward over every scheduled chunk, logits only for the rows that
-sample a token or report prompt logprobs. Requests with images or videos get their vision-tower embeddings (one
-tower pass for every such request new in the step, kept until the request ends so a recompute after preemption
-needs no second pass) written over their placeholder rows, and their 3D positions."""
+sample a token or report prompt logprobs. Requests with images or videos first get the vision-tower work the
+scheduler granted them this step (items in order, a large one spread over several steps); the embeddings are kept
+until the request ends, so a recompute after preemption needs no second pass, and are written over the placeholder
+rows, with the 3D positions. A chunk of 0 tokens only encodes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from qwen35.cache.hybrid import HybridCache
 from qwen35.engine.scheduler import ScheduledChunk
 from qwen35.models.batch import ForwardBatch, SeqChunk
+from qwen35.models.vision import EncodeJob
 
 
 class ModelRunner:
@@ -21,6 +23,8 @@ class ModelRunner:
         """Per chunk: its logits rows ([rows, V]) or None. A chunk wants every row when it still covers prompt
         positions whose logprobs were asked for, else only its last row when it samples."""
         self._encode_visual(chunks)
+        everything = chunks
+        chunks = [c for c in chunks if c.num_tokens]
         seqs, wants = [], []
         for c in chunks:
             r = c.request
@@ -33,29 +37,42 @@ class ModelRunner:
                                  state_slot=r.state_slot, block_ids=r.block_ids, positions=positions,
                                  want_logits=want))
             wants.append(want)
+        if not chunks:
+            return [None] * len(everything)
         batch = ForwardBatch.build(seqs, self.cache.block_size, self.device)
         hidden = self.model(batch.input_ids, batch, self.cache, inputs_embeds=self._embeds(chunks, batch))
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.logits_indices.numel() else None
-        out, at = [], 0
+        out, at = {}, 0
         for c, want in zip(chunks, wants):
             n = {"none": 0, "last": 1, "all": c.num_tokens}[want]
-            out.append(logits[at:at + n] if n else None)
+            out[id(c)] = logits[at:at + n] if n else None
             at += n
-        return out
+        return [out.get(id(c)) for c in everything]
 
     def _encode_visual(self, chunks: list[ScheduledChunk]) -> None:
-        todo = list({id(c.request.mm): c.request.mm for c in chunks
-                     if c.request.mm is not None and c.request.mm.embeds is None}.values())
-        if not todo:
-            return
-        items = [item for mm in todo for item in mm.items]
-        feats = self.model.encode_visual([it.pixel_values for it in items], [tuple(it.grid_thw) for it in items])
-        at = 0
-        for mm in todo:
-            n = len(mm.items)
-            mm.embeds = torch.cat(feats[at:at + n]) if n else None
-            mm.items = []  # the pixels are no longer needed
-            at += n
+        """Do the tower work granted to each request of the step (n > 1 siblings share one MultimodalPrompt)."""
+        for mm in {id(c.request.mm): c.request.mm for c in chunks if c.request.mm is not None}.values():
+            done = sum(mm.item_patches[:mm.encoded_items])
+            while mm.encoded_items < len(mm.grids) and mm.granted > done:
+                k = mm.encoded_items
+                patches = mm.item_patches[k]
+                if mm.job is None:
+                    mm.job = EncodeJob(self.model.visual, mm.items[k].pixel_values, mm.grids[k])
+                    mm.items[k] = None  # the job holds the pixels until they are embedded
+                mm.job.run_to(mm.granted - done, patches)
+                if not mm.job.finished:
+                    break
+                self._store(mm, k, mm.job.result)
+                mm.job, mm.encoded_items, done = None, k + 1, done + patches
+
+    def _store(self, mm, k: int, feats: torch.Tensor) -> None:
+        """Write item k's merged-token embeddings into the request's rows."""
+        m2 = self.model.visual.cfg.spatial_merge_size ** 2
+        if mm.embeds is None:
+            mm.embeds = torch.empty(mm.num_patches // m2, feats.shape[1], device=feats.device,
+                                    dtype=self.model.model.embed_tokens.weight.dtype)
+        at = sum(mm.item_patches[:k]) // m2
+        mm.embeds[at:at + feats.shape[0]] = feats
 
     def _embeds(self, chunks: list[ScheduledChunk], batch: ForwardBatch) -> torch.Tensor | None:
         if all(c.request.mm is None for c in chunks):

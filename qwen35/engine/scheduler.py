@@ -3,7 +3,13 @@
 Each step: running requests first (a decode token, or the next chunk of a prompt), oldest first; when KV blocks
 run out the newest running request is preempted (its blocks and state slot freed, its progress reset: it will
 recompute prompt + output so far); then waiting requests are admitted while budget, sequence slots and blocks
-last. Plain Python over requests and the two managers: no tensors here."""
+last. Plain Python over requests and the two managers: no tensors here.
+
+Images and videos are encoded in pieces between steps: each step has an encoder budget in patches, granted to
+requests in the same order; a prompt is prefilled only up to the first placeholder of an item whose encoding is not
+fully granted (the runner does the granted work before the forward), and a request with nothing else to do this
+step gets a chunk of 0 tokens that only encodes. So a large image costs running streams a bounded delay per step
+instead of one long stall."""
 
 from __future__ import annotations
 
@@ -26,9 +32,14 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: SlotPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, slots: SlotPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 encoder_budget: int | None = None):
+        """encoder_budget: vision-tower patches encoded per step; default max_num_batched_tokens (a patch of tower
+        work costs far less than a token of decoder work for the released models, so an encoding step costs no
+        more than a prefill chunk)."""
         self.blocks, self.slots = blocks, slots
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.encoder_budget = encoder_budget or max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -41,12 +52,16 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
+        self._encoder_left = self.encoder_budget
         out: list[ScheduledChunk] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n, grant = self._media_cut(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if n == 0 and grant == 0:  # waits for its images to be encoded; the encoder budget is spent
+                i += 1
+                continue
             if not self._grow(req, req.num_computed_tokens + n):
                 # Not enough blocks: preempt the newest running request (possibly this one) and retry.
                 victim = self.running[-1]
@@ -55,6 +70,7 @@ class Scheduler:
                 if victim is req:
                     break
                 continue
+            self._grant(req, grant)
             out.append(ScheduledChunk(req, n))
             budget -= n
             i += 1
@@ -62,16 +78,31 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and self.slots.num_free:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._grow(req, req.num_computed_tokens + n):
+            n, grant = self._media_cut(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if (n == 0 and grant == 0) or not self._grow(req, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             req.state_slot = self.slots.allocate()
             req.status = Status.RUNNING
             self.running.append(req)
+            self._grant(req, grant)
             out.append(ScheduledChunk(req, n))
             budget -= n
         return out
+
+    def _media_cut(self, req: Request, n: int) -> tuple[int, int]:
+        """(tokens of the next n that can be prefilled this step, patches of encoder work to grant for them)."""
+        mm = req.mm
+        if mm is None or mm.granted >= mm.num_patches:
+            return n, 0
+        start = req.num_computed_tokens
+        grant = max(0, min(mm.patches_before(start + n) - mm.granted, self._encoder_left))
+        return min(n, max(0, mm.ready_end(mm.granted + grant) - start)), grant
+
+    def _grant(self, req: Request, grant: int) -> None:
+        if grant:
+            req.mm.granted += grant
+            self._encoder_left -= grant
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         need = self.blocks.blocks_needed(num_tokens, len(req.block_ids))

@@ -24,6 +24,8 @@ ACTS = {
     "silu": F.silu,
 }
 Grid = tuple[int, int, int]
+ROW_BLOCK = 1024  # rows per piece of tower work
+SCORE_ELEMENTS = 1 << 25  # attention scores one query block may hold (128 MiB in fp32) should SDPA materialise them
 
 
 def merge_block_coords(h: int, w: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,20 +72,29 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        N = x.shape[0]
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # [N, heads, D] each
+    def qkv_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> rotated q, k and v as [3, heads, n, D]."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        # Non-causal attention inside each segment (one image, or one temporal patch of a video), never across.
-        out = torch.empty_like(q)
-        start = 0
+        return torch.stack((q, k, v)).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Non-causal attention of q [heads, b, D] over one segment's k, v [heads, n, D] -> projected [b, hidden].
+        4D inputs let SDPA pick its fused kernels (flash on CPU): the 3D form falls back to a full score matrix."""
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+        return self.proj(out.transpose(0, 1).reshape(q.shape[1], -1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """The eager reference: every query of a segment at once."""
+        q, k, v = self.qkv_rows(x, cos, sin)
+        out, start = [], 0
         for n in seqlens:
             sl = slice(start, start + n)
-            out[sl] = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
-                                                     v[sl].transpose(0, 1)).transpose(0, 1)
+            out.append(self.attend(q[:, sl], k[:, sl], v[:, sl]))
             start += n
-        return self.proj(out.reshape(N, -1))
+        return torch.cat(out)
 
 
 class VisionMLP(nn.Module):
@@ -155,16 +166,93 @@ class VisionTower(nn.Module):
         return torch.cat(taps), torch.cat(weights), torch.cat(coords), seqlens
 
     def forward(self, pixel_values: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
-        dev = self.pos_embed.weight.device
-        taps, weights, coords, seqlens = self.layout(grids)
-        if pixel_values.shape[0] != sum(seqlens):
-            raise ValueError(f"{pixel_values.shape[0]} patch rows for grids totalling {sum(seqlens)} patches")
-        x = self.patch_embed(pixel_values.to(dev))
-        pos = (self.pos_embed(taps.to(dev)) * weights.to(dev)[:, :, None]).sum(1)
-        x = x + pos.to(x.dtype)
-        angles = (coords.to(dev)[:, :, None].float() * self.inv_freq).flatten(1)  # [N, head_dim/2]: h then w
+        """Every item in one call: [N, patch_dim] -> [N / merge^2, out_hidden_size]."""
+        total = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape[0] != total:
+            raise ValueError(f"{pixel_values.shape[0]} patch rows for grids totalling {total} patches")
+        out = []
+        for pv, grid in zip(pixel_values.split([t * h * w for t, h, w in grids]), grids):
+            job = EncodeJob(self, pv, grid)
+            job.run_to(1, 1)
+            out.append(job.result)
+        return torch.cat(out)
+
+
+class EncodeJob:
+    """One item's pass through the tower, cut into pieces of bounded work and memory so that the engine can spread
+    it over several steps: embed rows, per block the q/k/v of rows and then the output of query blocks (attention
+    of up to `query_block` rows over their segment, projection, MLP), and the merger. The pieces are fixed by the
+    item alone, so running them in one go or over many steps computes the same numbers."""
+
+    def __init__(self, tower: VisionTower, pixel_values: torch.Tensor, grid: Grid):
+        cfg, dev = tower.cfg, tower.pos_embed.weight.device
+        t, h, w = grid
+        self.tower, self.pixel_values, self.n = tower, pixel_values, t * h * w
+        if pixel_values.shape[0] != self.n:
+            raise ValueError(f"{pixel_values.shape[0]} patch rows for a {t}x{h}x{w} grid")
+        self.taps, self.weights, coords, _ = tower.layout([grid])
+        angles = (coords.to(dev)[:, :, None].float() * tower.inv_freq).flatten(1)  # [N, head_dim/2]: h then w
         emb = torch.cat((angles, angles), -1)[:, None, :]
-        cos, sin = emb.cos(), emb.sin()
-        for blk in self.blocks:
-            x = blk(x, cos, sin, seqlens)
-        return self.merger(x)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        dtype = tower.patch_embed.proj.weight.dtype
+        self.x = torch.empty(self.n, cfg.hidden_size, dtype=dtype, device=dev)
+        self.x_next = torch.empty_like(self.x)
+        self.qkv = torch.empty(3, cfg.num_heads, self.n, cfg.head_dim, dtype=dtype, device=dev)
+        self.result = torch.empty(self.n // cfg.spatial_merge_size**2, cfg.out_hidden_size, dtype=dtype, device=dev)
+        seg, m2 = h * w, cfg.spatial_merge_size**2
+        hid, inter = cfg.hidden_size, cfg.intermediate_size
+        # Query rows per piece: at most ROW_BLOCK, and few enough that a score matrix (if SDPA makes one) stays
+        # within SCORE_ELEMENTS; a multiple of the merge block so merger pieces line up.
+        rb = ROW_BLOCK // m2 * m2
+        qb = min(rb, max(m2, SCORE_ELEMENTS // (cfg.num_heads * seg)) // m2 * m2)
+        rows = [(a, min(a + rb, self.n)) for a in range(0, self.n, rb)]
+        queries = [(s + a, s + min(a + qb, seg)) for s in range(0, self.n, seg) for a in range(0, seg, qb)]
+        # (kind, block index, first row, end row, estimated FLOPs) in running order
+        self.pieces = [("embed", -1, a, b, 2 * (b - a) * cfg.patch_dim * hid) for a, b in rows]
+        for i in range(cfg.depth):
+            self.pieces += [("qkv", i, a, b, 6 * (b - a) * hid * hid) for a, b in rows]
+            self.pieces += [("out", i, a, b, (b - a) * (2 * hid * hid + 4 * hid * inter + 4 * seg * hid))
+                            for a, b in queries]
+        self.pieces += [("merge", -1, a, b, (b - a) * (8 * hid * hid + 2 * hid * cfg.out_hidden_size))
+                        for a, b in rows]
+        self.cost = [0]
+        for piece in self.pieces:
+            self.cost.append(self.cost[-1] + piece[4])
+        self.done = 0  # pieces run so far
+        self.segment = seg
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.pieces)
+
+    def run_to(self, num: int, den: int) -> None:
+        """Run pieces until at least the share num/den of the estimated work is done (all of it when num >= den)."""
+        target = self.cost[-1] if num >= den else self.cost[-1] * num // den
+        while self.done < len(self.pieces) and self.cost[self.done + 1] <= target:
+            self._run(*self.pieces[self.done][:4])
+            self.done += 1
+
+    def _run(self, kind: str, i: int, a: int, b: int) -> None:
+        tower, dev = self.tower, self.x.device
+        if kind == "embed":
+            x = tower.patch_embed(self.pixel_values[a:b].to(dev))
+            pos = (tower.pos_embed(self.taps[a:b].to(dev)) * self.weights[a:b].to(dev)[:, :, None]).sum(1)
+            self.x[a:b] = x + pos.to(x.dtype)
+            if b == self.n:
+                self.pixel_values = None  # the caller may drop its reference too
+        elif kind == "qkv":
+            blk = tower.blocks[i]
+            self.qkv[:, :, a:b] = blk.attn.qkv_rows(blk.norm1(self.x[a:b]), self.cos[a:b], self.sin[a:b])
+        elif kind == "out":
+            blk = tower.blocks[i]
+            s = a - a % self.segment
+            q, k, v = self.qkv[0, :, a:b], self.qkv[1, :, s:s + self.segment], self.qkv[2, :, s:s + self.segment]
+            x = self.x[a:b] + blk.attn.attend(q, k, v)
+            self.x_next[a:b] = x + blk.mlp(blk.norm2(x))
+            if b == self.n:  # the block is done: its output is the next block's input
+                self.x, self.x_next = self.x_next, self.x
+        else:
+            m2 = self.tower.cfg.spatial_merge_size**2
+            self.result[a // m2:b // m2] = tower.merger(self.x[a:b])
+            if b == self.n:
+                self.x = self.x_next = self.qkv = self.cos = self.sin = None

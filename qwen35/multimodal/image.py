@@ -25,6 +25,7 @@ from qwen35.multimodal.items import MediaError, VisualItem
 # refused as "not a supported image".
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "PPM", "QOI")
 MAX_ASPECT_RATIO = 200
+STRIP_ROWS = 256  # image rows normalised at a time
 
 
 def load_image(src, limits: MediaLimits = MediaLimits(), name: str | None = None) -> Image.Image:
@@ -116,11 +117,19 @@ def process_image(image: Image.Image, cfg: ProcessorConfig, name: str = "image")
         raise MediaError(f"{name}: {e}") from None
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.Resampling.BICUBIC)
-    x = (np.asarray(image).astype(np.float64) * cfg.rescale_factor).astype(np.float32)  # [H, W, C]
-    x = (x - np.array(cfg.image_mean, np.float32)) / np.array(cfg.image_std, np.float32)
+    pixels = np.asarray(image)  # kept as uint8 until the tower asks for the float patches
+    return VisualItem("image", lambda: _image_patches(pixels, cfg), (1, h // cfg.patch_size, w // cfg.patch_size))
+
+
+def _image_patches(pixels: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:
+    h = pixels.shape[0]
+    mean, std = np.array(cfg.image_mean, np.float32), np.array(cfg.image_std, np.float32)
+    x = np.empty(pixels.shape, np.float32)  # [H, W, C]
+    for r in range(0, h, STRIP_ROWS):  # in strips: the float64 step would otherwise cost 8 bytes per value at once
+        x[r:r + STRIP_ROWS] = ((pixels[r:r + STRIP_ROWS].astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+                               - mean) / std
     frames = torch.from_numpy(x).permute(2, 0, 1)[None]  # [1, C, H, W]
-    pixel_values, grid = patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    return VisualItem("image", pixel_values, grid)
+    return patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)[0]
 
 
 def patchify(frames: torch.Tensor, patch_size: int, merge_size: int,
@@ -132,7 +141,9 @@ def patchify(frames: torch.Tensor, patch_size: int, merge_size: int,
     P, m, tp = patch_size, merge_size, temporal_patch_size
     if H % (P * m) or W % (P * m):
         raise ValueError(f"frame size {H}x{W} is not a multiple of patch_size * merge_size = {P * m}")
-    if pad := -T % tp:
+    if T == 1:  # an image: a view repeating it, so the only copy made is the patches themselves
+        frames, pad = frames.expand(tp, -1, -1, -1), tp - 1
+    elif pad := -T % tp:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     gt, gh, gw = (T + pad) // tp, H // P, W // P
     x = frames.reshape(gt, tp, C, gh // m, m, P, gw // m, m, P)

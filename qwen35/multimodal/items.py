@@ -3,6 +3,7 @@ the one error type bad media raises."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,19 +17,31 @@ class MediaError(ValueError):
     to the client as a 400 as is."""
 
 
-@dataclass
 class VisualItem:
-    """One image or video, ready for the vision tower (shared/spec/vision-and-io.md §2.1, §3.4)."""
+    """One image or video, ready for the vision tower (shared/spec/vision-and-io.md §2.1, §3.4).
 
-    kind: str  # "image" or "video"
-    pixel_values: torch.Tensor  # [t*h*w, C*T*P*P] float32, rows in merge-block order
-    grid_thw: tuple[int, int, int]  # (t, h, w) in patches
-    timestamps: list[float] | None = None  # video only: seconds, one per temporal patch
+    `pixel_values` is [t*h*w, C*T*P*P] float32, rows in merge-block order. The processors keep the resized uint8
+    frames instead and make the float rows only when asked (8x less memory for an image while it waits for the
+    tower: float32, and each image seen twice)."""
+
+    def __init__(self, kind: str, pixel_values: torch.Tensor | Callable[[], torch.Tensor],
+                 grid_thw: tuple[int, int, int], timestamps: list[float] | None = None):
+        self.kind = kind  # "image" or "video"
+        self._pixels = pixel_values  # the tensor, or a function making it
+        self.grid_thw = tuple(grid_thw)  # (t, h, w) in patches
+        self.timestamps = timestamps  # video only: seconds, one per temporal patch
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self._pixels() if callable(self._pixels) else self._pixels
 
     def num_tokens(self, merge_size: int) -> int:
         """Placeholder tokens the item occupies in the prompt: patches / merge_size**2."""
         t, h, w = self.grid_thw
         return t * h * w // merge_size**2
+
+    def __repr__(self) -> str:
+        return f"VisualItem({self.kind!r}, grid_thw={self.grid_thw})"
 
 
 @dataclass
@@ -39,3 +52,4 @@ class VideoFrames:
     indices: list[int]  # index of each sampled frame in the source video
     fps: float  # native frame rate of the source (24.0 when it was unknown, as transformers assumes)
     total_num_frames: int  # frames in the source video
+    source_hw: tuple[int, int] | None = None  # (H, W) at source resolution when `frames` are already resized

@@ -13,25 +13,54 @@ shared/spec/vision-and-io.md §4.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class MultimodalPrompt:
-    """What the engine keeps for a request with visual items."""
+    """What the engine keeps for a request with visual items.
 
-    items: list  # VisualItems in prompt order; dropped once encoded
+    The vision tower may encode the items over several steps, in prompt order: the scheduler grants encoder work
+    in patches (`granted`) and prefills only the positions before the first item not yet fully granted; the runner
+    does the granted work (`encoded_items`, `job`) before that step's forward."""
+
+    items: list  # VisualItems in prompt order; each dropped (None) once its encoding starts
     grids: list[tuple[int, int, int]]
     positions: torch.Tensor  # [3, num_prompt_tokens] int64
     rope_delta: int  # decode position = token index + rope_delta
     feature_rows: torch.Tensor  # [num_prompt_tokens] int64: row of `embeds` for a placeholder, -1 for text
-    embeds: torch.Tensor | None = None  # [num_visual_tokens, hidden], set when the vision tower has run
+    item_starts: list[int] = field(default_factory=list)  # position of each item's first placeholder
+    embeds: torch.Tensor | None = None  # [num_visual_tokens, hidden], filled item by item as the tower finishes them
+    granted: int = 0  # patches of tower work granted so far (scheduler)
+    encoded_items: int = 0  # items whose embeddings are in `embeds` (runner)
+    job: object | None = None  # the vision tower's EncodeJob of the item being encoded (runner)
 
     @property
     def num_prompt_tokens(self) -> int:
         return self.positions.shape[1]
+
+    @property
+    def item_patches(self) -> list[int]:
+        return [t * h * w for t, h, w in self.grids]
+
+    @property
+    def num_patches(self) -> int:
+        return sum(self.item_patches)
+
+    def patches_before(self, end: int) -> int:
+        """Patches of every item with a placeholder before position `end`: the work prefilling up to it needs."""
+        return sum(p for p, start in zip(self.item_patches, self.item_starts) if start < end)
+
+    def ready_end(self, granted: int) -> int:
+        """How far the prompt can be prefilled once `granted` patches of work are done: up to the first placeholder
+        of the first item not wholly covered."""
+        for p, start in zip(self.item_patches, self.item_starts):
+            granted -= p
+            if granted < 0:
+                return start
+        return self.num_prompt_tokens
 
     def positions_for(self, start: int, end: int) -> torch.Tensor:
         """[3, end - start] positions of tokens start..end-1 (prompt or generated)."""
@@ -71,6 +100,7 @@ def expand_prompt(token_ids: Sequence[int], images: Sequence, videos: Sequence, 
     out: list[int] = []
     blocks: list[tuple[int, int, int]] = []  # (start, mh, mw) of every vision block, in order
     ordered: list = []
+    starts: list[int] = []  # first placeholder of each item
     next_img, next_vid = iter(images), iter(videos)
     i = 0
     while i < len(token_ids):
@@ -79,6 +109,7 @@ def expand_prompt(token_ids: Sequence[int], images: Sequence, videos: Sequence, 
             item = next(next_img)
             _, h, w = item.grid_thw
             blocks.append((len(out), h // merge_size, w // merge_size))
+            starts.append(len(out))
             out += [tokens.image] * (item.grid_thw[0] * h * w // m2)
             ordered.append(item)
         elif tok == tokens.video:
@@ -91,8 +122,10 @@ def expand_prompt(token_ids: Sequence[int], images: Sequence, videos: Sequence, 
             if wrapped:  # the per-frame blocks bring their own start/end tokens
                 out.pop()
                 i += 1
-            for stamp in item.timestamps:
+            for k, stamp in enumerate(item.timestamps):
                 out += encode(f"<{stamp:.1f} seconds>") + [tokens.vision_start]
+                if k == 0:
+                    starts.append(len(out))
                 blocks.append((len(out), h // merge_size, w // merge_size))
                 out += [tokens.video] * (h * w // m2)
                 out.append(tokens.vision_end)
@@ -102,7 +135,7 @@ def expand_prompt(token_ids: Sequence[int], images: Sequence, videos: Sequence, 
         i += 1
     positions, delta, rows = _positions(len(out), blocks)
     grids = [tuple(int(x) for x in item.grid_thw) for item in ordered]
-    return out, MultimodalPrompt(ordered, grids, positions, delta, rows)
+    return out, MultimodalPrompt(ordered, grids, positions, delta, rows, starts)
 
 
 def _positions(L: int, blocks: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int, torch.Tensor]:

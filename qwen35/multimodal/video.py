@@ -109,8 +109,26 @@ def process_video(video: VideoFrames, cfg: ProcessorConfig, name: str = "video")
     rounding step. Sizes, frame padding, patch order and the normalisation arithmetic (transformers' fused
     (x - 255*mean) / (255*std) in float32) match it. A one-frame clip is sized as two frames (transformers
     refuses it); it is padded to two anyway."""
-    frames = video.frames
-    n, H, W = frames.shape[:3]
+    frames, tp = video.frames, cfg.temporal_patch_size
+    n = len(frames)
+    h, w = target_size(n, *(video.source_hw or frames.shape[1:3]), cfg, name)
+    if frames.shape[1:3] != (h, w):
+        frames = np.stack([_resize(f, h, w) for f in frames])
+    P = cfg.patch_size
+    grid = (-(-n // tp), h // P, w // P)
+    return VisualItem("video", lambda: _video_patches(frames, cfg), grid, calculate_timestamps(video.indices,
+                                                                                              video.fps, tp))
+
+
+def _video_patches(frames: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.video_mean) * (1.0 / cfg.video_rescale_factor)  # float32, as transformers fuses them
+    std = torch.tensor(cfg.video_std) * (1.0 / cfg.video_rescale_factor)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32).sub_(mean).div_(std)  # [n, h, w, C]
+    return patchify(x.permute(0, 3, 1, 2), cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)[0]
+
+
+def target_size(n: int, height: int, width: int, cfg: ProcessorConfig, name: str = "video") -> tuple[int, int]:
+    """The (h, w) every frame of an n-frame clip of height x width source frames is resized to."""
     tp, factor = cfg.temporal_patch_size, cfg.factor
     max_pixels = cfg.video_max_pixels
     if cfg.video_cap_pixels_per_frame:  # qwen-vl-utils' cap, as transformers' cap_pixels_per_frame=True
@@ -118,16 +136,13 @@ def process_video(video: VideoFrames, cfg: ProcessorConfig, name: str = "video")
                         int(cfg.video_min_pixels * 1.05))
         max_pixels = per_frame * n
     try:
-        h, w = smart_resize_video(max(n, tp), H, W, tp, factor, cfg.video_min_pixels, max_pixels)
+        return smart_resize_video(max(n, tp), height, width, tp, factor, cfg.video_min_pixels, max_pixels)
     except MediaError as e:
         raise MediaError(f"{name}: {e}") from None
-    if (h, w) != (H, W):
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in frames])
-    mean = torch.tensor(cfg.video_mean) * (1.0 / cfg.video_rescale_factor)  # float32, as transformers fuses them
-    std = torch.tensor(cfg.video_std) * (1.0 / cfg.video_rescale_factor)
-    x = (torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32) - mean) / std  # [n, h, w, C]
-    pixel_values, grid = patchify(x.permute(0, 3, 1, 2), cfg.patch_size, cfg.merge_size, tp)
-    return VisualItem("video", pixel_values, grid, calculate_timestamps(video.indices, video.fps, tp))
+
+
+def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC))
 
 
 def _frames_array(src, limits: MediaLimits, name: str) -> np.ndarray:
@@ -190,14 +205,14 @@ def _decode(source: bytes | Path, name: str, cfg: ProcessorConfig, limits: Media
             raise MediaError(f"{name}: video has no decodable frames")
         indices = sample_indices(total, fps, cfg, limits)
         with open_container() as container:
-            frames, seen = _grab(container, indices, name, limits)
+            (frames, source_hw), seen = _grab(container, indices, name, cfg, limits)
         if len(frames) < len(indices):  # the header promised more frames than the stream holds
             if seen < TRUNCATED_FRACTION * total:
                 raise MediaError(f"{name}: video is truncated or corrupt: its header declares {total} frames but "
                                  f"only {seen} decode")
             total, indices = seen, sample_indices(seen, fps, cfg, limits)  # slightly wrong metadata: resample
             with open_container() as container:
-                frames, _ = _grab(container, indices, name, limits)
+                (frames, source_hw), _ = _grab(container, indices, name, cfg, limits)
     except MediaError:
         raise
     except MemoryError:
@@ -206,7 +221,7 @@ def _decode(source: bytes | Path, name: str, cfg: ProcessorConfig, limits: Media
         raise MediaError(f"{name}: corrupt, truncated or unsupported video ({type(e).__name__}: {e})") from None
     if len(frames) < len(indices):
         raise MediaError(f"{name}: video decodes differently on a second pass; refusing it")
-    return VideoFrames(np.stack(frames), indices, fps, total)
+    return VideoFrames(np.stack(frames), indices, fps, total, source_hw)
 
 
 def _video_stream(container, name: str):
@@ -229,12 +244,14 @@ def _decoded(container, name: str, limits: MediaLimits):
         yield frame
 
 
-def _grab(container, indices: list[int], name: str, limits: MediaLimits) -> tuple[list[np.ndarray], int]:
-    """Decode up to the last wanted index, keeping the wanted frames as RGB arrays the size of the first frame.
-    Returns the frames and how many frames were decoded."""
+def _grab(container, indices: list[int], name: str, cfg: ProcessorConfig,
+          limits: MediaLimits) -> tuple[tuple[list[np.ndarray], tuple[int, int]], int]:
+    """Decode up to the last wanted index, keeping the wanted frames as RGB arrays already resized to the clip's
+    target size (so only one frame is ever held at source resolution). Returns (frames, source (H, W)) and how
+    many frames were decoded."""
     wanted, last = set(indices), indices[-1]
     kept: dict[int, np.ndarray] = {}
-    size = None
+    size = target = None
     seen = 0
     for i, frame in enumerate(_decoded(container, name, limits)):
         seen = i + 1
@@ -242,10 +259,13 @@ def _grab(container, indices: list[int], name: str, limits: MediaLimits) -> tupl
             size = (frame.width, frame.height)
             check_pixels(*size, limits, name, "video frame")
             _check_volume(len(indices), size[1], size[0], limits, name)
+            target = target_size(len(indices), size[1], size[0], cfg, name)
         if i in wanted:
             # A resolution change mid-stream is scaled back to the first frame's size.
             extra = {} if (frame.width, frame.height) == size else {"width": size[0], "height": size[1]}
-            kept[i] = frame.to_ndarray(format="rgb24", **extra)
+            rgb = frame.to_ndarray(format="rgb24", **extra)
+            kept[i] = rgb if rgb.shape[:2] == target else _resize(rgb, *target)
         if i >= last:
             break
-    return [kept[i] for i in indices if i in kept], seen
+    hw = (size[1], size[0]) if size else (0, 0)
+    return ([kept[i] for i in indices if i in kept], hw), seen
