@@ -198,9 +198,11 @@ def main():
     b = limit_ratios
     print(f"machine: read bandwidth {limits['read_bandwidth_GBps']:.1f} GB/s, {args.dtype} matmul "
           f"{limits['matmul_GFLOPs']:.0f} GFLOP/s")
-    print(f"  decode bound {b['decode_bound_ms']:.1f} ms/token: qwen35 at {100 * b['qwen35_decode_fraction_of_bound']:.0f}%,"
+    print(f"  decode bound {b['decode_bound_ms']:.1f} ms/token: "
+          f"qwen35 at {100 * b['qwen35_decode_fraction_of_bound']:.0f}%,"
           f" transformers at {100 * b['hf_decode_fraction_of_bound']:.0f}%")
-    print(f"  prefill bound {b['prefill_bound_ms']:.1f} ms: qwen35 at {100 * b['qwen35_prefill_fraction_of_bound']:.0f}%,"
+    print(f"  prefill bound {b['prefill_bound_ms']:.1f} ms: "
+          f"qwen35 at {100 * b['qwen35_prefill_fraction_of_bound']:.0f}%,"
           f" transformers at {100 * b['hf_prefill_fraction_of_bound']:.0f}%")
     print(f"wrote {args.out}")
 

@@ -39,7 +39,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         elif leaf in ("gate_up_proj", "down_proj") and p.dim() == 3:
             p.copy_(0.6 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         elif "embed_tokens" in name:
-            p.copy_((0.1 if model.config.get_text_config().tie_word_embeddings else 0.3) * torch.randn(p.shape, generator=g))
+            scale = 0.1 if model.config.get_text_config().tie_word_embeddings else 0.3
+            p.copy_(scale * torch.randn(p.shape, generator=g))
         elif name == "lm_head.weight":
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         else:

@@ -3,8 +3,8 @@ position table, 2D rotary, pre-norm blocks attending within each image / each vi
 
 Input is packed: `pixel_values` [N, C*T*P*P] rows of every item in merge-block order (the processor's order), and
 one (t, h, w) grid per item, in patches. Output: one row per merged token, [N / merge^2, out_hidden_size], in
-prompt placeholder order. Parameter names match the checkpoint's `model.visual.*`. See
-shared/spec/vision-and-io.md §2.
+prompt placeholder order. Parameter names match the checkpoint's `model.visual.*`; the maths is
+transformers' Qwen3.5 vision model, which the tests compare against.
 """
 
 from __future__ import annotations

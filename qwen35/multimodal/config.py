@@ -1,5 +1,5 @@
 """Preprocessing configuration: `ProcessorConfig` from a checkpoint's `preprocessor_config.json` and
-`video_preprocessor_config.json` (shared/spec/vision-and-io.md §3.1), and `MediaLimits`, the request-level safety
+`video_preprocessor_config.json`, and `MediaLimits`, the request-level safety
 limits a server sets for images and videos it is sent."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Images: decode any accepted source into an RGB PIL image without trusting it, and turn it into vision-tower
-patches exactly as transformers' `Qwen2VLImageProcessorPil` does (shared/spec/vision-and-io.md §3.2-3.4).
+patches exactly as transformers' `Qwen2VLImageProcessorPil` does.
 
 Also owns what images and videos share: reading a path / bytes / data URL under a byte limit, `smart_resize`,
 and `patchify` (merge-block row order, spec §3.4)."""

@@ -18,7 +18,7 @@ class MediaError(ValueError):
 
 
 class VisualItem:
-    """One image or video, ready for the vision tower (shared/spec/vision-and-io.md §2.1, §3.4).
+    """One image or video, ready for the vision tower.
 
     `pixel_values` is [t*h*w, C*T*P*P] float32, rows in merge-block order. The processors keep the resized uint8
     frames instead and make the float rows only when asked (8x less memory for an image while it waits for the

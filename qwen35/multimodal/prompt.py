@@ -6,8 +6,8 @@ video becomes, per temporal patch, `<{t:.1f} seconds><|vision_start|>` + pads + 
 tokenised on its own, as vLLM does). Positions follow transformers' `get_rope_index`: text advances by one per
 token; a vision block of mh x mw merged tokens starting at `cur` gets T = cur, H = cur + row, W = cur + col and
 moves `cur` on by max(mh, mw). Decode positions are `index + rope_delta`. Positions are computed once for the whole
-prompt, so chunked prefill and recompute after preemption slice the same array. See
-shared/spec/vision-and-io.md §4.
+prompt, so chunked prefill and recompute after preemption slice the same array, as transformers'
+`get_rope_index` computes them.
 """
 
 from __future__ import annotations
