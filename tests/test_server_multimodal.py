@@ -3,10 +3,12 @@
 media get a 400 naming the problem and the server stays healthy; remote media come only from allowed hosts, and a
 slow one holds up no other request."""
 
+import asyncio
 import base64
 import io
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +18,10 @@ import openai
 import pytest
 from PIL import Image
 
+import qwen35.serve.app as app_module
 from qwen35 import LLM, SamplingParams
 from qwen35.multimodal.fetch import FAILED
+from qwen35.serve.app import build_app
 from tests.test_media_fetch import BODY, MediaServer
 from tests.test_mm_processing import write_video
 from tests.test_server import Server
@@ -179,3 +183,38 @@ def test_slow_remote_media_holds_up_no_other_request(server, media):
         assert time.monotonic() - start < 5.0 + 4.0  # each fetch ended at its 5 s deadline
     assert {(a.status_code, a.json()["error"]["message"]) for a in answers} == {
         (400, f"image URL http://localhost:{web.port}/drip: {FAILED}")}
+
+
+def test_media_preprocessing_in_flight_is_bounded(llm, media, monkeypatch):
+    # Six image requests at once through the app in-process: at most max_media_jobs of them preprocess together.
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+    real = app_module.prepare_prompt
+
+    def tracked(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.3)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(app_module, "prepare_prompt", tracked)
+    app = build_app(llm, "tiny", max_media_jobs=2)
+    body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(media / "cat.png", "image/png")}},
+        {"type": "text", "text": "What is it?"}]}]}
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/chat/completions", json=body) for _ in range(6)])
+
+    try:
+        responses = asyncio.run(run())
+    finally:
+        app.state.engine.shutdown()
+    assert [r.status_code for r in responses] == [200] * 6, responses[0].text
+    assert state["most"] == 2

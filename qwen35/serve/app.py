@@ -106,11 +106,16 @@ def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
 def build_app(llm, served_model_name: str | None = None, api_key: str | None = None,
               default_chat_template_kwargs: dict | None = None, max_waiting: int = 256,
               max_body_bytes: int | None = None, engine: AsyncEngine | None = None, public_metrics: bool = False,
-              body_timeout: float = 60.0, escape_special_tokens: bool = False) -> FastAPI:
+              body_timeout: float = 60.0, escape_special_tokens: bool = False, max_media_jobs: int = 2) -> FastAPI:
     """max_body_bytes: None derives it from the context length (see prompts.default_max_body_bytes).
     api_key: required on every route but /health (and /metrics when public_metrics); compared as UTF-8 bytes.
-    body_timeout: seconds a client has to send its whole request body (408 after)."""
+    body_timeout: seconds a client has to send its whole request body (408 after).
+    max_media_jobs: requests whose media are decoded and preprocessed at once (each at most one source image or
+    video frame at full size at a time); the others wait their turn, so media memory in flight stays bounded."""
     check_api_key(api_key)
+    if max_media_jobs < 1:
+        raise ValueError(f"max_media_jobs must be at least 1, got {max_media_jobs}")
+    media_jobs = asyncio.Semaphore(max_media_jobs)
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or llm.model_path.name
     metrics = Metrics()
@@ -216,9 +221,10 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             return prompt_ids, None
         try:
             images, videos = await fetch_remote_media(images, videos, llm.media_policy, llm.media_limits)
-            return await asyncio.to_thread(prepare_prompt, prompt_ids, images, videos, llm.model_config,
-                                           llm.processor_config, tokenizer.encode, llm.media_limits,
-                                           llm.media_policy)
+            async with media_jobs:
+                return await asyncio.to_thread(prepare_prompt, prompt_ids, images, videos, llm.model_config,
+                                               llm.processor_config, tokenizer.encode, llm.media_limits,
+                                               llm.media_policy)
         except ValueError as e:  # MediaError and placeholder mismatches: the client's input
             raise APIError(400, str(e), "messages") from None
 

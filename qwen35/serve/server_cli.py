@@ -41,6 +41,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a client has to send its request line and headers")
     p.add_argument("--max-connections", type=positive_int, default=512,
                    help="open connections beyond which new ones get a 503")
+    p.add_argument("--max-media-jobs", type=positive_int, default=2,
+                   help="requests whose images/videos are decoded and preprocessed at once; others wait (default 2)")
     add_media_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -100,7 +102,8 @@ def cmd_serve(args) -> int:
         app = build_app(llm, args.served_model_name, api_key=args.api_key,
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
-                        body_timeout=args.body_timeout, escape_special_tokens=args.escape_special_tokens)
+                        body_timeout=args.body_timeout, escape_special_tokens=args.escape_special_tokens,
+                        max_media_jobs=args.max_media_jobs)
         # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
         # shutdown hook, which stops the engine thread.
         server = uvicorn.Server(uvicorn_config(app, head_timeout=args.head_timeout,
