@@ -46,32 +46,28 @@ def json_object(value: str) -> dict:
     return obj
 
 
+def _checked(check, value):
+    """`value` after `check(value)`, its ValueError turned into argparse's usage error."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise ArgumentTypeError(str(e)) from None
+    return value
+
+
 def mm_limits(value: str) -> dict:
     from qwen35.llm import media_limits
 
-    obj = json_object(value)
-    try:
-        media_limits(obj)
-    except ValueError as e:
-        raise ArgumentTypeError(str(e)) from None
-    return obj
+    return _checked(media_limits, json_object(value))
 
 
 def device(value: str) -> str:
     from qwen35.llm import check_device
 
-    try:
-        check_device(value)
-    except ValueError as e:
-        raise ArgumentTypeError(str(e)) from None
-    return value
+    return _checked(check_device, value)
 
 
 def api_key(value: str) -> str:
     from qwen35.serve.middleware import check_api_key
 
-    try:
-        check_api_key(value)
-    except ValueError as e:
-        raise ArgumentTypeError(str(e)) from None
-    return value
+    return _checked(check_api_key, value)
