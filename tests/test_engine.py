@@ -269,3 +269,18 @@ def test_64_requests_offline_under_a_budget_of_a_few_requests(moe):
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
     assert llm.engine.scheduler_preemptions > 0
     assert_all_free(llm)
+
+
+def test_cache_managers_reuse_the_lowest_free_indices():
+    # The cache is allocated uninitialised: pages become resident when first written. Requests that come and go must
+    # keep reusing the same low blocks and slots, not walk through the whole pool (RSS growing for hours).
+    blocks, slots = BlockManager(1000, 16), SlotPool(32)
+    for _ in range(50):
+        held = [blocks.allocate(3) for _ in range(4)]
+        s = [slots.allocate() for _ in range(4)]
+        for h in held[::-1]:
+            blocks.free(h)
+        for x in s:
+            slots.free(x)
+    assert max(blocks.allocate(12)) == 11 and blocks.num_free == 988
+    assert sorted(slots.allocate() for _ in range(4)) == [0, 1, 2, 3]
