@@ -118,8 +118,8 @@ class Tokenizer:
         except special tokens inside the `literal_spans` of a ChatPrompt (strings that came from message content):
         those are encoded as plain text, in context, as if the tokenizer had no special tokens."""
         spans = getattr(text, "literal_spans", ())
-        if not spans:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if not spans:  # encode_batch releases the GIL (encode does not): other threads run meanwhile
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens:
             raise ValueError("a chat prompt is encoded as written: its template adds any BOS/EOS itself")
         literal, found = self._literal()

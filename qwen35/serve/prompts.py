@@ -129,8 +129,8 @@ def forced_tool_call(tool_choice, tools) -> str:
 
 
 class Prompts:
-    """Renders and tokenizes the server's prompts. Call from a worker thread: the tokenizer is used through
-    `encode_batch`, which releases the GIL, so the event loop keeps serving while a long prompt is tokenized."""
+    """Renders and tokenizes the server's prompts. Call from a worker thread: `Tokenizer.encode` releases the GIL,
+    so the event loop keeps serving while a long prompt is tokenized."""
 
     def __init__(self, llm, max_model_len: int, default_chat_template_kwargs: dict | None = None,
                  escape_special_tokens: bool = False):
@@ -166,9 +166,7 @@ class Prompts:
         """Token ids of `text`, after the length check (skipped when `param` is None)."""
         if param is not None:
             self.check_length(text, param)
-        if getattr(text, "literal_spans", ()):  # a chat prompt with special-token strings from its messages
-            return self.tokenizer.encode(text)
-        return self.tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        return self.tokenizer.encode(text)
 
     def render_chat(self, messages, tools, template_kwargs, add_generation_prompt=True) -> tuple[str, list, list]:
         """(prompt, image sources, video sources): media parts become the template's placeholders."""
