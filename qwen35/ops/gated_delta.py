@@ -42,14 +42,15 @@ def gated_delta_rule_recurrent(
     state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in the same order
 
     o = torch.empty_like(v)  # [N, Hv, V]
+    finished = []  # no state is written in place, so autograd can differentiate the scan
     for t, n in enumerate(num_active):
+        state = _retire(state, n, finished)
         i = first_token[:n] + t  # token t of each of the n sequences still running
-        s = state[:n] * g[i].exp()[..., None, None]  # decay first
+        s = state * g[i].exp()[..., None, None]  # decay first
         u = beta[i][..., None] * (v[i] - torch.einsum("nhk,nhkv->nhv", k[i], s))  # target minus what s predicts
-        s = s + k[i][..., :, None] * u[..., None, :]  # rank-1 write
-        o[i] = torch.einsum("nhk,nhkv->nhv", q[i], s)  # read after the write
-        state[:n] = s
-    return o.to(out_dtype), _restore_order(state, order)
+        state = s + k[i][..., :, None] * u[..., None, :]  # rank-1 write
+        o[i] = torch.einsum("nhk,nhkv->nhv", q[i], state)  # read after the write
+    return o.to(out_dtype), _restore_order(torch.cat([state, *finished[::-1]]), order)
 
 
 def gated_delta_rule_chunked(
@@ -133,16 +134,16 @@ def gated_delta_rule_chunked(
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [.., 1, 1]
 
     state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in rank order
-    o = torch.empty_like(v)  # [total_chunks, Hv, C, V]
+    outs, finished = [], []  # no state is written in place, so autograd can differentiate the scan
     for i, n in enumerate(num_active):
+        state = _retire(state, n, finished)
         c = slice(offsets[i], offsets[i] + n)  # chunk i of the n sequences that have one
-        s = state[:n]
-        u = u0[c] - w[c] @ s  # the actual writes: remove what the incoming state already predicts
-        o[c] = q_decayed[c] @ s + attn[c] @ u
-        state[:n] = chunk_decay[c] * s + k_decayed[c].mT @ u
+        u = u0[c] - w[c] @ state  # the actual writes: remove what the incoming state already predicts
+        outs.append(q_decayed[c] @ state + attn[c] @ u)
+        state = chunk_decay[c] * state + k_decayed[c].mT @ u
 
-    o = o.transpose(1, 2).reshape(total_chunks * C, Hv, V)[slot]
-    return o.to(out_dtype), _restore_order(state, order)
+    o = torch.cat(outs).transpose(1, 2).reshape(total_chunks * C, Hv, V)[slot]  # outs: [total_chunks, Hv, C, V]
+    return o.to(out_dtype), _restore_order(torch.cat([state, *finished[::-1]]), order)
 
 
 def gated_delta_rule(
@@ -245,6 +246,15 @@ def _initial_state(initial_state: Tensor | None, order: Tensor | None, shape: tu
     if order is None:
         return initial_state.to(device=v.device, dtype=torch.float32, copy=True)
     return initial_state.to(device=v.device, dtype=torch.float32)[order]
+
+
+def _retire(state: Tensor, n: int, finished: list[Tensor]) -> Tensor:
+    """Keep the first n states running; the rest (sequences in decreasing-length order whose scan is over) are final
+    and go to `finished`, last-ranked first."""
+    if n < state.shape[0]:
+        finished.append(state[n:])
+        return state[:n]
+    return state
 
 
 def _restore_order(state: Tensor, order: Tensor | None) -> Tensor:
