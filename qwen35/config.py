@@ -81,6 +81,8 @@ class TextConfig:
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE FFN (True) or dense SwiGLU (False)
     fused_gdn_projections: bool = False  # Qwen3-Next stores in_proj_qkvz / in_proj_ba, group-interleaved
     tie_word_embeddings: bool = False
+    mtp_num_hidden_layers: int = 0  # multi-token-prediction layers in the checkpoint (`mtp.*`); released models: 1
+    mtp_use_dedicated_embeddings: bool = False  # released models share the trunk's embedding
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -196,6 +198,9 @@ class TextConfig:
             moe_layers=moe_layers,
             fused_gdn_projections=is_next,
             tie_word_embeddings=g("tie_word_embeddings", bool, False),
+            # Qwen3-Next names the MTP layer count `num_nextn_predict_layers`
+            mtp_num_hidden_layers=g("mtp_num_hidden_layers", int, g("num_nextn_predict_layers", int, 0)),
+            mtp_use_dedicated_embeddings=g("mtp_use_dedicated_embeddings", bool, False),
             bos_token_id=g("bos_token_id", int, None),
             eos_token_id=tuple([eos] if isinstance(eos, int) else eos or []),
             pad_token_id=g("pad_token_id", int, None),
@@ -213,6 +218,8 @@ class TextConfig:
         if self.linear_num_value_heads % self.linear_num_key_heads:
             fail(f"field 'linear_num_value_heads' ({self.linear_num_value_heads}) is not a multiple of "
                  f"'linear_num_key_heads' ({self.linear_num_key_heads})")
+        if not 0 <= self.mtp_num_hidden_layers <= MAX_LAYERS:
+            fail(f"field 'mtp_num_hidden_layers' must be between 0 and {MAX_LAYERS}, got {self.mtp_num_hidden_layers}")
         if self.hidden_act != "silu":
             fail(f"field 'hidden_act' {self.hidden_act!r} is not supported (Qwen3.5 uses 'silu')")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:

@@ -2,11 +2,11 @@
 and cast tensor by tensor to the requested dtype and device.
 
 Checkpoint names are canonicalised to the text model's (`model.language_model.` -> `model.`, `model.visual.` ->
-`visual.`); `mtp.*` is set aside (no speculative decoding yet), and so is `model.visual.*` when the model is loaded
-text-only (`vision=False`); per-expert 2D tensors are packed
-into the fused 3D expert tensors; Qwen3-Next's fused projections are split. A missing, unexpected or wrongly shaped
-tensor is a `CheckpointError` naming it; a truncated or corrupt file one naming the file. Before any module is built,
-the safetensors headers are checked: every tensor's bytes lie within its file, its dtype is a float the model can
+`visual.`); the multi-token-prediction head `mtp.*` is loaded into `model.mtp` when asked (`mtp=True`) and set aside
+otherwise, and so is `model.visual.*` when the model is loaded text-only (`vision=False`); per-expert 2D tensors are
+packed into the fused 3D expert tensors; Qwen3-Next's fused projections are split. A missing, unexpected or wrongly
+shaped tensor is a `CheckpointError` naming it; a truncated or corrupt file one naming the file. Before any module is
+built, the safetensors headers are checked: every tensor's bytes lie within its file, its dtype is a float the model can
 use, and the config's sizes (layer count, vision depth, vocabulary, hidden size, head size, experts) agree with the
 tensors present, so a hostile config cannot make loading build or allocate more than the files hold. Nothing from a
 checkpoint is executed: no pickle, no remote code.
@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen35.config import ModelConfig
+from qwen35.models.mtp import MTP
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 from qwen35.models.qwen3_next import fused_gdn_shape, split_fused_gdn
 from qwen35.ops.linear import native_available
@@ -35,7 +36,7 @@ from qwen35.ops.linear import native_available
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Small parameters kept in fp32 whatever the model dtype: the checkpoint stores them so and they feed fp32 maths.
 FP32_PARAMS = re.compile(r"\.(A_log|dt_bias)$")
-EXPERT_2D = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+EXPERT_2D = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_GDN = re.compile(r"^model\.layers\.\d+\.linear_attn\.in_proj_(qkvz|ba)\.weight$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Checkpoint dtypes that can become the model's float weights. FP8 and integer (quantized) tensors are not
@@ -104,23 +105,25 @@ def _open(f: Path):
         raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def canonical_name(name: str, vision: bool = False) -> tuple[str | None, str | None]:
+def canonical_name(name: str, vision: bool = False, mtp: bool = False) -> tuple[str | None, str | None]:
     """(our parameter name, None) or (None, the prefix it is set aside under) or (None, None) when unknown."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):], None
     if name.startswith("model.visual."):
         return ("visual." + name[len("model.visual."):], None) if vision else (None, "model.visual.")
     if name.startswith("mtp."):
-        return None, "mtp."
+        return (name, None) if mtp else (None, "mtp.")
     if name.startswith("model.") or name == "lm_head.weight":
         return name, None
     return None, None
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               progress: bool | None = None, vision: bool = True, pack: bool | None = None
+               progress: bool | None = None, vision: bool = True, pack: bool | None = None, mtp: bool = False
                ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
     """vision=False loads only the language model of a multimodal checkpoint (its tower is set aside).
+    mtp=True also loads the checkpoint's MTP head (`mtp.*`, strictly) as `model.mtp`; a checkpoint without one
+    leaves `model.mtp` None (models/mtp.add_mtp attaches a fresh head).
     pack: repack weights for the native CPU kernels. Default: for 16-bit weights on CPU when the kernels are
     available; float32 stays on PyTorch's matmuls, the mode that matches transformers to 1e-4 (the kernel sums in
     another order, which moves fp32 logits by ~1e-4 on the tiny random test models). pack=True forces it."""
@@ -133,9 +136,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     vision = vision and config.vision is not None
     start = time.time()
     files = checkpoint_files(path)
-    check_headers(path, config, files, vision)
+    mtp = mtp and any(n.startswith("mtp.") for n in files)
+    if mtp:
+        _check_mtp_config(path, config)
+    check_headers(path, config, files, vision, mtp)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(cfg, config.vision if vision else None)
+        if mtp:
+            model.mtp = MTP(cfg, model.model)
     params = dict(model.named_parameters(remove_duplicate=False))
     report = LoadReport()
     if progress is None:
@@ -169,7 +177,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             for name in names:
                 if name not in available:
                     raise CheckpointError(f"{f}: tensor {name} listed in the index is not in the file")
-                cname, aside = canonical_name(name, vision)
+                cname, aside = canonical_name(name, vision, mtp)
                 if aside is not None:
                     report.set_aside[aside] = report.set_aside.get(aside, 0) + 1
                     continue
@@ -213,6 +221,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         more = f" (and {len(shown) - 5} more)" if len(shown) > 5 else ""
         raise CheckpointError(f"{path}: missing tensor{'s' if len(shown) > 1 else ''} {', '.join(shown[:5])}{more}")
     model.model.inv_freq = model.model.inv_freq.to(device)
+    if model.mtp is not None:
+        model.mtp.inv_freq = model.mtp.inv_freq.to(device)
     if model.visual is not None:
         model.visual.inv_freq = model.visual.inv_freq.to(device)
     model.eval()
@@ -224,7 +234,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     return model, config, report
 
 
-def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool) -> None:
+def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool, mtp: bool = False) -> None:
     """Check every header entry that will be loaded (bytes, dtype) and the config's sizes against the shapes."""
     cfg, shapes, by_file = config.text, {}, {}
     for name, f in files.items():
@@ -232,7 +242,7 @@ def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], visio
     for f, names in by_file.items():
         with _TensorReader(f) as reader:
             for name in names:
-                cname, aside = canonical_name(name, vision)
+                cname, aside = canonical_name(name, vision, mtp)
                 tied_head = cname == "lm_head.weight" and cfg.tie_word_embeddings
                 if aside is None and cname is not None and not tied_head and name in reader.header:
                     shapes[cname] = reader.check_entry(name)
@@ -270,6 +280,17 @@ def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], visio
         n = num_experts.get(f"model.layers.{i}.mlp.experts", 0) if is_moe else 0
         if n and n != cfg.num_experts:
             fail("num_experts", cfg.num_experts, f"the checkpoint holds {n} experts in layer {i}")
+
+
+def _check_mtp_config(path: Path, config: ModelConfig) -> None:
+    """The config must describe the `mtp.*` tensors being loaded, in the one layout qwen35 builds."""
+    cfg = config.text
+    if cfg.mtp_num_hidden_layers != 1:
+        raise CheckpointError(f"{path}: the checkpoint holds mtp.* tensors but config field 'mtp_num_hidden_layers' is "
+                              f"{cfg.mtp_num_hidden_layers}; qwen35 loads MTP heads of exactly 1 layer")
+    if cfg.mtp_use_dedicated_embeddings:
+        raise CheckpointError(f"{path}: config field 'mtp_use_dedicated_embeddings' is true; qwen35 loads only MTP "
+                              "heads that share the trunk's embedding")
 
 
 class _TensorReader:

@@ -285,6 +285,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = None  # the multi-token-prediction head (models/mtp.py), attached on request
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         return self.model(input_ids, batch, cache, inputs_embeds)
