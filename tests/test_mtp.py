@@ -57,7 +57,8 @@ def mtp_checkpoint(kind, checkpoint, tmp_path, edit=None, config_edit=None):
         edit(tensors)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["mtp_num_hidden_layers"], cfg["mtp_use_dedicated_embeddings"] = 1, False
+    text = cfg.get("text_config", cfg)  # the multimodal releases keep the text fields in text_config
+    text["mtp_num_hidden_layers"], text["mtp_use_dedicated_embeddings"] = 1, False
     if config_edit:
         config_edit(cfg)
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -99,6 +100,41 @@ def test_checkpoint_with_mtp_loads_in_both_modes(kind, checkpoint, tmp_path):
     assert "mtp." not in report.set_aside
     plain, _, report = load_model(path, dtype="float32")
     assert plain.mtp is None and report.set_aside["mtp."] == len(written)
+
+
+def test_multimodal_release_layout(checkpoint, tmp_path):
+    """model.language_model.* + model.visual.* + top-level mtp.*, the config's MTP fields inside text_config."""
+    path, written = mtp_checkpoint("moe_vl", checkpoint, tmp_path)
+    model, config, _ = load_model(path, dtype="float32", mtp=True)
+    assert model.visual is not None and config.text.mtp_num_hidden_layers == 1
+    for k, v in written.items():
+        torch.testing.assert_close(model.get_parameter(k), v, rtol=0, atol=0, msg=k)
+
+
+def test_per_expert_mtp_tensors_are_fused(checkpoint, tmp_path):
+    """MTP experts stored one 2D tensor per expert and projection load into the fused 3D tensors."""
+    def split(t):
+        gate_up, down = t.pop("mtp.layers.0.mlp.experts.gate_up_proj"), t.pop("mtp.layers.0.mlp.experts.down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = gate_up[e].chunk(2)
+            t.update({f"mtp.layers.0.mlp.experts.{e}.gate_proj.weight": gate.clone(),
+                      f"mtp.layers.0.mlp.experts.{e}.up_proj.weight": up.clone(),
+                      f"mtp.layers.0.mlp.experts.{e}.down_proj.weight": down[e].clone()})
+
+    path, written = mtp_checkpoint("moe", checkpoint, tmp_path, edit=split)
+    model, _, _ = load_model(path, dtype="float32", mtp=True)
+    for k in ("mtp.layers.0.mlp.experts.gate_up_proj", "mtp.layers.0.mlp.experts.down_proj"):
+        torch.testing.assert_close(model.get_parameter(k), written[k], rtol=0, atol=0, msg=k)
+
+
+def test_qwen3_next_names_the_layer_count_differently():
+    from qwen35.config import TextConfig
+
+    base = dict(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                num_experts=2, num_experts_per_tok=1, moe_intermediate_size=4)
+    assert TextConfig.from_hf({**base, "num_nextn_predict_layers": 1}, "qwen3_next").mtp_num_hidden_layers == 1
+    assert TextConfig.from_hf({**base, "mtp_num_hidden_layers": 1}, "qwen3_5_moe_text").mtp_num_hidden_layers == 1
+    assert TextConfig.from_hf(base, "qwen3_5_moe_text").mtp_num_hidden_layers == 0
 
 
 def test_transformers_ignores_mtp_tensors(checkpoint, tmp_path):
@@ -215,7 +251,7 @@ def naive_mtp(sd, cfg, hidden, next_ids, lengths, embed):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
 def test_forward_matches_naive_reference_on_packed_sequences(kind, checkpoint):
     model, _ = with_mtp(kind, checkpoint)
     lengths = [5, 1, 9, 3]
@@ -306,7 +342,7 @@ def test_a_few_steps_raise_mtp_accuracy(checkpoint):
     labels = next_token_labels([24], [seq])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     accuracy = []
-    for _ in range(12):
+    for _ in range(10):
         main = F.cross_entropy(model.compute_logits(hidden := model(batch.input_ids, batch))[:-1], labels[:-1])
         loss, correct, count = mtp_loss(model, hidden, batch, labels)
         accuracy.append(correct / count)
