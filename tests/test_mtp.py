@@ -178,6 +178,11 @@ def test_config_must_describe_the_mtp_tensors(checkpoint, tmp_path):
     path, _ = mtp_checkpoint("dense", checkpoint, tmp_path, config_edit=lambda c: c.pop("mtp_num_hidden_layers"))
     with pytest.raises(CheckpointError, match=r"'mtp_num_hidden_layers' is 0"):
         load_model(path, dtype="float32", mtp=True)
+    shutil.rmtree(path)
+    path, _ = mtp_checkpoint("dense", checkpoint, tmp_path,
+                             config_edit=lambda c: c.update(mtp_use_dedicated_embeddings=True))
+    with pytest.raises(CheckpointError, match=r"'mtp_use_dedicated_embeddings' is true"):
+        load_model(path, dtype="float32", mtp=True)
 
 
 def test_checkpoint_without_mtp_leaves_none(checkpoint):
