@@ -62,8 +62,9 @@ class MTP(nn.Module):
 @torch.no_grad()
 def add_mtp(model: Qwen3_5ForCausalLM, std: float = 0.02, generator: torch.Generator | None = None) -> MTP:
     """Attach a freshly initialised MTP head to a model whose checkpoint has none (matrices ~ N(0, std), as HF
-    initialises Qwen3.5; norms at zero, i.e. scale 1), on the trunk's device and dtype. Returns it."""
-    ref = model.lm_head.weight
+    initialises Qwen3.5; norms at zero, i.e. scale 1), on the trunk's device and dtype, for training or scoring an
+    unpacked model. Returns it."""
+    ref = model.model.norm.weight
     mtp = MTP(model.cfg, model.model)
     for name, p in mtp.named_parameters():
         init = torch.zeros(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=generator) * std
