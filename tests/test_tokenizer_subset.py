@@ -11,7 +11,8 @@ from qwen35.chat_template import ChatTemplate
 from qwen35.tokenizer import Tokenizer
 from qwen35.tokenizer_build import ADDED_TOKENS, NUM_BPE_TOKENS
 from qwen35.tokenizer_subset import PAD_MULTIPLE, build_subset_tokenizer, load_vocab_map
-from qwen35.train.corpus import CHAT_TEMPLATE_PATH, build_corpus
+from qwen35.train.corpus import CHAT_TEMPLATE_PATH
+from test_demo_corpus import demo_corpus
 from tokenizer_fixtures import MULTILINGUAL, qwen35_tokenizer_dir
 
 ODD_TEXTS = {
@@ -26,7 +27,7 @@ ODD_TEXTS = {
 
 @pytest.fixture(scope="module")
 def corpus():
-    return build_corpus()
+    return demo_corpus()
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,13 @@ MODULES = (
     "threading", "time", "timeit", "types", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref",
     "zipfile", "zlib",
 )
+# Hooks a host process may have replaced (pytest does): left out so the corpus is the same under any runner.
+SKIPPED = frozenset({"threading.excepthook"})
 HELD_OUT_PERCENT = 5
 MAX_ANSWER_CHARS = 1200
 MAX_PARAGRAPHS = 4
 MIN_ANSWER_CHARS = 40
-MAX_METHODS_PER_CLASS = 30
+MAX_METHODS_PER_CLASS = 60
 MULTI_TURN_PERCENT = 15
 SYSTEM_PERCENT = 20
 SYSTEM_PROMPT = "You are a helpful assistant who knows Python well."
@@ -126,6 +128,11 @@ def _is_prose(lines: list[str]) -> bool:
     indents = {len(x) - len(x.lstrip()) for x in lines}
     if len(indents) != 1 or any(x.lstrip().startswith((">>>", "...", "$ ")) for x in lines):
         return False
+    # Unindented text is prose; an indented block is prose only if it looks wrapped (pydoc indents definitions).
+    if indents == {0}:
+        return True
+    if len(lines) == 1:  # a sentence, not a line of code
+        return lines[0].endswith(".") and lines[0].strip().count(" ") >= 4
     return all(len(x.strip()) >= 40 for x in lines[:-1])
 
 
@@ -135,6 +142,13 @@ def clean_text(text: str, quoted_code: bool = False) -> str:
 
     `quoted_code`: the text is pydoc's plain-text rendering, where inline literals are written "like_this"."""
     paragraphs: list[str] = []
+    code: list[str] = []  # consecutive code blocks form one fence, their relative indentation kept
+
+    def flush_code():
+        if code:
+            paragraphs.append("```\n" + textwrap.dedent("\n".join(code)) + "\n```")
+            code.clear()
+
     note = ""
     for block in re.split(r"\n\s*\n", textwrap.dedent(text.expandtabs(8)).strip("\n")):
         lines = [x.rstrip() for x in block.split("\n") if x.strip()]
@@ -147,6 +161,7 @@ def clean_text(text: str, quoted_code: bool = False) -> str:
             note = first + " "
             continue
         if _is_prose(lines):
+            flush_code()
             para = " ".join(x.strip() for x in lines)
             para = _ROLE.sub(r"`\1`", para).replace("``", "`")
             para = re.sub(r"\s*\[\d+\]", "", para)
@@ -154,10 +169,10 @@ def clean_text(text: str, quoted_code: bool = False) -> str:
                 para = re.sub(r'"([^"\s]+)"', r"`\1`", para)
             para = re.sub(r"::$", ":", para)
             paragraphs.append(note + para)
+            note = ""
         else:
-            code = textwrap.dedent("\n".join(lines))
-            paragraphs.append((note + "\n" if note else "") + "```\n" + code + "\n```")
-        note = ""
+            code += [""] * bool(code) + lines
+    flush_code()
     out: list[str] = []
     size = 0
     for para in paragraphs[:MAX_PARAGRAPHS]:
@@ -207,8 +222,9 @@ def _with_signature(title: str, obj, doc: str) -> str:
     """The answer for a class or routine: its signature, then its docstring (less an old-style signature line)."""
     sig = _signature(title, obj)
     doc = inspect.cleandoc(doc)
-    if sig and _OLD_SIGNATURE.match(doc):
-        doc = doc.split("\n", 1)[1] if "\n" in doc else ""
+    if _OLD_SIGNATURE.match(doc):
+        first, doc = doc.split("\n", 1)
+        sig = sig or f"`{first}`\n\n"
     return sig + clean_text(doc)
 
 
@@ -235,6 +251,8 @@ def docstring_documents() -> Iterator[Document]:
             if doc is None or not (inspect.isclass(obj) or inspect.isroutine(obj)):
                 continue
             title = prefix + name
+            if title in SKIPPED:
+                continue
             kind = "class" if inspect.isclass(obj) else "routine"
             yield Document(kind, title, _with_signature(title, obj, doc))
             if not inspect.isclass(obj):
