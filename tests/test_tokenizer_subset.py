@@ -11,7 +11,7 @@ from qwen35.chat_template import ChatTemplate
 from qwen35.tokenizer import Tokenizer
 from qwen35.tokenizer_build import ADDED_TOKENS, NUM_BPE_TOKENS
 from qwen35.tokenizer_subset import PAD_MULTIPLE, build_subset_tokenizer, load_vocab_map
-from qwen35.train.corpus import CHAT_TEMPLATE_PATH
+from qwen35.train.corpus import CHAT_TEMPLATE_PATH, encode_samples
 from test_demo_corpus import demo_corpus
 from tokenizer_fixtures import MULTILINGUAL, qwen35_tokenizer_dir
 
@@ -109,3 +109,14 @@ def test_bad_vocab_map_names_the_file(tmp_path):
     (tmp_path / "vocab_map.json").write_text('{"original_ids": [1, 2], "vocab_size": "x"}')
     with pytest.raises(ValueError, match=r"vocab_map\.json: not a subset vocabulary map"):
         load_vocab_map(tmp_path)
+
+
+def test_assistant_mask_covers_exactly_the_answers(corpus, subset):
+    _, tok = subset
+    samples = corpus.train[:100] + corpus.heldout
+    for sample, (ids, mask) in zip(samples, encode_samples(tok, samples)):
+        assert ids == tok.encode(sample.text)
+        targets = [i for i, m in zip(ids, mask) if m]
+        assert tok.decode(targets) == "".join(sample.text[a:b] for a, b in sample.assistant_spans)
+        assert ids[mask.index(True) - 1] == tok.token_to_id("\u010a")  # right after "<|im_start|>assistant\n"
+        assert mask[-2] and not mask[-1] and ids[-2] == tok.token_to_id("<|im_end|>")  # "<|im_end|>" then "\n"

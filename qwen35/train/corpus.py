@@ -17,13 +17,14 @@ import random
 import re
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydoc_data.topics import topics as PYDOC_TOPICS
 
 from qwen35.chat_template import ChatTemplate
+from qwen35.tokenizer import Tokenizer
 
 CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "data" / "chat_template.jinja"
 
@@ -304,6 +305,17 @@ def assistant_spans(text: str) -> tuple[tuple[int, int], ...]:
         spans.append((begin, end))
         start = text.find(ASSISTANT_HEADER, end)
     return tuple(spans)
+
+
+def encode_samples(tokenizer: Tokenizer, samples: Sequence[Sample]) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, assistant mask) per sample: `mask[i]` says token i lies in an assistant span, i.e. is a target
+    the loss should count when the model predicts it from the tokens before it."""
+    out = []
+    encodings = tokenizer.backend.encode_batch([s.text for s in samples], add_special_tokens=False)
+    for sample, enc in zip(samples, encodings):
+        mask = [any(a <= start and end <= b for a, b in sample.assistant_spans) for start, end in enc.offsets]
+        out.append((list(enc.ids), mask))
+    return out
 
 
 def _conversations(docs: list[Document], seed: int, template: ChatTemplate) -> tuple[Sample, ...]:
