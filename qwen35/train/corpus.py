@@ -88,6 +88,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class Corpus:
+    """The rendered samples in two splits, and what a run needs to say which corpus it trained on."""
+
     train: tuple[Sample, ...]
     heldout: tuple[Sample, ...]
     python_version: str  # the corpus text depends on it: docstrings change between releases
