@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwen35.config import ModelConfig
 from qwen35.models.loader import checkpoint_files, load_model
 from qwen35.tokenizer import Tokenizer
 from qwen35.train.checkpoint import (latest_checkpoint, load_training_state, save_adapter, save_checkpoint,
@@ -238,8 +239,8 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
     if cfg.save_adapter and cfg.lora_rank <= 0:
         raise ValueError("save_adapter needs LoRA (lora_rank > 0)")
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    mconfig = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model, mconfig, _ = load_model(model_dir, dtype=torch.float32, pack=False, vision=False, progress=False)
     max_len = cfg.max_seq_length or min(cfg.batch_tokens, mconfig.text.max_position_embeddings)
     if max_len > cfg.batch_tokens:
         raise ValueError(f"max_seq_length {max_len} exceeds batch_tokens {cfg.batch_tokens}: a sample must fit in "
@@ -259,6 +260,7 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
         if resume_from is None:
             raise FileNotFoundError(f"{out_dir}: no checkpoint-N to resume from")
     log(f"{len(samples)} training samples ({sum(map(len, samples))} tokens), {len(eval_samples)} held out")
+    model, _, _ = load_model(model_dir, dtype=torch.float32, pack=False, vision=False, progress=False)
     result = train(model, samples, out_dir, cfg, eval_samples, resume_from, log)
     multimodal = any(n.startswith("model.language_model.") for n in checkpoint_files(model_dir))
     if cfg.save_adapter:
