@@ -4,57 +4,22 @@ it writes (checked against transformers and PEFT), resumable and reproducible ru
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-import types
-from collections import namedtuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
+from qwen35.chat_template import ChatTemplate
 from qwen35.models.batch import ForwardBatch, SeqChunk
+from qwen35.models.loader import load_model
+from qwen35.tokenizer import Tokenizer
+from qwen35.train.checkpoint import checkpoint_files, save_checkpoint
+from qwen35.train.data import DataError, encode_chat, load_samples
+from qwen35.train.lora import merged_state_dict
+from qwen35.train.trainer import TrainConfig, finetune, train
 from tests.tiny_models import build
 from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH, add_qwen35_tokenizer, qwen35_tokenizer_dir
-
-
-def _loss_standin() -> types.ModuleType:
-    """The agreed qwen35.train.loss API, for running these tests before that module lands on this branch."""
-    mod = types.ModuleType("qwen35.train.loss")
-    LossOutput = namedtuple("LossOutput", "loss lm_loss aux_loss num_tokens")
-
-    def training_batch(samples):
-        return ForwardBatch.build([SeqChunk(list(s), want_logits="all") for s in samples])
-
-    def shift_labels(samples, loss_masks=None):
-        out = []
-        for i, s in enumerate(samples):
-            m = loss_masks[i] if loss_masks is not None else [True] * len(s)
-            out += [t if keep else -100 for t, keep in zip(s[1:], m[1:])] + [-100]
-        return torch.tensor(out)
-
-    def lm_loss(model, batch, labels, *, router_aux_loss_coef=None):
-        logits = model.compute_logits(model(batch.input_ids, batch)).float()
-        n = int((labels != -100).sum())
-        loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / max(n, 1)
-        return LossOutput(loss, loss, torch.zeros(()), n)
-
-    mod.training_batch, mod.shift_labels, mod.lm_loss = training_batch, shift_labels, lm_loss
-    return mod
-
-
-if importlib.util.find_spec("qwen35.train.loss") is None:
-    sys.modules["qwen35.train.loss"] = _loss_standin()
-
-from qwen35.chat_template import ChatTemplate  # noqa: E402
-from qwen35.models.loader import load_model  # noqa: E402
-from qwen35.tokenizer import Tokenizer  # noqa: E402
-from qwen35.train.checkpoint import checkpoint_files, save_checkpoint  # noqa: E402
-from qwen35.train.data import DataError, encode_chat, load_samples  # noqa: E402
-from qwen35.train.lora import merged_state_dict  # noqa: E402
-from qwen35.train.trainer import TrainConfig, finetune, train  # noqa: E402
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": CITY}}]

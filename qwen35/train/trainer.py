@@ -133,7 +133,7 @@ def evaluate(model: nn.Module, samples, cfg: TrainConfig) -> float:
     model.eval()
     total = count = 0.0
     for micro in pack([len(s) for s in samples], cfg.batch_tokens):
-        out = _loss(model, samples, micro, cfg, 0.0)
+        out = _loss(model, samples, micro, cfg, None)
         total += float(out.lm_loss) * float(out.num_tokens)
         count += float(out.num_tokens)
     model.train(was_training)
