@@ -115,6 +115,16 @@ def test_bad_lines_are_reported_with_line_numbers(tok, tmp_path):
     assert "skipped 4 bad samples, kept 2" in messages[-1]
 
 
+def test_plain_text_file_is_cut_into_windows(tok, tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    samples = load_samples(path, tok, max_length=16)
+    ids = tok.encode(path.read_text()) + [tok.token_to_id("<|endoftext|>")]
+    assert [len(s) for s in samples[:-1]] == [16] * (len(samples) - 1)
+    assert sum((s.ids for s in samples), []) == ids and all(all(s.mask) for s in samples)
+    assert samples[1].where == f"{path}:window 1"
+
+
 def _hf_logits(path, ids):
     import transformers
 
@@ -198,11 +208,41 @@ def test_lora_adapter_loads_in_peft_with_the_merged_logits(real_vocab_ckpt, chat
     torch.testing.assert_close(_hf_logits(merged, ids)[1], trained, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["moe", "next", "moe_vl"])
+def _per_expert_copy(src, out):
+    """`src` rewritten with per-expert 2D expert tensors (as some exports store them) and a stray MTP tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out / f.name)
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                tensors[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate.clone()
+                tensors[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = up.clone()
+        elif name.endswith(".mlp.experts.down_proj"):
+            for e in range(t.shape[0]):
+                tensors[name.replace("down_proj", f"{e}.down_proj.weight")] = t[e].clone()
+        else:
+            tensors[name] = t
+    tensors["mtp.fc.weight"] = torch.randn(64, 128)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["moe", "next", "moe_vl", "moe_per_expert"])
 def test_saved_checkpoint_keeps_the_source_layout(checkpoint, kind, tmp_path):
     """Loading and saving untouched gives back the source tensors, bit for bit, under the same names: the
-    language-model prefix and vision tower of multimodal checkpoints, Qwen3-Next's fused projections."""
-    src, _ = checkpoint(kind)
+    language-model prefix and vision tower of multimodal checkpoints, Qwen3-Next's fused projections, per-expert
+    tensors, tensors the model does not load (an MTP head)."""
+    src, _ = checkpoint(kind.removesuffix("_per_expert"))
+    if kind == "moe_per_expert":
+        src = _per_expert_copy(src, tmp_path / "src")
+        tmp_path = tmp_path / "out"
     model, _, _ = load_model(src, dtype="float32", vision=False)
     save_checkpoint(merged_state_dict(model), tmp_path, source_dir=src)
     before, after = checkpoint_files(src), checkpoint_files(tmp_path)
@@ -242,3 +282,14 @@ def test_bf16_autocast_keeps_float32_master_weights(checkpoint, tmp_path):
     losses = [h["loss"] for h in train(model, samples, tmp_path, cfg, log=lambda m: None).history]
     assert losses[-1] < losses[0]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_gradient_checkpointing_gives_the_same_losses(checkpoint, tmp_path):
+    src, _ = checkpoint("dense")
+    samples = [list(range(i, i + 30)) for i in range(0, 120, 10)]
+    losses = []
+    for on in (False, True):
+        model, _, _ = load_model(src, dtype="float32")
+        cfg = TrainConfig(learning_rate=3e-3, max_steps=3, batch_tokens=64, gradient_checkpointing=on, progress=False)
+        losses.append([h["loss"] for h in train(model, samples, tmp_path / str(on), cfg, log=lambda m: None).history])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

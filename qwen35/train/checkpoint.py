@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.models.loader import EXPERT_2D, canonical_name, checkpoint_files
+from qwen35.models.loader import checkpoint_files
 from qwen35.train.lora import lora_modules
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -61,7 +61,6 @@ def checkpoint_tensors(state: dict[str, torch.Tensor], config: ModelConfig, sour
     if multimodal is None:
         multimodal = any(n.startswith("model.language_model.") for n in source_names) if source_names else \
             config.vision is not None
-    per_expert = any(EXPERT_2D.match(canonical_name(n, True)[0] or "") for n in source_names)
     out, gdn = {}, {}
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -69,8 +68,9 @@ def checkpoint_tensors(state: dict[str, torch.Tensor], config: ModelConfig, sour
         if cfg.fused_gdn_projections and re.search(r"\.linear_attn\.in_proj_(qkv|z|b|a)\.weight$", name):
             gdn[name] = t
             continue
-        if per_expert and re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", name):
-            base = name.rsplit(".", 1)[0]
+        base = name.rsplit(".", 1)[0]
+        # per-expert 2D tensors where the source stored this layer's experts so (else transformers' fused 3D)
+        if base.endswith(".mlp.experts") and hf_name(f"{base}.0.gate_proj.weight", multimodal) in source_names:
             for e in range(t.shape[0]):
                 if name.endswith("gate_up_proj"):
                     gate, up = t[e].chunk(2)
