@@ -99,7 +99,9 @@ def test_bad_lines_are_reported_with_line_numbers(tok, tmp_path):
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps({"messages": CHATS[0]}), '{"messages": [', json.dumps({"messages": [CHATS[0][0], {
         "role": "system", "content": "late"}, CHATS[0][1]]}), json.dumps({"text": "word " * 100}), "",
-        json.dumps({"text": "fine"}), json.dumps({"messages": [CHATS[0][0]]})]
+        json.dumps({"text": "fine"}), json.dumps({"messages": [CHATS[0][0]]}),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                                 CHATS[0][1]]})]
     path.write_text("\n".join(lines) + "\n")
     tok = copy.copy(tok)
     tok.chat_template = CHAT_TEMPLATE_PATH.read_text()
@@ -108,11 +110,12 @@ def test_bad_lines_are_reported_with_line_numbers(tok, tmp_path):
     messages = []
     samples = load_samples(path, tok, max_length=64, on_bad_sample="skip", log=messages.append)
     assert [s.where.rsplit(":", 1)[1] for s in samples] == ["1", "6"]
-    assert [m.split(": ", 1)[0].rsplit(":", 1)[1] for m in messages[:-1]] == ["2", "3", "4", "7"]
+    assert [m.split(": ", 1)[0].rsplit(":", 1)[1] for m in messages[:-1]] == ["2", "3", "4", "7", "8"]
     assert "System message must be at the beginning" in messages[1]
     assert "longer than the maximum length 64" in messages[2]
     assert "no assistant message" in messages[3]
-    assert "skipped 4 bad samples, kept 2" in messages[-1]
+    assert "only text content parts" in messages[4]
+    assert "skipped 5 bad samples, kept 2" in messages[-1]
 
 
 def test_plain_text_file_is_cut_into_windows(tok, tmp_path):
@@ -293,3 +296,25 @@ def test_gradient_checkpointing_gives_the_same_losses(checkpoint, tmp_path):
         cfg = TrainConfig(learning_rate=3e-3, max_steps=3, batch_tokens=64, gradient_checkpointing=on, progress=False)
         losses.append([h["loss"] for h in train(model, samples, tmp_path / str(on), cfg, log=lambda m: None).history])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_model_from_scratch_trains_and_saves_a_checkpoint_transformers_loads(checkpoint, tmp_path):
+    """train() on a model built from a config dict, then save_checkpoint with that dict: what the demo-model
+    script does."""
+    from qwen35.config import ModelConfig
+    from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
+
+    src, _ = checkpoint("moe")
+    config_json = json.loads((src / "config.json").read_text())
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(ModelConfig.from_hf(config_json).text)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    samples = [list(range(i, i + 30)) for i in range(0, 120, 10)]
+    cfg = TrainConfig(learning_rate=3e-3, max_steps=3, batch_tokens=64, progress=False)
+    losses = [h["loss"] for h in train(model, samples, tmp_path / "run", cfg, log=lambda m: None).history]
+    assert losses[-1] < losses[0]
+    save_checkpoint(merged_state_dict(model), tmp_path / "out", config_json=config_json)
+    ids = list(range(5, 40))
+    torch.testing.assert_close(_hf_logits(tmp_path / "out", ids)[1], _our_logits(model, ids), rtol=1e-4, atol=1e-4)

@@ -153,6 +153,9 @@ def _parse_line(line: str, where: str, tokenizer: Tokenizer, template, max_lengt
         messages = obj["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise DataError(f"{where}: 'messages' must be a list of message objects")
+        if any(isinstance(part, dict) and part.get("type", "text") != "text"
+               for m in messages if isinstance(m.get("content"), list) for part in m["content"]):
+            raise DataError(f"{where}: only text content parts can be trained on (no images or video)")
         try:
             ids, mask = encode_chat(tokenizer, template, messages, tools=obj.get("tools"), **template_kwargs)
         except ChatTemplateError as e:

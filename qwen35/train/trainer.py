@@ -156,6 +156,8 @@ def train(model: nn.Module, samples, out_dir: str | Path, cfg: TrainConfig | Non
         raise ValueError("no training samples")
     if cfg.epochs < 1 or cfg.grad_accum < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
         raise ValueError("epochs, grad_accum and max_steps must be at least 1")
+    if cfg.mtp_loss_weight and getattr(model, "mtp", None) is None:
+        raise ValueError("mtp_loss_weight needs a model with an MTP head (model.mtp)")
     torch.manual_seed(cfg.seed)
     params = prepare_model(model, cfg)
     base_lr = cfg.learning_rate or (1e-4 if cfg.lora_rank > 0 else 1e-5)
@@ -236,6 +238,8 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
     resume: True continues from out_dir's latest checkpoint-N, a path from that checkpoint."""
     cfg = dataclasses.replace(config or TrainConfig(), **options)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"{out_dir}: the output directory must not be the model directory it reads")
     if cfg.save_adapter and cfg.lora_rank <= 0:
         raise ValueError("save_adapter needs LoRA (lora_rank > 0)")
     log = log or (lambda msg: print(msg, file=sys.stderr))
