@@ -212,7 +212,8 @@ def cmd_finetune(args) -> int:
         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing,
         mtp_loss_weight=args.mtp_loss_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, save_adapter=args.save_adapter, max_seq_length=args.max_seq_length,
-        eval_data=args.eval_data, eval_fraction=args.eval_fraction, on_bad_sample=args.on_bad_sample)
+        eval_data=args.eval_data, eval_fraction=args.eval_fraction, on_bad_sample=args.on_bad_sample,
+        device=args.device)
     if args.lora_targets:
         options["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
     finetune(args.model, args.data, args.output, TrainConfig(), resume=args.resume or False, **options)
@@ -239,6 +240,7 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--mtp-loss-weight", type=float, default=0.0, help="weight of the MTP head's loss")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0)

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_fraction: float = 0.0
     on_bad_sample: str = "error"  # or "skip"
     enable_thinking: bool | None = None  # passed to the chat template (None: the template's default)
+    device: str = "cpu"  # finetune: where the model is loaded and trained (train() uses the model's device)
     progress: bool | None = None  # progress bar; default: when stderr is a terminal
     extra: dict = field(default_factory=dict)  # free-form, stored in the log's first line
 
@@ -117,12 +118,13 @@ def _epoch_plan(lengths: list[int], batch_tokens: int, seed: int, epoch: int) ->
 
 def _loss(model, samples: list[Sample], micro: list[int], cfg: TrainConfig, coef):
     ids = [samples[i].ids for i in micro]
-    labels = shift_labels(ids, [samples[i].mask for i in micro])
+    device = model.lm_head.weight.device  # the batch goes where the model is
+    labels = shift_labels(ids, [samples[i].mask for i in micro], device=device)
     kwargs = {"router_aux_loss_coef": coef}
     if cfg.mtp_loss_weight:
         kwargs["mtp_loss_weight"] = cfg.mtp_loss_weight
-    with torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
-        return lm_loss(model, training_batch(ids), labels, **kwargs)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
+        return lm_loss(model, training_batch(ids, device=device), labels, **kwargs)
 
 
 @torch.no_grad()
@@ -264,7 +266,8 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
         if resume_from is None:
             raise FileNotFoundError(f"{out_dir}: no checkpoint-N to resume from")
     log(f"{len(samples)} training samples ({sum(map(len, samples))} tokens), {len(eval_samples)} held out")
-    model, _, _ = load_model(model_dir, dtype=torch.float32, pack=False, vision=False, progress=False)
+    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.device, pack=False, vision=False,
+                             progress=False)
     result = train(model, samples, out_dir, cfg, eval_samples, resume_from, log)
     multimodal = any(n.startswith("model.language_model.") for n in checkpoint_files(model_dir))
     if cfg.save_adapter:
