@@ -171,6 +171,21 @@ def test_full_finetune_cli_round_trips_through_transformers_and_qwen35(real_voca
     assert len(completion.outputs[0].token_ids) == 4
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    (["--lora-rank", "-2", "--warmup-steps", "-1"], "warmup_steps must not be negative, got -1; lora_rank must not"),
+    (["--lr", "0"], "learning_rate must be positive, got 0.0"),
+    (["--save-adapter"], "save_adapter needs LoRA (lora_rank > 0)"),
+])
+def test_cli_rejects_bad_options_before_loading(tmp_path, capsys, flags, message):
+    from qwen35.cli import main
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(tmp_path), "--data", "x.jsonl", "--output", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_reports_a_bad_line_and_stops(real_vocab_ckpt, tmp_path, capsys):
     from qwen35.cli import main
 

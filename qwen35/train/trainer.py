@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +73,24 @@ class TrainConfig:
     enable_thinking: bool | None = None  # passed to the chat template (None: the template's default)
     device: str = "cpu"  # finetune: where the model is loaded and trained (train() uses the model's device)
     progress: bool | None = None  # progress bar; default: when stderr is a terminal
-    extra: dict = field(default_factory=dict)  # free-form, stored in the log's first line
+
+    def __post_init__(self):
+        at_least_1 = {"epochs": self.epochs, "grad_accum": self.grad_accum, "batch_tokens": self.batch_tokens,
+                      "max_steps": self.max_steps if self.max_steps is not None else 1}
+        not_negative = {"warmup_steps": self.warmup_steps, "eval_every": self.eval_every, "save_every": self.save_every,
+                        "lora_rank": self.lora_rank, "max_grad_norm": self.max_grad_norm,
+                        "weight_decay": self.weight_decay}
+        problems = [f"{k} must be at least 1, got {v}" for k, v in at_least_1.items() if v < 1]
+        problems += [f"{k} must not be negative, got {v}" for k, v in not_negative.items() if v < 0]
+        problems += [f"{k} must be in [0, 1), got {v}" for k, v in (("lora_dropout", self.lora_dropout),
+                                                                     ("eval_fraction", self.eval_fraction))
+                     if not 0 <= v < 1]
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            problems.append(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.on_bad_sample not in ("error", "skip"):
+            problems.append(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -156,8 +173,6 @@ def train(model: nn.Module, samples, out_dir: str | Path, cfg: TrainConfig | Non
     lengths = [len(s) for s in samples]
     if not samples:
         raise ValueError("no training samples")
-    if cfg.epochs < 1 or cfg.grad_accum < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
-        raise ValueError("epochs, grad_accum and max_steps must be at least 1")
     if cfg.mtp_loss_weight and getattr(model, "mtp", None) is None:
         raise ValueError("mtp_loss_weight needs a model with an MTP head (model.mtp)")
     torch.manual_seed(cfg.seed)
