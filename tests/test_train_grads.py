@@ -3,7 +3,7 @@ batches; packed samples never reach each other; gradient checkpointing changes n
 
 Gradients are compared per parameter tensor as max |ours - HF| <= tol * max |HF| (the tensor's gradient scale: an
 absolute tolerance alone would be meaningless for tensors whose gradients are 1e-3 and others 1). On these tiny
-fp32 models the worst tensor differs by ~1.5e-5 of its scale (the two implementations sum in different orders)."""
+fp32 models the worst tensor differs by ~1e-5 of its scale (the two implementations sum in different orders)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from qwen35.train.loss import (
 )
 
 GRAD_TOL = 5e-5
-LENGTHS = [23, 9, 70, 1, 65]  # one sample longer than a chunk, one of a single token
+LENGTHS = [23, 9, 66, 1]  # one sample longer than a chunk, one of a single token
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,8 @@ def test_loss_and_every_gradient_match_transformers(models, kind):
 
 def test_left_padded_batch_matches_transformers(models):
     """Left padding: positions are column indices, as HF's text model computes them without position_ids.
-    Tolerance 2e-4: HF's own gradients for the same samples left- and right-padded differ by 9e-5 of their scale
-    (its chunked kernel carries the padding's decay through its in-chunk cumulative sums)."""
+    Tolerance 2e-4: HF's own gradients for the same samples left- and right-padded differ by up to 9e-5 of their
+    scale on this model (we measured 6.5e-5 here, and ours against HF right-padded 1e-5)."""
     hf, ours = models("dense")
     samples = make_samples(ours.cfg)
     ids, mask, labels = pad(samples, left=True)
@@ -214,3 +214,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(models):
     assert ckpt_bytes < plain_bytes / 4  # the layers' activations were not kept
     assert ckpt.loss.item() == plain.loss.item() and ckpt.aux_loss.item() == plain.aux_loss.item()
     assert_grads_close(ckpt_grads, plain_grads, 1e-6)
+
+
+def test_aux_loss_defaults_come_from_the_config(models):
+    """As HF: without an explicit coefficient the aux loss is added only when the config sets output_router_logits,
+    weighted by its router_aux_loss_coef (HF's defaults: off, 0.001)."""
+    import dataclasses
+
+    hf, ours = models("moe")
+    assert (ours.cfg.output_router_logits, ours.cfg.router_aux_loss_coef) == (False, 0.001)
+    samples = make_samples(ours.cfg, [20, 33])
+    batch, targets = training_batch(samples), shift_labels(samples)
+    with torch.no_grad():
+        off = lm_loss(ours, batch, targets)
+        assert off.aux_loss is None and off.loss is off.lm_loss
+        cfg = ours.cfg
+        ours.cfg = dataclasses.replace(cfg, output_router_logits=True, router_aux_loss_coef=0.25)
+        try:
+            on = lm_loss(ours, batch, targets)
+        finally:
+            ours.cfg = cfg
+        explicit = lm_loss(ours, batch, targets, router_aux_loss_coef=0.25)
+    assert on.aux_loss is not None and on.loss.item() == pytest.approx(off.loss.item() + 0.25 * on.aux_loss.item())
+    assert explicit.loss.item() == on.loss.item()
