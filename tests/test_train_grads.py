@@ -237,3 +237,43 @@ def test_aux_loss_defaults_come_from_the_config(models):
         explicit = lm_loss(ours, batch, targets, router_aux_loss_coef=0.25)
     assert on.aux_loss is not None and on.loss.item() == pytest.approx(off.loss.item() + 0.25 * on.aux_loss.item())
     assert explicit.loss.item() == on.loss.item()
+
+
+def _grads(fn, *inputs):
+    """fn's output and the gradient of a fixed random projection of it w.r.t. each input."""
+    leaves = [x.detach().clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs if o.is_floating_point())
+    return torch.autograd.grad(loss, [x for x in leaves if x.requires_grad])
+
+
+def test_op_gradients_match_their_references():
+    """The fast forms the model trains through (vectorised conv, packed SDPA attention, grouped experts with their
+    index_add_) give their references' gradients, including through the conv history and the routing weights."""
+    from qwen35.ops.attention import varlen_attention
+    from qwen35.ops.conv import causal_conv1d, causal_conv1d_reference
+    from qwen35.ops.moe import experts_grouped, experts_reference
+
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 1, 6, 29, 30])
+    N, C, Kw = 30, 12, 4
+    args = torch.randn(N, C, generator=g), torch.randn(C, Kw, generator=g), cu, torch.randn(4, C, Kw - 1, generator=g)
+    for a, b in zip(_grads(causal_conv1d, *args), _grads(causal_conv1d_reference, *args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    q, k, v = (torch.randn(N, h, 8, generator=g) for h in (4, 2, 2))
+    attn = [lambda q, k, v, impl=impl: varlen_attention(q, k, v, cu, 0.35, impl=impl) for impl in ("sdpa", "reference")]
+    for a, b in zip(_grads(attn[0], q, k, v), _grads(attn[1], q, k, v)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    E, H, inter, top_k = 5, 8, 6, 2
+    x, weights = torch.randn(N, H, generator=g), torch.rand(N, top_k, generator=g)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:top_k] for _ in range(N)])  # expert E-1 unused
+    experts = torch.randn(E, 2 * inter, H, generator=g) / 3, torch.randn(E, H, inter, generator=g) / 3
+    grouped, reference = _grads(experts_grouped, x, weights, ids, *experts), _grads(experts_reference, x, weights,
+                                                                                     ids, *experts)
+    for a, b in zip(grouped, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grouped[2][E - 1].abs().sum() == 0 and grouped[3][E - 1].abs().sum() == 0
