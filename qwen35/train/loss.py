@@ -58,9 +58,10 @@ def _kept(attention_mask: Tensor | None, shape: tuple[int, int]) -> Tensor:
 def padded_to_batch(input_ids: Tensor, attention_mask: Tensor | None = None) -> ForwardBatch:
     """A right- or left-padded [B, T] batch as packed rows, padding dropped.
 
-    Positions are as transformers' text models compute them when given no position_ids: a token's column index
-    (so a left-padded row starts after its padding). RoPE scores depend only on position differences, so the loss is
-    the same either way up to rounding; following HF keeps it exact.
+    Positions are as transformers' text-only CausalLM computes them when given no position_ids: a token's column
+    index, so a left-padded row starts after its padding (HF's multimodal wrapper instead counts real tokens from 0,
+    as training_batch does). RoPE scores depend only on position differences, so both give the same loss up to
+    rounding; the column index matches the text model exactly.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
