@@ -292,14 +292,17 @@ def test_resume_and_seed_reproduce_the_same_losses(checkpoint, tmp_path):
     assert [h["loss"] for h in other] != full[:1]
 
 
-def test_bf16_autocast_keeps_float32_master_weights(checkpoint, tmp_path):
+def test_bf16_autocast_keeps_float32_master_weights_and_shows_progress(checkpoint, tmp_path, capsys):
     src, _ = checkpoint("dense")
     model, _, _ = load_model(src, dtype="float32")
     samples = [list(range(i, i + 30)) for i in range(0, 120, 10)]
-    cfg = TrainConfig(learning_rate=3e-3, max_steps=4, batch_tokens=64, bf16=True, progress=False)
-    losses = [h["loss"] for h in train(model, samples, tmp_path, cfg, log=lambda m: None).history]
+    cfg = TrainConfig(learning_rate=3e-3, max_steps=4, batch_tokens=64, bf16=True, progress=True)
+    losses = [h["loss"] for h in train(model, samples, tmp_path, cfg, eval_samples=samples[:2],
+                                       log=lambda m: None).history]
     assert losses[-1] < losses[0]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith(f"step 4/4 [{'#' * 24}] loss {losses[-1]:.4f} eval ") and "tok/s 0:00 left" in last
 
 
 def test_gradient_checkpointing_gives_the_same_losses(checkpoint, tmp_path):

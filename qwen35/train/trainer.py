@@ -33,11 +33,6 @@ from qwen35.train.data import Sample, load_samples, pack, split_eval
 from qwen35.train.lora import DEFAULT_TARGETS, apply_lora, merged_state_dict
 from qwen35.train.loss import lm_loss, shift_labels, training_batch
 
-try:
-    from tqdm import tqdm
-except ImportError:  # the bar is a convenience; without tqdm the log file and the final line remain
-    tqdm = None
-
 LOG_FILE = "train_log.jsonl"
 
 
@@ -91,6 +86,25 @@ class TrainConfig:
             problems.append(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+class ProgressBar:
+    """One stderr line redrawn in place: steps, a bar, loss, eval loss, tokens/s and time left."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.start_step, self.t0 = total, done, time.perf_counter()
+
+    def update(self, step: int, entry: dict, eval_loss: float | None) -> None:
+        frac = step / self.total
+        bar = "#" * round(24 * frac) + "." * (24 - round(24 * frac))
+        per_step = (time.perf_counter() - self.t0) / max(1, step - self.start_step)
+        left = int(per_step * (self.total - step))
+        ev = f" eval {eval_loss:.4f}" if eval_loss is not None else ""
+        print(f"\rstep {step}/{self.total} [{bar}] loss {entry['loss']:.4f}{ev} {entry['tokens_per_s']:.0f} tok/s "
+              f"{left // 60}:{left % 60:02d} left ", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
 
 
 @dataclass
@@ -200,8 +214,7 @@ def train(model: nn.Module, samples, out_dir: str | Path, cfg: TrainConfig | Non
         f.writelines(json.dumps(h) + "\n" for h in history)
 
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=total, initial=step, desc="training", file=sys.stderr, dynamic_ncols=True) if show and tqdm \
-        else None
+    bar = ProgressBar(total, step) if show else None
     model.train()
     eval_loss = None
     while step < total:
@@ -232,9 +245,7 @@ def train(model: nn.Module, samples, out_dir: str | Path, cfg: TrainConfig | Non
         with open(out_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(entry) + "\n")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                            **({"eval": f"{eval_loss:.4f}"} if eval_loss is not None else {}))
+            bar.update(step, entry, eval_loss)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save_training_state(model, optimizer, {"step": step, "position": position, "history": history,
                                                    "torch_rng": torch.get_rng_state()},
