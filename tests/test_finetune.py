@@ -336,3 +336,10 @@ def test_model_from_scratch_trains_and_saves_a_checkpoint_transformers_loads(che
     save_checkpoint(merged_state_dict(model), tmp_path / "out", config_json=config_json)
     ids = list(range(5, 40))
     torch.testing.assert_close(_hf_logits(tmp_path / "out", ids)[1], _our_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_next_adapter_on_split_projections_is_refused_before_training(checkpoint, tmp_path):
+    src, _ = checkpoint("next")
+    with pytest.raises(ValueError, match="in_proj_qkv, in_proj_z has no PEFT equivalent"):
+        finetune(src, tmp_path / "none.jsonl", tmp_path / "out", lora_rank=4, save_adapter=True)
+    assert not (tmp_path / "out").exists()

@@ -109,7 +109,9 @@ def save_checkpoint(state: dict[str, torch.Tensor], out_dir: str | Path, source_
     st_dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     for name, t in tensors.items():
         want = st_dtypes.get(source_dtypes.get(name), dtype or t.dtype)
-        tensors[name] = t.detach().to("cpu", want).contiguous().clone()
+        t = t.detach().to("cpu", want).contiguous()
+        # safetensors refuses tensors sharing storage (an expert's slice of the 3D tensor): copy only those
+        tensors[name] = t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if source_dir is not None:
         for f in Path(source_dir).iterdir():
@@ -118,6 +120,14 @@ def save_checkpoint(state: dict[str, torch.Tensor], out_dir: str | Path, source_
     else:
         (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return out_dir
+
+
+def check_adapter_targets(config: ModelConfig, targets) -> None:
+    split = sorted({"in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b"} & set(targets))
+    if config.text.fused_gdn_projections and split:
+        raise ValueError(f"Qwen3-Next stores its GDN input projections fused (in_proj_qkvz, in_proj_ba), so an "
+                         f"adapter on {', '.join(split)} has no PEFT equivalent: leave them out of the LoRA targets "
+                         "or save the merged model")
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, config: ModelConfig, base_model: str | None = None,
@@ -131,9 +141,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: ModelConfig, bas
         raise ValueError("the model has no LoRA adapters to save")
     if multimodal is None:
         multimodal = config.vision is not None
-    if config.text.fused_gdn_projections and any(re.search(r"in_proj_(qkv|z|a|b)$", n) for n in wrapped):
-        raise ValueError("Qwen3-Next stores its GDN input projections fused (in_proj_qkvz), so an adapter on the "
-                         "split in_proj_qkv / in_proj_z has no PEFT equivalent; save the merged model instead")
+    check_adapter_targets(config, [n.rsplit(".", 1)[-1] for n in wrapped])
     tensors = {}
     for name, m in wrapped.items():
         key = f"base_model.model.{hf_name(name, multimodal)}"

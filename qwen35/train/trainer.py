@@ -27,8 +27,8 @@ from torch import nn
 from qwen35.config import ModelConfig
 from qwen35.models.loader import checkpoint_files, load_model
 from qwen35.tokenizer import Tokenizer
-from qwen35.train.checkpoint import (latest_checkpoint, load_training_state, save_adapter, save_checkpoint,
-                                     save_training_state)
+from qwen35.train.checkpoint import (check_adapter_targets, latest_checkpoint, load_training_state, save_adapter,
+                                     save_checkpoint, save_training_state)
 from qwen35.train.data import Sample, load_samples, pack, split_eval
 from qwen35.train.lora import DEFAULT_TARGETS, apply_lora, merged_state_dict
 from qwen35.train.loss import lm_loss, shift_labels, training_batch
@@ -272,6 +272,8 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
         raise ValueError("save_adapter needs LoRA (lora_rank > 0)")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     mconfig = ModelConfig.from_dir(model_dir)
+    if cfg.save_adapter:
+        check_adapter_targets(mconfig, cfg.lora_targets)
     tokenizer = Tokenizer.from_dir(model_dir)
     max_len = cfg.max_seq_length or min(cfg.batch_tokens, mconfig.text.max_position_embeddings)
     if max_len > cfg.batch_tokens:
