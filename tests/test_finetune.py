@@ -343,3 +343,34 @@ def test_qwen3_next_adapter_on_split_projections_is_refused_before_training(chec
     with pytest.raises(ValueError, match="in_proj_qkv, in_proj_z has no PEFT equivalent"):
         finetune(src, tmp_path / "none.jsonl", tmp_path / "out", lora_rank=4, save_adapter=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense_vl"])
+def test_lora_adapter_matches_peft_on_moe_and_multimodal(checkpoint, kind, tmp_path):
+    """The shared expert's projections are adapted, the routed experts not, on both sides; a multimodal
+    checkpoint's adapter keys carry `model.language_model.`."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from qwen35.config import ModelConfig
+    from qwen35.train.checkpoint import save_adapter
+
+    src, _ = checkpoint(kind)
+    model, _, _ = load_model(src, dtype="float32", vision=False)
+    samples = [list(range(i, i + 30)) for i in range(0, 120, 10)]
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=2, batch_tokens=64, lora_rank=4, progress=False)
+    train(model, samples, tmp_path / "run", cfg, log=lambda m: None)
+    save_adapter(model, tmp_path / "adapter", ModelConfig.from_dir(src), multimodal=kind == "dense_vl")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    prefix = "base_model.model.model.language_model.layers." if kind == "dense_vl" else "base_model.model.model.layers."
+    assert all(k.startswith(prefix) for k in keys)
+    assert any(".shared_expert.gate_proj." in k for k in keys) == (kind == "moe")
+    hf = transformers.AutoModelForImageTextToText if kind == "dense_vl" else transformers.AutoModelForCausalLM
+    base = hf.from_pretrained(src, dtype=torch.float32).eval()
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        before = base(torch.tensor([ids])).logits[0]
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(adapted, _our_logits(model, ids), rtol=1e-4, atol=1e-4)
+    assert (adapted - before).abs().max() > 1e-2

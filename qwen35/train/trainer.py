@@ -137,8 +137,12 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
 
 
 def _as_samples(samples) -> list[Sample]:
-    return [s if isinstance(s, Sample) else Sample(list(s), [True] * len(s), f"sample {i}")
-            for i, s in enumerate(samples)]
+    out = [s if isinstance(s, Sample) else Sample(list(s), [True] * len(s), f"sample {i}")
+           for i, s in enumerate(samples)]
+    for s in out:
+        if not any(s.mask[1:]):  # a micro-batch of such samples would have a NaN loss
+            raise ValueError(f"{s.where}: no token to predict (a sample needs at least two tokens)")
+    return out
 
 
 def _epoch_plan(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
