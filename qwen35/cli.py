@@ -202,6 +202,66 @@ def cmd_chat(args) -> int:
                     attachments=attachments).run()
 
 
+def cmd_finetune(args) -> int:
+    from qwen35.train.trainer import TrainConfig, finetune
+
+    options = dict(
+        learning_rate=args.learning_rate, epochs=args.epochs, max_steps=args.max_steps, batch_tokens=args.batch_tokens,
+        grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
+        save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing,
+        mtp_loss_weight=args.mtp_loss_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, save_adapter=args.save_adapter, max_seq_length=args.max_seq_length,
+        eval_data=args.eval_data, eval_fraction=args.eval_fraction, on_bad_sample=args.on_bad_sample,
+        device=args.device)
+    if args.lora_targets:
+        options["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
+    finetune(args.model, args.data, args.output, TrainConfig(), resume=args.resume or False, **options)
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on chat or text data",
+                       description="Writes an HF checkpoint (or with --save-adapter a PEFT adapter), train_log.jsonl "
+                                   "and, with --save-every, resumable checkpoint-N directories to --output.")
+    p.add_argument("--model", required=True, help="checkpoint directory to start from")
+    p.add_argument("--data", required=True, help="JSONL of {\"messages\": [...], \"tools\": [...]} chats (loss on "
+                   "assistant tokens) or {\"text\": ...} lines, or a .txt file")
+    p.add_argument("--output", "--output-dir", dest="output", required=True, help="output directory")
+    p.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (default 1e-4 LoRA, 1e-5 full)")
+    p.add_argument("--epochs", "--num-train-epochs", type=positive_int, default=1)
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-tokens", type=positive_int, default=4096, help="packed tokens per micro-batch")
+    p.add_argument("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=positive_int, default=1,
+                   help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-length", type=positive_int, help="longest sample in tokens (default --batch-tokens)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--mtp-loss-weight", type=float, default=0.0, help="weight of the MTP head's loss")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", help="comma-separated Linear names (default: all decoder projections: "
+                   "q_proj,k_proj,v_proj,o_proj,in_proj_qkv,in_proj_z,out_proj,gate_proj,up_proj,down_proj)")
+    p.add_argument("--save-adapter", action="store_true", help="save the LoRA adapter (PEFT layout), not merged")
+    p.add_argument("--eval-data", help="held-out file, same formats as --data")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --data instead")
+    p.add_argument("--eval-every", "--eval-steps", dest="eval_every", type=int, default=0,
+                   help="steps between eval losses (0: at the end only)")
+    p.add_argument("--save-every", "--save-steps", dest="save_every", type=int, default=0,
+                   help="steps between resumable checkpoints (0: none)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                   help="continue from the output's latest checkpoint-N (or the one given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-bad-sample", choices=["error", "skip"], default="error",
+                   help="a bad line (malformed JSON, rejected by the template, too long): stop (default) or skip it")
+    p.set_defaults(func=cmd_finetune)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen35", description="Run Qwen3.5 / Qwen3-Next checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen35.serve.server_cli import add_serve_parser
 
     add_serve_parser(sub)
+    _add_finetune_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "generate" and not args.json and (args.logprobs is not None or args.prompt_logprobs is not None):

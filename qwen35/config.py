@@ -78,6 +78,8 @@ class TextConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True  # Qwen3.5 always renormalises; Qwen3-Next makes it a switch
+    output_router_logits: bool = False  # training: add the router load-balancing loss (as HF)
+    router_aux_loss_coef: float = 0.001  # its weight in the training loss
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE FFN (True) or dense SwiGLU (False)
     fused_gdn_projections: bool = False  # Qwen3-Next stores in_proj_qkvz / in_proj_ba, group-interleaved
     tie_word_embeddings: bool = False
@@ -195,6 +197,8 @@ class TextConfig:
             moe_intermediate_size=g("moe_intermediate_size", int, 0) if is_moe else 0,
             shared_expert_intermediate_size=g("shared_expert_intermediate_size", int, 0) if is_moe else 0,
             norm_topk_prob=g("norm_topk_prob", bool, True) if is_next else True,
+            output_router_logits=g("output_router_logits", bool, False),
+            router_aux_loss_coef=g("router_aux_loss_coef", float, 0.001),
             moe_layers=moe_layers,
             fused_gdn_projections=is_next,
             tie_word_embeddings=g("tie_word_embeddings", bool, False),

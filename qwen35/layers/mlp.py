@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.ops.moe import experts_grouped, route, route_logits
+from qwen35.ops.linear import linear
+from qwen35.ops.moe import experts_grouped, route_logits
 
 
 class MLP(nn.Module):
@@ -40,6 +41,10 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
+    def forward(self, x):
+        """Router logits [N, E] (a module call, so training code can collect them with a forward hook)."""
+        return linear(x, self.weight)
+
 
 class Experts(nn.Module):
     """All routed experts as two 3D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
@@ -71,7 +76,7 @@ class SparseMoeBlock(nn.Module):
             weights, ids = route_logits(logits, self.top_k, self.renormalize)
             shared = self.shared_expert.down_proj(F.silu(gate) * up)
         else:
-            weights, ids = route(x, self.gate.weight, self.top_k, self.renormalize)
+            weights, ids = route_logits(self.gate(x), self.top_k, self.renormalize)
             shared_gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
         routed = experts_grouped(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
         return routed + torch.sigmoid(shared_gate) * shared

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from qwen35.config import TextConfig, VisionConfig
@@ -233,6 +234,7 @@ class TextModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
         self.act_dtype: torch.dtype | None = None  # activations' dtype when not the weights' (packed CPU models)
         self.native_decode = False  # set by prepare_native
+        self.gradient_checkpointing = False  # training: recompute each layer in the backward instead of keeping it
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -241,8 +243,12 @@ class TextModel(nn.Module):
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
         if self.native_decode and cache is not None and h.shape[0] == batch.num_seqs and h.device.type == "cpu":
             return self._decode_native(h, cos, sin, batch, cache)
+        checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, batch, cache)
+            if checkpoint:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, batch, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, batch, cache)
         return self.norm(h)
 
     def prepare_native(self) -> bool:

@@ -1,9 +1,11 @@
 """The gated delta rule of Qwen3.5's Gated DeltaNet layers, over packed variable-length sequences.
 
-Owns three pure functions with one signature:
+Owns pure functions with one signature:
 - `gated_delta_rule_recurrent`: the token-by-token recurrence, the documentation of the maths (and the decode step);
 - `gated_delta_rule_chunked`: the same result in chunks of C tokens, parallel inside a chunk (prefill);
-- `gated_delta_rule`: picks between them per sequence;
+- `gated_delta_rule_chunked_recompute`: the chunked form for training: the backward recomputes the chunk
+  intermediates instead of keeping them from the forward;
+- `gated_delta_rule`: picks between them per sequence (the recomputing form when a gradient is wanted);
 - `gated_delta_decode_native`: one decode step of the recurrence in a native kernel, in place on a state pool.
 
 Inputs are packed: N tokens of S sequences laid end to end, sequence s owning tokens cu_seqlens[s]:cu_seqlens[s+1].
@@ -146,6 +148,55 @@ def gated_delta_rule_chunked(
     return o.to(out_dtype), _restore_order(torch.cat([state, *finished[::-1]]), order)
 
 
+class _ChunkedRecompute(torch.autograd.Function):
+    """Forward: the chunked form without a graph, keeping only the inputs. Backward: the same forward again with
+    grad enabled, then torch.autograd.grad through it. Trades one extra forward for not holding the per-chunk
+    intermediates ([chunks, Hv, C, C] decays, scores and solves) from a layer's forward until its backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, cu_seqlens, initial_state, use_qk_l2norm, chunk_size):
+        ctx.save_for_backward(q, k, v, g, beta, cu_seqlens, initial_state)
+        ctx.options = dict(use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+        with torch.no_grad():
+            return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, initial_state, **ctx.options)
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_state):
+        q, k, v, g, beta, cu_seqlens, initial_state = ctx.saved_tensors
+        inputs = [q, k, v, g, beta, initial_state]
+        wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i if i < 5 else 6]]
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(i in wanted) if x is not None else None for i, x in enumerate(inputs)]
+            o, state = gated_delta_rule_chunked(*inputs[:5], cu_seqlens, inputs[5], **ctx.options)
+            grads = torch.autograd.grad((o, state), [inputs[i] for i in wanted], (grad_o, grad_state),
+                                        allow_unused=True)
+        out = [None] * 9
+        for i, grad in zip(wanted, grads):
+            out[i if i < 5 else 6] = grad
+        return tuple(out)
+
+
+def gated_delta_rule_chunked_recompute(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None = None,
+    *,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """gated_delta_rule_chunked with the same result and gradients, holding only its inputs for the backward (which
+    recomputes the chunked forward). For training; with no gradient wanted it is the chunked form itself."""
+    return _ChunkedRecompute.apply(q, k, v, g, beta, cu_seqlens, initial_state, use_qk_l2norm, chunk_size)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def gated_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -160,14 +211,17 @@ def gated_delta_rule(
     """Length-1 sequences (decode) take one recurrent step, longer ones (prefill) the chunked form.
 
     A chunked run would pad every length-1 sequence to a whole chunk, so in a mixed batch the two groups are run
-    apart and their outputs and states put back in place.
+    apart and their outputs and states put back in place. When a gradient is wanted the chunked part recomputes its
+    intermediates in the backward (gated_delta_rule_chunked_recompute); inference runs the plain chunked form.
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     kwargs = dict(use_qk_l2norm=use_qk_l2norm)
+    chunked = (gated_delta_rule_chunked_recompute if _wants_grad(q, k, v, g, beta, initial_state)
+               else gated_delta_rule_chunked)
     if all(length == 1 for length in lengths):
         return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
     if all(length > 1 for length in lengths):
-        return gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
+        return chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
 
     device = v.device
     lengths_t = torch.tensor(lengths, device=device)
@@ -183,7 +237,7 @@ def gated_delta_rule(
         return form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens, state, **kwargs)
 
     o_decode, state_decode = run(gated_delta_rule_recurrent, decode_seqs, decode_tokens, decode_cu_seqlens)
-    o_prefill, state_prefill = run(gated_delta_rule_chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens)
+    o_prefill, state_prefill = run(chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens)
 
     o = torch.empty_like(v)
     o[decode_tokens], o[prefill_tokens] = o_decode, o_prefill

@@ -220,3 +220,86 @@ def test_rejects_bad_packing():
         gated_delta_rule(**{**inputs, "cu_seqlens": torch.tensor([0, 3, 3, 7])})
     with pytest.raises(ValueError, match="initial_state"):
         gated_delta_rule(**{**inputs, "initial_state": inputs["initial_state"][:1]})
+
+
+# --- gradients -------------------------------------------------------------------------------------------------
+
+GRAD_INPUTS = (*PER_TOKEN, "initial_state")
+
+
+def loss_and_grads(form, inputs, **kwargs):
+    """A scalar touching every output and final-state entry (fixed random weights), and its gradient w.r.t. every
+    input, initial state included."""
+    leaves = {name: x.detach().clone().requires_grad_(True) if name in GRAD_INPUTS and x is not None else x
+              for name, x in inputs.items()}
+    o, state = form(**leaves, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    loss = (o * torch.randn(o.shape, generator=gen)).sum() + (state * torch.randn(state.shape, generator=gen)).sum()
+    wanted = [name for name in GRAD_INPUTS if leaves[name] is not None]
+    return loss, dict(zip(wanted, torch.autograd.grad(loss, [leaves[name] for name in wanted])))
+
+
+GRAD_CASES = [  # (lengths, head ratio, K, V, with initial state)
+    ([65], 1, 16, 32, True),
+    ([63, 130, 2], 2, 16, 32, True),
+    ([64, 200, 7, 64], 4, 32, 8, False),
+]
+
+
+@pytest.mark.parametrize("lengths,ratio,K,V,with_state", GRAD_CASES, ids=lambda c: "-".join(map(str, c))
+                         if isinstance(c, list) else None)
+def test_recompute_gradients_equal_plain_autograd(lengths, ratio, K, V, with_state):
+    """The recomputing Function against autograd through the chunked form itself: same maths, same result."""
+    inputs = make_inputs(lengths, ratio=ratio, K=K, V=V, with_state=with_state)
+    loss, grads = loss_and_grads(gd.gated_delta_rule_chunked_recompute, inputs)
+    ref_loss, ref_grads = loss_and_grads(gated_delta_rule_chunked, inputs)
+    assert loss.item() == ref_loss.item()
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_qk_l2norm", [True, False], ids=["l2norm", "no_l2norm"])
+def test_dispatcher_gradients_match_the_recurrence(use_qk_l2norm):
+    """Training through the dispatcher (length-1 sequences on the recurrence, the rest on the recomputing chunked
+    form) against autograd through the token-by-token reference."""
+    inputs = make_inputs([1, 65, 1, 100, 7], ratio=2)
+    if not use_qk_l2norm:  # unnormalised keys must stay small for the recurrence to be stable
+        inputs["q"], inputs["k"] = F.normalize(inputs["q"], dim=-1), F.normalize(inputs["k"], dim=-1)
+    loss, grads = loss_and_grads(gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm)
+    ref_loss, ref_grads = loss_and_grads(gated_delta_rule_recurrent, inputs, use_qk_l2norm=use_qk_l2norm)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], rtol=5e-5)
+
+
+def test_recompute_keeps_only_its_inputs_for_the_backward():
+    """Between forward and backward the recomputing form holds its inputs, not the [chunks, Hv, C, C] intermediates
+    that plain autograd through the chunked form keeps."""
+    inputs = make_inputs([200, 130], ratio=2)
+
+    leaves = {name: x.requires_grad_(True) if name in GRAD_INPUTS else x for name, x in inputs.items()}
+
+    def saved_bytes(form):  # what the forward leaves for the backward
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            o, state = form(**leaves)
+        (o.sum() + state.sum()).backward()  # the recompute runs here, outside the hooks
+        return sum(saved)
+
+    input_bytes = sum(leaves[name].numel() * 4 for name in GRAD_INPUTS) + leaves["cu_seqlens"].numel() * 8
+    assert saved_bytes(gd.gated_delta_rule_chunked_recompute) <= input_bytes
+    assert saved_bytes(gated_delta_rule_chunked) > 5 * input_bytes
+
+
+def test_inference_takes_the_plain_chunked_form(monkeypatch):
+    """Without a gradient wanted (no_grad, or no input requiring one) the dispatcher never builds the Function."""
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputing form used for inference")
+
+    monkeypatch.setattr(gd, "gated_delta_rule_chunked_recompute", fail)
+    inputs = make_inputs([1, 65])
+    gated_delta_rule(**inputs)
+    with torch.no_grad():
+        gated_delta_rule(**{**inputs, "v": inputs["v"].clone().requires_grad_(True)})

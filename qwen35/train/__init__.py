@@ -1,0 +1,1 @@
+"""Training and fine-tuning: losses over packed samples (loss.py)."""
