@@ -17,6 +17,7 @@ from torch import Tensor
 
 from qwen35.layers.mlp import Router, SparseMoeBlock
 from qwen35.models.batch import ForwardBatch, SeqChunk
+from qwen35.train.mtp import mtp_loss
 
 IGNORE_INDEX = -100
 
@@ -27,6 +28,9 @@ class LossOutput:
     lm_loss: Tensor  # mean cross-entropy over the positions with a target
     aux_loss: Tensor | None  # router load-balancing loss (MoE, when asked for), before the coefficient
     num_tokens: int  # positions with a target
+    mtp_loss: Tensor | None = None  # the MTP head's cross-entropy on the token after next (when asked for)
+    mtp_correct: int = 0  # its top-1 hits
+    mtp_tokens: int = 0  # positions it was scored on
 
 
 def training_batch(samples: list[list[int]], device: str | torch.device = "cpu") -> ForwardBatch:
@@ -137,13 +141,14 @@ def collect_router_logits(model: torch.nn.Module):
 
 
 def lm_loss(model, batch: ForwardBatch, labels: Tensor, *, router_aux_loss_coef: float | None = None,
-            inputs_embeds: Tensor | None = None) -> LossOutput:
+            mtp_loss_weight: float = 0.0, inputs_embeds: Tensor | None = None) -> LossOutput:
     """Cross-entropy of `model` on a cache-free batch against labels [N] (shift_labels / padded_labels), the mean over
     positions whose label is not -100, exactly as HF's ForCausalLMLoss.
 
     MoE models add the router load-balancing loss times its coefficient, as HF with output_router_logits: by default
     when the checkpoint's config sets output_router_logits, with its router_aux_loss_coef; a number given here turns
-    it on with that coefficient (0 reports aux_loss without adding it)."""
+    it on with that coefficient (0 reports aux_loss without adding it). With an MTP head (`model.mtp`) and a non-zero
+    mtp_loss_weight, the head's loss on the token after next is added with that weight (train/mtp.py)."""
     n = batch.input_ids.shape[0]
     if tuple(labels.shape) != (n,):
         raise ValueError(f"labels must have shape [{n}] (one target per packed position), got {list(labels.shape)}")
@@ -169,4 +174,8 @@ def lm_loss(model, batch: ForwardBatch, labels: Tensor, *, router_aux_loss_coef:
             raise RuntimeError(f"collected {len(router_logits)} router outputs for {sum(cfg.moe_layers)} MoE layers")
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
         loss = ce + coef * aux
-    return LossOutput(loss=loss, lm_loss=ce, aux_loss=aux, num_tokens=int(scored.sum()))
+    out = LossOutput(loss=loss, lm_loss=ce, aux_loss=aux, num_tokens=int(scored.sum()))
+    if mtp_loss_weight and getattr(model, "mtp", None) is not None:
+        out.mtp_loss, out.mtp_correct, out.mtp_tokens = mtp_loss(model, hidden, batch, labels)
+        out.loss = out.loss + mtp_loss_weight * out.mtp_loss
+    return out
