@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default="moe", help="'moe' (a random MoE checkpoint, GEOMETRY), 'demo' (the embedded "
-                    "demo model, dense, 248k vocabulary) or a checkpoint folder")
+                    "demo model) or a checkpoint folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="prompt seeds (and MoE checkpoint seeds)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()

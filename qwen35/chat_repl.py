@@ -18,8 +18,9 @@ HELP = __doc__.split("\n", 1)[1].strip()
 
 
 class ChatRepl:
-    def __init__(self, llm, params, system: str | None = None, thinking: bool = True, show_reasoning: bool = True,
-                 stdin=None, stdout=None, attachments: list[tuple[str, str]] | None = None):
+    def __init__(self, llm, params, system: str | None = None, thinking: bool | None = None,
+                 show_reasoning: bool = True, stdin=None, stdout=None,
+                 attachments: list[tuple[str, str]] | None = None):
         self.llm, self.params = llm, params
         self.system, self.thinking, self.show_reasoning = system, thinking, show_reasoning
         self.stdin, self.out = stdin or sys.stdin, stdout or sys.stdout
@@ -113,7 +114,9 @@ class ChatRepl:
     def _answer(self) -> dict:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages, images, videos = split_chat_media(messages)
-        prompt = render(self.llm, messages, chat_template_kwargs={"enable_thinking": self.thinking})
+        # thinking None: the template's default (Qwen3.5's thinks; the demo model, trained without reasoning, does not)
+        kwargs = {} if self.thinking is None else {"enable_thinking": self.thinking}
+        prompt = render(self.llm, messages, chat_template_kwargs=kwargs)
         thinking = is_thinking_prompt(prompt)
         parser = ReasoningStreamParser(thinking=thinking)
         ids = self.llm.tokenizer.encode(prompt)

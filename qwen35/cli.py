@@ -10,6 +10,9 @@ from pathlib import Path
 
 from qwen35.cli_types import device, int_list, positive_int
 
+DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
+             "and nothing else")
+
 
 def _resolve_config(target: str):
     from qwen35.config import ModelConfig
@@ -45,7 +48,7 @@ def cmd_forward(args) -> int:
 
     path = args.model or demo_checkpoint()
     if args.model is None:
-        print(f"Using the embedded default model at {path} (random weights: outputs are not meaningful).")
+        print(f"Using the embedded default model at {path} ({DEMO_NOTE}).")
     vocab = ModelConfig.from_dir(path).text.vocab_size
     ids = args.token_ids or list(range(1, 65))
     if not all(0 <= t < vocab for t in ids):
@@ -83,7 +86,7 @@ class _NotInChat(argparse.Action):
 
 
 def _add_engine_flags(p) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model, random weights)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
@@ -111,8 +114,8 @@ def _make_llm(args):
     from qwen35.llm import LLM
 
     if args.model is None:
-        print("Using the embedded default model (random weights: its text is gibberish; pass --model DIR for a "
-              "real checkpoint).", file=sys.stderr)
+        print(f"Using the embedded default model ({DEMO_NOTE}; pass --model DIR for a real checkpoint).",
+              file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
                language_model_only=args.language_model_only)
@@ -198,7 +201,7 @@ def cmd_chat(args) -> int:
     llm = _make_llm(args)
     attachments = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
-                    thinking=not args.no_think, show_reasoning=not args.hide_reasoning,
+                    thinking=False if args.no_think else None, show_reasoning=not args.hide_reasoning,
                     attachments=attachments).run()
 
 
@@ -210,7 +213,8 @@ def cmd_finetune(args) -> int:
         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
         save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing,
-        mtp_loss_weight=args.mtp_loss_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        mtp_loss_weight=args.mtp_loss_weight, router_aux_loss_coef=args.router_aux_loss_coef,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, save_adapter=args.save_adapter, max_seq_length=args.max_seq_length,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, on_bad_sample=args.on_bad_sample,
         device=args.device)
@@ -242,6 +246,9 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--mtp-loss-weight", type=float, default=0.0, help="weight of the MTP head's loss")
+    p.add_argument("--router-aux-loss-coef", type=float, default=None,
+                   help="MoE load-balancing loss coefficient (default: the checkpoint config's, when its "
+                        "output_router_logits is true; else off)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)

@@ -1,6 +1,9 @@
-"""The embedded default model: a small Qwen3.5 checkpoint in Hugging Face format, built once into a cache
-directory so every command works with nothing downloaded. Its weights are random (no trained demo model exists
-yet): it exercises the whole stack, it does not say anything sensible."""
+"""The embedded default model and the random-weight checkpoints tests and benchmarks build.
+
+The default model ships inside the package (qwen35/data/demo): a tiny Qwen3.5-MoE-layout model trained from scratch
+on the Python standard library's documentation by scripts/train_demo.py (its vocabulary is the subset of Qwen3.5's
+tokens that corpus uses, renumbered; its vision tower is untrained). `write_random_checkpoint` writes a checkpoint
+of any config with random weights at scales that keep activations O(1)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import torch
 from qwen35.config import ModelConfig
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
-DEMO_VERSION = 4
-DEMO_TEXT = {
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+# A random-weight dense checkpoint with the real 248k vocabulary (benchmarks, tests of the full-size tokenizer).
+RANDOM_TEXT = {
     "vocab_size": 248320, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "linear_num_key_heads": 4,
     "linear_num_value_heads": 8, "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
@@ -27,12 +31,12 @@ DEMO_TEXT = {
 }
 # A small tower with the released patch geometry (16 px patches, 2x2 merge, 48x48 position grid), so the demo
 # takes images and videos with the released processor settings.
-DEMO_VISION = {"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "patch_size": 16,
+RANDOM_VISION = {"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "patch_size": 16,
                "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
                "out_hidden_size": 256, "hidden_act": "gelu_pytorch_tanh", "deepstack_visual_indexes": []}
-DEMO_CONFIG = {
+RANDOM_CONFIG = {
     "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "dtype": "bfloat16",
-    "tie_word_embeddings": True, "text_config": DEMO_TEXT, "vision_config": DEMO_VISION,
+    "tie_word_embeddings": True, "text_config": RANDOM_TEXT, "vision_config": RANDOM_VISION,
     "image_token_id": 248056, "video_token_id": 248057, "vision_start_token_id": 248053, "vision_end_token_id": 248054,
     "random_weights": True,
 }
@@ -57,14 +61,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def demo_checkpoint(seed: int = 0) -> Path:
-    """Path of the embedded default checkpoint, building it on first use."""
-    path = cache_dir() / f"demo-v{DEMO_VERSION}"
+def demo_checkpoint() -> Path:
+    """Path of the embedded default checkpoint (the trained demo model shipped in the package)."""
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the embedded demo model is missing from this install ({DEMO_DIR}): reinstall "
+                                "qwen35, or run scripts/train_demo.py to train it, or pass --model DIR")
+    return DEMO_DIR
+
+
+def random_checkpoint(path: Path, seed: int = 0) -> Path:
+    """RANDOM_CONFIG with random weights, the real Qwen3.5 tokenizer and the released processor configs, at `path`
+    (built once)."""
     if (path / "model.safetensors").is_file():
         return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    write_random_checkpoint(tmp, DEMO_CONFIG, seed)
+    write_random_checkpoint(tmp, RANDOM_CONFIG, seed)
     write_tokenizer(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))

@@ -109,9 +109,9 @@ def test_info_unknown_name_is_exit_2(capsys):
 
 
 def test_forward_token_ids_outside_the_vocabulary(tmp_path, capsys, no_loading):
-    from qwen35.demo import DEMO_CONFIG
+    from qwen35.demo import RANDOM_CONFIG
 
-    (tmp_path / "config.json").write_text(json.dumps(DEMO_CONFIG))  # a config alone: the check reads nothing else
+    (tmp_path / "config.json").write_text(json.dumps(RANDOM_CONFIG))  # a config alone: the check reads nothing else
     msg = failure(["forward", "--model", str(tmp_path), "--token-ids", "1,248320"], capsys)
     assert msg == "qwen35 forward: error: --token-ids must be in 0..248319, got [1, 248320]"
 

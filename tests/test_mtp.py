@@ -355,3 +355,18 @@ def test_a_few_steps_raise_mtp_accuracy(checkpoint):
         (main + loss).backward()
         opt.step()
     assert accuracy[0] < 0.2 and accuracy[-1] > 0.8, accuracy
+
+
+def test_lm_loss_adds_the_weighted_mtp_loss(checkpoint):
+    from qwen35.train.loss import lm_loss, shift_labels, training_batch
+
+    model, _ = with_mtp("moe", checkpoint)
+    seqs, _ = packed([9, 3, 12], model.cfg.vocab_size, seed=2)
+    batch, labels = training_batch(seqs), shift_labels(seqs)
+    with torch.no_grad():
+        plain = lm_loss(model, batch, labels)
+        both = lm_loss(model, batch, labels, mtp_loss_weight=0.3)
+        mtp, correct, count = mtp_loss(model, model(batch.input_ids, batch), batch, labels)
+    assert plain.mtp_loss is None and both.mtp_tokens == count == 7 + 1 + 10 and both.mtp_correct == correct
+    torch.testing.assert_close(both.loss, plain.loss + 0.3 * mtp)
+
