@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qwen35.chat_template import ChatTemplate
-from qwen35.train.corpus import CHAT_TEMPLATE_PATH, HELD_OUT_PERCENT, build_corpus, clean_text, is_heldout
+from qwen35.train.corpus import (CHAT_TEMPLATE_PATH, HELD_OUT_PERCENT, MAX_ANSWER_CHARS, build_corpus, clean_text,
+                                 is_heldout)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,7 +96,7 @@ def test_clean_text_removes_markup_and_keeps_code():
         "Example:\n\n```\n>>> f(1)\n2\n\n  indented\n```"
     )
     assert clean_text('The "with" statement wraps a block.', quoted_code=True) == "The `with` statement wraps a block."
-    long = " ".join(["A sentence of ordinary words."] * 100)
-    assert len(clean_text(long)) <= 1200 and clean_text(long).endswith(".")
-    assert clean_text("Typical usage:\n\n" + "    x = 1\n" * 400) == "Typical usage:"
-    assert clean_text("Intro.\n\nTypical usage:\n\n" + "    x = 1\n" * 400) == "Intro."
+    long = " ".join(["A sentence of ordinary words."] * 300)
+    assert len(clean_text(long)) <= MAX_ANSWER_CHARS and clean_text(long).endswith(".")
+    assert clean_text("Typical usage:\n\n" + "    x = 1\n" * 1000) == "Typical usage:"
+    assert clean_text("Intro.\n\nTypical usage:\n\n" + "    x = 1\n" * 1000) == "Intro."
