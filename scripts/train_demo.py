@@ -75,7 +75,8 @@ def demo_config(special: dict[str, int], vocab_size: int) -> dict:
 @torch.no_grad()
 def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
     """As transformers initialises Qwen3.5 (initializer_range 0.02): matrices N(0, 0.02), zero-centred norms at 0,
-    the gated norm at 1, dt_bias 1, A_log = log U(0.01, 16); the conv keeps torch's default."""
+    the gated norm at 1, dt_bias 1, A_log = log U(0.01, 16); the conv keeps torch's default. The vision tower (not
+    trained) gets N(0, 0.02) matrices, unit norms and zero biases."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("A_log"):
@@ -84,7 +85,9 @@ def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
             p.fill_(1.0)
         elif "norm" in name and not name.startswith("visual."):
             p.zero_()
-        elif "conv1d" in name or name.startswith("visual.") and (p.dim() == 1 or "norm" in name):
+        elif name.startswith("visual.") and p.dim() == 1:  # untrained tower: unit norms, zero biases
+            p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        elif "conv1d" in name:
             continue
         else:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)

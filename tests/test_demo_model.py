@@ -44,6 +44,12 @@ def test_the_demo_is_the_trained_model_with_an_mtp_head():
     assert model.mtp is not None and not report.set_aside
 
 
+def test_every_shipped_tensor_is_finite_and_moderate():
+    """The untrained vision tower too: a parameter left uninitialised (torch.empty) would ship memory garbage."""
+    for name, t in load_file(str(DEMO_DIR / "model.safetensors")).items():
+        assert torch.isfinite(t).all() and t.float().abs().max() < 100, name
+
+
 @torch.no_grad()
 def test_held_out_perplexity_and_mtp_accuracy_are_the_recorded_ones(corpus, metrics):
     """The shipped weights, evaluated here on the held-out chats, give the perplexity and MTP top-1 accuracy that
