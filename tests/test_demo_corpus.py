@@ -100,3 +100,17 @@ def test_clean_text_removes_markup_and_keeps_code():
     assert len(clean_text(long)) <= MAX_ANSWER_CHARS and clean_text(long).endswith(".")
     assert clean_text("Typical usage:\n\n" + "    x = 1\n" * 1000) == "Typical usage:"
     assert clean_text("Intro.\n\nTypical usage:\n\n" + "    x = 1\n" * 1000) == "Intro."
+
+
+def test_what_other_libraries_add_to_standard_modules_is_left_out(monkeypatch):
+    """transformers adds `warning_once` to logging.Logger when imported: the corpus must not change with it."""
+    import logging
+
+    from qwen35.train.corpus import documents
+
+    def warning_once(self, msg):
+        """Log a warning only the first time this exact message is seen by the process."""
+
+    warning_once.__module__ = "somelib.utils.logging"
+    monkeypatch.setattr(logging.Logger, "warning_once", warning_once, raising=False)
+    assert "logging.Logger.warning_once" not in {d.title for d in documents()}

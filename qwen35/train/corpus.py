@@ -238,6 +238,13 @@ def _public_names(module) -> list[str]:
     return sorted({n for n in names if not n.startswith("_")})
 
 
+def _from_stdlib(obj) -> bool:
+    """False for what another library added to a standard module (transformers adds `warning_once` to
+    logging.Logger): the corpus must not depend on what the process imported."""
+    module = getattr(obj, "__module__", None)
+    return not isinstance(module, str) or module.split(".")[0] in sys.stdlib_module_names
+
+
 def docstring_documents() -> Iterator[Document]:
     """Module, class, function and method docstrings of `MODULES`, in a fixed order."""
     for module_name in MODULES:
@@ -251,7 +258,7 @@ def docstring_documents() -> Iterator[Document]:
         for name in _public_names(module):
             obj = getattr(module, name, None)
             doc = _own_doc(obj)
-            if doc is None or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            if doc is None or not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _from_stdlib(obj):
                 continue
             title = prefix + name
             if title in SKIPPED:
@@ -264,7 +271,7 @@ def docstring_documents() -> Iterator[Document]:
             for method_name, raw in methods[:MAX_METHODS_PER_CLASS]:
                 method = getattr(obj, method_name, None)
                 doc = _own_doc(raw) or _own_doc(method)
-                if doc is None or not inspect.isroutine(method):
+                if doc is None or not inspect.isroutine(method) or not _from_stdlib(method):
                     continue
                 title = f"{prefix}{name}.{method_name}"
                 yield Document("routine", title, _with_signature(title, method, doc))
