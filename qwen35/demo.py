@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -67,25 +66,6 @@ def demo_checkpoint() -> Path:
         raise FileNotFoundError(f"the embedded demo model is missing from this install ({DEMO_DIR}): reinstall "
                                 "qwen35, or run scripts/train_demo.py to train it, or pass --model DIR")
     return DEMO_DIR
-
-
-def random_checkpoint(path: Path, seed: int = 0) -> Path:
-    """RANDOM_CONFIG with random weights, the real Qwen3.5 tokenizer and the released processor configs, at `path`
-    (built once)."""
-    if (path / "model.safetensors").is_file():
-        return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_random_checkpoint(tmp, RANDOM_CONFIG, seed)
-    write_tokenizer(tmp)
-    (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-    (tmp / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
-    try:
-        tmp.rename(path)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def write_tokenizer(path: Path) -> None:

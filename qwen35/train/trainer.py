@@ -155,11 +155,9 @@ def _loss(model, samples: list[Sample], micro: list[int], cfg: TrainConfig, coef
     ids = [samples[i].ids for i in micro]
     device = model.lm_head.weight.device  # the batch goes where the model is
     labels = shift_labels(ids, [samples[i].mask for i in micro], device=device)
-    kwargs = {"router_aux_loss_coef": coef}
-    if cfg.mtp_loss_weight:
-        kwargs["mtp_loss_weight"] = cfg.mtp_loss_weight
     with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
-        return lm_loss(model, training_batch(ids, device=device), labels, **kwargs)
+        return lm_loss(model, training_batch(ids, device=device), labels, router_aux_loss_coef=coef,
+                       mtp_loss_weight=cfg.mtp_loss_weight)
 
 
 @torch.no_grad()
