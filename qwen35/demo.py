@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -53,11 +52,6 @@ VIDEO_PREPROCESSOR_CONFIG = {
 }
 GENERATION_CONFIG = {"bos_token_id": 248044, "pad_token_id": 248044, "eos_token_id": [248046, 248044],
                      "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QWEN35_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen35")
-    return Path(root)
 
 
 def demo_checkpoint() -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen35.models.qwen3_5 import AttentionCacheSpec, LinearCacheSpec
+from qwen35.cache.spec import AttentionCacheSpec, LinearCacheSpec
 
 
 class HybridCache:

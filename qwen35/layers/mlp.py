@@ -54,6 +54,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def forward(self, x, weights, ids):
+        """sum over each token's chosen experts ids [N, k] of weights [N, k] * expert(x)."""
+        return experts_grouped(x, weights, ids, self.gate_up_proj, self.down_proj)
+
 
 class SparseMoeBlock(nn.Module):
     # for ops.linear.pack_model: everything that reads the block's input, as one matmul
@@ -78,7 +82,7 @@ class SparseMoeBlock(nn.Module):
         else:
             weights, ids = route_logits(self.gate(x), self.top_k, self.renormalize)
             shared_gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
-        routed = experts_grouped(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj)
+        routed = self.experts(x, weights, ids)
         return routed + torch.sigmoid(shared_gate) * shared
 
     def prepare_native(self) -> bool:

@@ -9,13 +9,12 @@ the maths is transformers' `modeling_qwen3_5.py`, which the tests compare agains
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from qwen35.cache.spec import AttentionCacheSpec, LinearCacheSpec
 from qwen35.config import TextConfig, VisionConfig
 from qwen35.layers.mlp import MLP, SparseMoeBlock
 from qwen35.layers.norm import GatedRMSNorm, RMSNorm
@@ -25,21 +24,6 @@ from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_native
 from qwen35.ops.gated_delta import gated_delta_decode_native, gated_delta_rule
 from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
-
-
-@dataclass(frozen=True)
-class AttentionCacheSpec:
-    num_kv_heads: int
-    head_dim: int
-
-
-@dataclass(frozen=True)
-class LinearCacheSpec:
-    conv_dim: int
-    conv_history: int  # kernel width - 1 past inputs
-    num_v_heads: int
-    k_head_dim: int
-    v_head_dim: int
 
 
 class GatedDeltaNet(nn.Module):

@@ -22,22 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear_avx2.c", "gdn_decode.c", "decode_blocks.c")]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("simd.h", "gdn_head.h")]
+from qwen35.backends.cpu import library
+
 class Packed:
     """A weight [..., n, k] stored as [..., ceil(n/4), ceil(k/8), 4, 8] (zero padded), any leading dims."""
 
@@ -136,37 +127,12 @@ class PackedEmbedding(nn.Module):
 
 
 def native_available() -> bool:
-    if os.environ.get("QWEN35_NATIVE", "1") == "0":
-        return False
-    try:
-        return _lib() is not None
-    except OSError as e:
-        logger.warning("qwen35: native CPU kernels unavailable (%s); using PyTorch's matmuls", e)
-        return False
+    return library.available()
 
 
 @functools.cache
 def _lib():
-    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx2_fma():
-        raise OSError("the native kernels need an x86-64 CPU with AVX2 and FMA")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise OSError("no C compiler (cc, gcc or clang) found")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
-    from qwen35.demo import cache_dir
-
-    out = cache_dir() / "native" / f"qwen35_cpu-{digest}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_out = Path(tmp) / out.name
-            cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o",
-                   str(tmp_out), "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise OSError(f"compiling the native kernels failed: {r.stderr.strip()[:500]}")
-            os.replace(tmp_out, out)
-    lib = ctypes.CDLL(str(out))
+    lib = library.lib()
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
                   "qwen35_moe_bf16": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
@@ -190,14 +156,6 @@ def _lib():
 def native():
     """The loaded kernel library (call native_available() first)."""
     return _lib()
-
-
-def _has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
 
 
 def pack_model(model: nn.Module) -> int:
