@@ -381,6 +381,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # KV budget in bytes; default: a fraction of free memory
     kv_cache_memory_fraction: float = 0.5
     seed: int = 0
+    native_kernels: bool | None = None  # the CPU backend (default: for 16-bit and quantized weights on CPU)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -113,8 +113,9 @@ class LLM:
         besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
         public addresses, or if allowed_media_domains is given from those hosts only (wherever they resolve), each
         fetch within media_fetch_timeout seconds. language_model_only:
-        load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: pack the
-        weights for the native CPU kernels (default: for bf16/fp16 weights on CPU; see models.loader.load_model)."""
+        load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: run the
+        text decoder on the native CPU kernels (default: for bf16/fp16 and quantized weights on CPU; see
+        backends.cpu.wanted)."""
         check_device(device)
         if model is None:
             from qwen35.demo import demo_checkpoint
@@ -122,8 +123,7 @@ class LLM:
             model = demo_checkpoint()
         self.model_path = Path(model)
         self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
-                                                                     vision=not language_model_only,
-                                                                     pack=native_kernels)
+                                                                     vision=not language_model_only)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)
@@ -140,7 +140,7 @@ class LLM:
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                                      kv_cache_bytes=kv_cache_bytes, kv_cache_memory_fraction=kv_cache_memory_fraction,
-                                     seed=seed)
+                                     seed=seed, native_kernels=native_kernels)
         self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
         self._ids = itertools.count()
         release_free_heap()

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     (args.out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
     (args.out / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_CONFIG, indent=2))
 
-    shipped, _, _ = load_model(args.out, dtype="float32", mtp=True, pack=False)
+    shipped, _, _ = load_model(args.out, dtype="float32", mtp=True)
     metrics = {**held_out_metrics(shipped, heldout, args.batch_tokens), "train_minutes": round(minutes, 1),
                "steps": result.step, "final_train_loss": result.history[-1]["loss"], "parameters": num_params,
                "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "corpus": corpus.describe()}

@@ -40,7 +40,7 @@ def test_the_demo_is_the_trained_model_with_an_mtp_head():
     assert text["mtp_num_hidden_layers"] == 1 and text["num_experts"] > 1 and text["shared_expert_intermediate_size"]
     assert "linear_attention" in [("full_attention" if (i + 1) % text["full_attention_interval"] == 0
                                    else "linear_attention") for i in range(text["num_hidden_layers"])]
-    model, _, report = load_model(DEMO_DIR, dtype="float32", pack=False, mtp=True)
+    model, _, report = load_model(DEMO_DIR, dtype="float32", mtp=True)
     assert model.mtp is not None and not report.set_aside
 
 
@@ -60,7 +60,7 @@ def test_held_out_perplexity_and_mtp_accuracy_are_the_recorded_ones(corpus, metr
                     f"({trained_on['platform']}), this is {corpus.python_version} ({corpus.platform})")
     assert corpus.sha256 == trained_on["sha256"]  # same Python, same corpus, whatever the process imported
     tokenizer = Tokenizer.from_dir(DEMO_DIR)
-    model, _, _ = load_model(DEMO_DIR, dtype="float32", pack=False, mtp=True)
+    model, _, _ = load_model(DEMO_DIR, dtype="float32", mtp=True)
     data = [ids for ids, _ in encode_samples(tokenizer, corpus.heldout)]
     nll = count = correct = scored = 0.0
     for micro in pack([len(s) for s in data], 4096):
@@ -149,7 +149,7 @@ def test_finetune_the_demo_round_trips_through_transformers(lora, tmp_path):
     assert torch.equal(after["mtp.fc.weight"], before["mtp.fc.weight"]) == lora  # LoRA leaves the head alone
 
     ids = Tokenizer.from_dir(out).encode("What is the capital of Peru? The capital")
-    ours, _, _ = load_model(out, dtype="float32", pack=False)
+    ours, _, _ = load_model(out, dtype="float32")
     batch = training_batch([ids])
     with torch.no_grad():
         mine = ours.compute_logits(ours(batch.input_ids, batch))

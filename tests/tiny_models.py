@@ -114,7 +114,7 @@ def run_pieces(model, prompts: list[list[int]], cuts: list[list[int]], block_siz
         batch = ForwardBatch.build(chunks, block_size)
         embeds = None
         if mm:
-            embeds = model.model.embed_tokens(batch.input_ids)
+            embeds = model.embed(batch.input_ids)
             at = 0
             for i, c in zip(owners, chunks):
                 if mm[i]:
@@ -155,4 +155,4 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, block_size: int
 def _cache(model, num_blocks: int, block_size: int, num_slots: int):
     from qwen35.cache.hybrid import HybridCache
 
-    return HybridCache(model.cache_spec(), num_blocks, block_size, num_slots, model.lm_head.weight.dtype)
+    return HybridCache(model.cache_spec(), num_blocks, block_size, num_slots, model.dtype)

@@ -54,7 +54,7 @@ class LLMEngine:
         text = model_config.text
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         spec = model.cache_spec()
-        dtype = model.lm_head.weight.dtype
+        dtype = model.dtype
         per_token = HybridCache.bytes_per_token(spec, dtype)
         per_slot = HybridCache.bytes_per_slot(spec, dtype)
         num_blocks = self._num_blocks(per_token, per_slot)
@@ -62,7 +62,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotPool(config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, self.device)
+        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else text.eos_token_id)
         # ids at or past the tokenizer's size (the embedding's padding rows) have no token: never drawn
         self.vocab_limit = min(tokenizer.vocab_size, text.vocab_size) if tokenizer is not None else text.vocab_size

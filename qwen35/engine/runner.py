@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen35.backends.cpu import decoder_for
 from qwen35.cache.hybrid import HybridCache
 from qwen35.engine.scheduler import ScheduledChunk
 from qwen35.models.batch import ForwardBatch, SeqChunk
@@ -15,8 +16,11 @@ from qwen35.models.vision import EncodeJob
 
 
 class ModelRunner:
-    def __init__(self, model, cache: HybridCache, device):
+    def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None):
+        """native_kernels: run the text decoder on the CPU backend (backends.cpu.decoder_for decides by default;
+        its weights then move out of the model)."""
         self.model, self.cache, self.device = model, cache, device
+        self.decoder = decoder_for(model, device, native_kernels) or model
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> list[torch.Tensor | None]:
@@ -40,8 +44,8 @@ class ModelRunner:
         if not chunks:
             return [None] * len(everything)
         batch = ForwardBatch.build(seqs, self.cache.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch, self.cache, inputs_embeds=self._embeds(chunks, batch))
-        logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.logits_indices.numel() else None
+        hidden = self.decoder(batch.input_ids, batch, self.cache, inputs_embeds=self._embeds(chunks, batch))
+        logits = self.decoder.compute_logits(hidden[batch.logits_indices]) if batch.logits_indices.numel() else None
         out, at = {}, 0
         for c, want in zip(chunks, wants):
             n = {"none": 0, "last": 1, "all": c.num_tokens}[want]
@@ -69,15 +73,14 @@ class ModelRunner:
         """Write item k's merged-token embeddings into the request's rows."""
         m2 = self.model.visual.cfg.spatial_merge_size ** 2
         if mm.embeds is None:
-            mm.embeds = torch.empty(mm.num_patches // m2, feats.shape[1], device=feats.device,
-                                    dtype=self.model.model.embed_tokens.weight.dtype)
+            mm.embeds = torch.empty(mm.num_patches // m2, feats.shape[1], device=feats.device, dtype=feats.dtype)
         at = sum(mm.item_patches[:k]) // m2
         mm.embeds[at:at + feats.shape[0]] = feats
 
     def _embeds(self, chunks: list[ScheduledChunk], batch: ForwardBatch) -> torch.Tensor | None:
         if all(c.request.mm is None for c in chunks):
             return None
-        embeds = self.model.model.embed_tokens(batch.input_ids)
+        embeds = self.decoder.embed(batch.input_ids)
         at = 0
         for c in chunks:
             mm, start = c.request.mm, c.request.num_computed_tokens
@@ -85,6 +88,6 @@ class ModelRunner:
                 rows = mm.feature_rows[start:start + c.num_tokens].to(embeds.device)
                 sel = (rows >= 0).nonzero().squeeze(1)
                 if sel.numel():
-                    embeds[at + sel] = mm.embeds[rows[sel]]
+                    embeds[at + sel] = mm.embeds[rows[sel]].to(embeds.dtype)
             at += c.num_tokens
         return embeds

@@ -31,7 +31,6 @@ from qwen35.config import ModelConfig
 from qwen35.models.mtp import MTP
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 from qwen35.models.qwen3_next import fused_gdn_shape, split_fused_gdn
-from qwen35.ops.linear import native_available
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Small parameters kept in fp32 whatever the model dtype: the checkpoint stores them so and they feed fp32 maths.
@@ -119,14 +118,12 @@ def canonical_name(name: str, vision: bool = False, mtp: bool = False) -> tuple[
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               progress: bool | None = None, vision: bool = True, pack: bool | None = None, mtp: bool = False
+               progress: bool | None = None, vision: bool = True, mtp: bool = False
                ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
     """vision=False loads only the language model of a multimodal checkpoint (its tower is set aside).
     mtp=True also loads the checkpoint's MTP head (`mtp.*`, strictly) as `model.mtp`; a checkpoint without one
-    leaves `model.mtp` None (models/mtp.add_mtp attaches a fresh head).
-    pack: repack weights for the native CPU kernels. Default: for 16-bit weights on CPU when the kernels are
-    available; float32 stays on PyTorch's matmuls, the mode that matches transformers to 1e-4 (the kernel sums in
-    another order, which moves fp32 logits by ~1e-4 on the tiny random test models). pack=True forces it."""
+    leaves `model.mtp` None (models/mtp.add_mtp attaches a fresh head). The model is the reference; the engine's
+    runner may move its text weights into a backend (qwen35.backends.cpu)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -226,10 +223,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if model.visual is not None:
         model.visual.inv_freq = model.visual.inv_freq.to(device)
     model.eval()
-    if pack is None:
-        pack = torch.device(device).type == "cpu" and torch_dtype != torch.float32 and native_available()
-    if pack:
-        model.pack_weights()
     report.seconds = time.time() - start
     return model, config, report
 

@@ -21,15 +21,13 @@ from qwen35.layers.norm import GatedRMSNorm, RMSNorm
 from qwen35.models.batch import ForwardBatch
 from qwen35.models.vision import VisionTower
 from qwen35.ops.attention import varlen_attention, write_kv
-from qwen35.ops.conv import causal_conv1d, causal_conv1d_native
-from qwen35.ops.gated_delta import gated_delta_decode_native, gated_delta_rule
+from qwen35.ops.conv import causal_conv1d
+from qwen35.ops.gated_delta import gated_delta_rule
 from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
 
 
 class GatedDeltaNet(nn.Module):
     """Linear attention with the gated delta rule; state per sequence = conv history + fp32 [Hv, K, V] matrix."""
-
-    fusions = {"in_proj": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")}  # for ops.linear.pack_model
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -47,55 +45,27 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(cfg.linear_num_value_heads))
         self.norm = GatedRMSNorm(cfg.linear_value_head_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(cfg.value_dim, H, bias=False)
-        self.native_decode = False  # set by pack_weights: native conv and the in-place native decode step
-        self.in_proj = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
         N = x.shape[0]
-        if self.in_proj is not None:
-            mixed, z, b, a = self.in_proj(x)
-        else:
-            mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         z = z.reshape(N, self.num_v_heads, self.v_head_dim)
-
-        if cache is not None and self.native_decode and N == batch.num_seqs:
-            o = self._decode_step(mixed, a, b, batch, cache)
-        else:
-            conv_state = ssm_state = None
-            if cache is not None:
-                conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
-                has = batch.has_initial_state[:, None, None]
-                conv_state = torch.where(has, conv_pool[batch.state_slots], 0)
-                ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
-                # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
-                mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
-            conv = causal_conv1d_native if self.native_decode and mixed.device.type == "cpu" else causal_conv1d
-            mixed, new_conv_state = conv(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
-            q, k, v = self._split(mixed)
-            o, new_ssm_state = gated_delta_rule(q, k, v, *self._gates(a, b), batch.cu_seqlens, ssm_state)
-            if cache is not None:
-                conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
-                ssm_pool[batch.state_slots] = new_ssm_state
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+            has = batch.has_initial_state[:, None, None]
+            conv_state = torch.where(has, conv_pool[batch.state_slots], 0)  # where, not *: a stale slot may hold NaN
+            ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
+            # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
+            mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
+        mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
+        q, k, v = self._split(mixed)
+        o, new_ssm_state = gated_delta_rule(q, k, v, *self._gates(a, b), batch.cu_seqlens, ssm_state)
+        if cache is not None:
+            conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
+            ssm_pool[batch.state_slots] = new_ssm_state
         o = self.norm(o, z)
         return self.out_proj(o.reshape(N, self.value_dim))
-
-    def prepare_native(self) -> bool:
-        """fp32 copies of the small parameters the native decode layer reads; False if this layer cannot take it."""
-        from qwen35.ops.native_decode import fits
-
-        H = self.out_proj.out_features
-        if self.in_proj is None or not fits(self.in_proj.weight) or not fits(self.out_proj, n=H, k=self.value_dim):
-            return False
-        self._native = dict(conv_w=self.conv1d.weight[:, 0, :].float().contiguous(), A_log=self.A_log.float(),
-                            dt_bias=self.dt_bias.float(), norm_w=self.norm.weight.float())
-        return True
-
-    def decode_layer(self, h, y_prev, norm, cos, sin, batch: ForwardBatch, cache):
-        """h += y_prev, then norm + forward for one token per sequence, as one native call
-        (ops/native_decode.gdn_layer). Returns this mixer's output."""
-        from qwen35.ops.native_decode import gdn_layer
-
-        return gdn_layer(h, y_prev, norm, self, batch, cache)
 
     def _split(self, mixed):
         N = mixed.shape[0]
@@ -107,26 +77,8 @@ class GatedDeltaNet(nn.Module):
         # Decay in fp32: in half precision exp(A_log) can overflow (HF's comment).
         return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float()), b.sigmoid()
 
-    def _decode_step(self, mixed, a, b, batch: ForwardBatch, cache):
-        """One token per sequence on CPU: the conv window and the recurrence update the cache slots in place
-        (the general path gathers, computes and scatters whole states; this is the same maths, see
-        ops/gated_delta.gated_delta_decode_native)."""
-        conv_pool, slots = cache.conv[self.layer_idx], batch.state_slots
-        has = batch.has_initial_state
-        w = self.conv1d.weight[:, 0, :]  # [C, Kw]
-        hist = torch.where(has[:, None, None], conv_pool[slots], 0)  # where, not *: a stale slot may hold NaN
-        window = torch.cat([hist, mixed[:, :, None].to(conv_pool.dtype)], dim=2)
-        conv_pool[slots] = window[:, :, 1:]
-        mixed = F.silu((window.float() * w.float()).sum(-1)).to(mixed.dtype)  # fp32, as causal_conv1d
-        q, k, v = self._split(mixed)
-        g, beta = self._gates(a, b)
-        return gated_delta_decode_native(q, k, v, g, beta, cache.ssm[self.layer_idx], slots, has)
-
-
 class Attention(nn.Module):
     """Gated full attention: per-head [query | gate] packing in q_proj, q/k norms, partial M-RoPE, GQA, sigmoid gate."""
-
-    fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # for ops.linear.pack_model
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -141,14 +93,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.scale = D**-0.5
-        self.qkv_proj = None
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache=None):
         N, D = x.shape[0], self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Each head's q_proj rows are [query_h | gate_h]; splitting the flat output in half would be wrong.
         q, gate = q.reshape(N, self.num_heads, 2 * D).chunk(2, dim=-1)
         q = apply_rotary(self.q_norm(q), cos, sin)
@@ -163,24 +111,6 @@ class Attention(nn.Module):
                                  block_tables=batch.block_tables, context_lens=batch.context_lens)
         o = o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
         return self.o_proj(o)
-
-    def prepare_native(self) -> bool:
-        from qwen35.ops.native_decode import fits
-
-        H = self.o_proj.out_features
-        if self.qkv_proj is None or not fits(self.qkv_proj.weight) or \
-                not fits(self.o_proj, n=H, k=self.num_heads * self.head_dim):
-            return False
-        self._native = dict(qn1=1.0 + self.q_norm.weight.float(), kn1=1.0 + self.k_norm.weight.float())
-        return True
-
-    def decode_layer(self, h, y_prev, norm, cos, sin, batch: ForwardBatch, cache):
-        """h += y_prev, then norm + forward for one token per sequence: norms, rotary, K/V write, attention, gate
-        and o_proj in one native call (ops/native_decode.attn_layer). Returns this mixer's output."""
-        from qwen35.ops.native_decode import attn_layer
-
-        return attn_layer(h, y_prev, norm, self, cos, sin, batch, cache)
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
@@ -216,17 +146,11 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
-        self.act_dtype: torch.dtype | None = None  # activations' dtype when not the weights' (packed CPU models)
-        self.native_decode = False  # set by prepare_native
         self.gradient_checkpointing = False  # training: recompute each layer in the backward instead of keeping it
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.act_dtype is not None:
-            h = h.to(self.act_dtype)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
-        if self.native_decode and cache is not None and h.shape[0] == batch.num_seqs and h.device.type == "cpu":
-            return self._decode_native(h, cos, sin, batch, cache)
         checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpoint:
@@ -234,32 +158,6 @@ class TextModel(nn.Module):
             else:
                 h = layer(h, cos, sin, batch, cache)
         return self.norm(h)
-
-    def prepare_native(self) -> bool:
-        """Make decode steps (one token per sequence, with a cache) run each half of a layer (norm + mixer, norm +
-        FFN) as one native call (ops/native_decode.py); the layers above stay the reference and run everything
-        else. Needs a packed model; returns whether every layer qualified."""
-        ok = True
-        for layer in self.layers:
-            mixer = layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn
-            ok &= mixer.prepare_native() and layer.mlp.prepare_native()
-        for norm in [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm,
-                                                                        layer.post_attention_layernorm)]:
-            norm.w1 = 1.0 + norm.weight.float()
-        self.native_decode = ok
-        return ok
-
-    def _decode_native(self, h, cos, sin, batch, cache):
-        from qwen35.ops.native_decode import add_rms_norm
-
-        h = h.clone()  # the layers add each residual into it in place
-        y = None  # each half's output, added to h by the half after it (its norm comes with the add)
-        for layer in self.layers:
-            mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
-            y = mixer.decode_layer(h, y, layer.input_layernorm, cos, sin, batch, cache)
-            y = layer.mlp.decode_layer(h, y, layer.post_attention_layernorm)
-        return add_rms_norm(h, y, self.norm.w1, self.norm.eps)[1]
-
 
 class Qwen3_5ForCausalLM(nn.Module):
     """Text decoder + LM head (+ the vision tower of multimodal checkpoints, whose merged patches replace the
@@ -280,22 +178,13 @@ class Qwen3_5ForCausalLM(nn.Module):
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         return self.model(input_ids, batch, cache, inputs_embeds)
 
-    def pack_weights(self) -> int:
-        """Repack every matmul weight for the native CPU decode kernels (ops/linear.py); a tied head is packed once
-        and the embedding reads its rows from it. Activations become float32: the kernels take and return fp32,
-        and CPUs without bf16 arithmetic would otherwise convert at every op (weights and caches keep their dtype).
-        Returns the number of weights packed."""
-        from qwen35.ops.linear import PackedEmbedding, pack_model
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float dtype (its matrices may be quantized or packed elsewhere)."""
+        return self.model.norm.weight.dtype
 
-        count = pack_model(self)
-        self.model.act_dtype = torch.float32
-        for layer in self.model.layers:
-            if hasattr(layer, "linear_attn"):
-                layer.linear_attn.native_decode = True
-        self.model.prepare_native()
-        if self.cfg.tie_word_embeddings:
-            self.model.embed_tokens = PackedEmbedding(self.lm_head.weight)
-        return count
+    def embed(self, input_ids) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
     def encode_visual(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """One vision-tower pass over several images / videos: each item's merged-token embeddings [n_i, H]."""
@@ -303,7 +192,7 @@ class Qwen3_5ForCausalLM(nn.Module):
             raise ValueError("this model has no vision tower (a text-only checkpoint, or loaded without vision)")
         out = self.visual(torch.cat(pixel_values), grids)
         m2 = self.visual.cfg.spatial_merge_size ** 2
-        return list(out.to(self.model.embed_tokens.weight.dtype).split([t * h * w // m2 for t, h, w in grids]))
+        return list(out.to(self.dtype).split([t * h * w // m2 for t, h, w in grids]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -49,25 +49,3 @@ def causal_conv1d(x, weight, cu_seqlens, initial_state=None):
     last_rows = (cu_seqlens[1:] + seq_ids * (Kw - 1))[:, None] + hist_cols  # the last Kw-1 rows of each segment
     new_state = ext[last_rows].transpose(1, 2)  # [S, C, Kw-1]
     return F.silu(y).to(x.dtype), new_state
-
-
-def causal_conv1d_native(x, weight, cu_seqlens, initial_state=None):
-    """causal_conv1d in one native call (csrc/decode_blocks.c, qwen35_causal_conv): same contract, for CPU
-    tensors; computes in fp32. Call only when ops.linear.native_available()."""
-    from qwen35.ops.linear import native
-
-    N, C = x.shape
-    Kw = weight.shape[1]
-    S = cu_seqlens.numel() - 1
-    cu = cu_seqlens.to(torch.int64).contiguous()
-    if S < 1 or int(cu[0]) != 0 or int(cu[-1]) != N:
-        raise ValueError(f"cu_seqlens must run from 0 to N={N}")
-    if initial_state is not None and tuple(initial_state.shape) != (S, C, Kw - 1):
-        raise ValueError(f"initial_state must have shape {(S, C, Kw - 1)}, got {tuple(initial_state.shape)}")
-    xf, w = x.float().contiguous(), weight.float().contiguous()
-    hist = initial_state.float().contiguous() if initial_state is not None else None
-    y, new_state = torch.empty(N, C), torch.empty(S, C, Kw - 1)
-    native().qwen35_causal_conv(xf.data_ptr(), w.data_ptr(), cu.data_ptr(),
-                                hist.data_ptr() if hist is not None else None, y.data_ptr(), new_state.data_ptr(),
-                                S, C, Kw)
-    return y.to(x.dtype), new_state.to(x.dtype)

@@ -5,8 +5,7 @@ Owns pure functions with one signature:
 - `gated_delta_rule_chunked`: the same result in chunks of C tokens, parallel inside a chunk (prefill);
 - `gated_delta_rule_chunked_recompute`: the chunked form for training: the backward recomputes the chunk
   intermediates instead of keeping them from the forward;
-- `gated_delta_rule`: picks between them per sequence (the recomputing form when a gradient is wanted);
-- `gated_delta_decode_native`: one decode step of the recurrence in a native kernel, in place on a state pool.
+- `gated_delta_rule`: picks between them per sequence (the recomputing form when a gradient is wanted).
 
 Inputs are packed: N tokens of S sequences laid end to end, sequence s owning tokens cu_seqlens[s]:cu_seqlens[s+1].
 Shapes: q, k [N, Hk, K]; v [N, Hv, V]; g (log decay, <= 0), beta [N, Hv]; states [S, Hv, K, V] (float32).
@@ -322,28 +321,3 @@ def _restore_order(state: Tensor, order: Tensor | None) -> Tensor:
 def _solve_unit_lower(A: Tensor, rhs: Tensor) -> Tensor:
     """X with (I + strictly_lower(A)) X = rhs, batched over the leading dims."""
     return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-
-
-def gated_delta_decode_native(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state_pool: Tensor,
-                              slots: Tensor, has_state: Tensor, *, use_qk_l2norm: bool = True) -> Tensor:
-    """One token per sequence (N == S), updating state_pool[slots] [S, Hv, K, V] (fp32, CPU) in place; a sequence
-    with has_state False starts from zeros. Returns o [N, Hv, V] in v's dtype. Same maths as
-    gated_delta_rule_recurrent (csrc/gdn_decode.c); call only when ops.linear.native_available()."""
-    from qwen35.ops.linear import native
-
-    out_dtype = v.dtype
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
-    q = (q * q.shape[-1] ** -0.5).contiguous()
-    k, v, g, beta = k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
-    S, Hk, K = q.shape
-    Hv, V = v.shape[1], v.shape[2]
-    if state_pool.dtype != torch.float32 or not state_pool.is_contiguous() or state_pool.shape[1:] != (Hv, K, V):
-        raise ValueError(f"state pool must be contiguous float32 [slots, {Hv}, {K}, {V}]")
-    slots = slots.to(torch.int64).contiguous()
-    has = has_state.to(torch.uint8).contiguous()
-    o = torch.empty(S, Hv, V)
-    native().qwen35_gdn_decode(state_pool.data_ptr(), slots.data_ptr(), has.data_ptr(), q.data_ptr(), k.data_ptr(),
-                               v.data_ptr(), g.data_ptr(), beta.data_ptr(), o.data_ptr(), S, Hk, Hv, K, V)
-    return o.to(out_dtype)

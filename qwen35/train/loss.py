@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwen35.layers.mlp import Router, SparseMoeBlock
+from qwen35.layers.mlp import Router
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.train.mtp import mtp_loss
 
@@ -127,10 +127,6 @@ def load_balancing_loss(router_logits: list[Tensor], num_experts: int, top_k: in
 def collect_router_logits(model: torch.nn.Module):
     """Yields a list that fills with each router's logits [N, E], in layer order, during forwards in the block."""
     logits: list[Tensor] = []
-    for m in model.modules():
-        if isinstance(m, SparseMoeBlock) and m.in_proj is not None:
-            raise ValueError("the MoE routers of a packed model (pack_weights) cannot be trained; load it with "
-                             "pack=False")
     hooks = [m.register_forward_hook(lambda _m, _inputs, out: logits.append(out))
              for m in model.modules() if isinstance(m, Router)]
     try:

@@ -297,7 +297,7 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, confi
             raise FileNotFoundError(f"{out_dir}: no checkpoint-N to resume from")
     log(f"{len(samples)} training samples ({sum(map(len, samples))} tokens), {len(eval_samples)} held out")
     # the MTP head (if the checkpoint has one) comes along: --mtp-loss-weight trains it with the trunk
-    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.device, pack=False, vision=False,
+    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.device, vision=False,
                              progress=False, mtp=True)
     result = train(model, samples, out_dir, cfg, eval_samples, resume_from, log)
     multimodal = any(n.startswith("model.language_model.") for n in checkpoint_files(model_dir))

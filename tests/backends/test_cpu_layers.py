@@ -1,8 +1,8 @@
-"""The native decode layers (ops/native_decode.py, csrc/decode_blocks.c: residual add + norm + mixer or FFN in one
-call) and the native prefill conv against the PyTorch layers they stand in for, on awkward shapes: scattered cache
-slots, fresh and carried states, NaN in slots and blocks nobody owns, bf16 and fp32 caches, head ratios, contexts
-crossing block boundaries. Given the same inputs, what they write to bf16 caches must round exactly as the PyTorch
-path does."""
+"""The CPU backend's decode layers (backends/cpu/layers.py, csrc/layers.c: residual add + norm + mixer or FFN in one
+call on a layer struct) and the native prefill conv against the PyTorch layers they stand in for, on awkward shapes:
+scattered cache slots, fresh and carried states, NaN in slots and blocks nobody owns, bf16 and fp32 caches, head
+ratios, contexts crossing block boundaries. Given the same inputs, what they write to bf16 caches must round exactly
+as the backend's PyTorch path does."""
 
 from types import SimpleNamespace
 
@@ -11,14 +11,16 @@ import torch
 
 from qwen35.config import TextConfig
 from qwen35.models.batch import ForwardBatch, SeqChunk
-from qwen35.ops import linear as L
-from qwen35.ops.conv import causal_conv1d, causal_conv1d_native
+from qwen35.backends.cpu import decoder as backend
+from qwen35.backends.cpu import layers as L
+from qwen35.backends.cpu import library
+from qwen35.backends.cpu.layers import add_rms_norm
 from qwen35.layers.norm import RMSNorm
-from qwen35.ops.native_decode import add_rms_norm
+from qwen35.ops.conv import causal_conv1d
 from qwen35.ops.norms import rms_norm
 from tests.tiny_models import BASE, MOE
 
-pytestmark = pytest.mark.skipif(not L.native_available(), reason="native kernels unavailable (no C compiler/AVX2)")
+pytestmark = pytest.mark.skipif(not library.available(), reason="native kernels unavailable (no C compiler/AVX2)")
 
 
 def rand(*shape, seed):
@@ -40,13 +42,22 @@ def randomize(module, seed):
                 p.copy_(torch.empty(p.shape).uniform_(0.05, 2.0, generator=g).log())
 
 
-def packed_copy(module, dtype):
-    """The module packed for the native kernels (as load_model does), weights in `dtype`."""
+def packed(kind, module, norm, dtype):
+    """(the backend's layer over a copy of module in `dtype`, the reference: the same weights in fp32, run on fp32
+    activations as the backend runs them). Packing releases the packed copy's matrices."""
     import copy
 
-    m = copy.deepcopy(module).to(dtype)
-    L.pack_model(m)
-    return m
+    ref = copy.deepcopy(module).to(dtype)
+    return kind(copy.deepcopy(ref), norm), ref.float()
+
+
+def run(fn, layer, cache, batch, h, y_prev, cos=None, sin=None):
+    st, keep = L.step(batch, batch_block_size(batch), cos, sin)
+    return L.run(fn, layer.struct(cache), st, h, y_prev)
+
+
+def batch_block_size(batch):
+    return 4
 
 
 def residual(H, S, seed):
@@ -57,8 +68,7 @@ def residual(H, S, seed):
     norm = RMSNorm(H, 1e-6)
     with torch.no_grad():
         norm.weight.copy_(rand(H, seed=seed + 2) * 0.2)
-    norm.w1 = 1.0 + norm.weight.float()
-    return h, y_prev, norm, add_rms_norm(h, y_prev, norm.w1, norm.eps)[1]
+    return h, y_prev, norm, add_rms_norm(h, y_prev, 1.0 + norm.weight.float(), norm.eps)[1]
 
 
 def check_residual(h, ref_h):
@@ -91,7 +101,7 @@ def test_causal_conv_native(C, Kw, lengths, with_state):
     x, w = rand(N, C, seed=C), rand(C, Kw, seed=Kw)
     state = rand(len(lengths), C, Kw - 1, seed=7) if with_state else None
     y_ref, s_ref = causal_conv1d(x, w, cu, state)
-    y, s = causal_conv1d_native(x, w, cu, state)
+    y, s = L.causal_conv1d(x, w, cu, state)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(s, s_ref)
 
@@ -99,16 +109,13 @@ def test_causal_conv_native(C, Kw, lengths, with_state):
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [(2, 4, 16, 24), (2, 2, 16, 8), (1, 4, 8, 40)])
 def test_gdn_step_matches_layer(cache_dtype, heads):
-    """GatedDeltaNet.decode_native against the layer's PyTorch decode step, from the same fused projection."""
+    """The fused Gated DeltaNet half against the layer's PyTorch decode step."""
     from qwen35.models.qwen3_5 import GatedDeltaNet
 
     Hk, Hv, K, V = heads
     cfg = config(linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=K, linear_value_head_dim=V)
     layer = GatedDeltaNet(cfg, 0)
     randomize(layer, seed=Hv + K)
-    layer = packed_copy(layer, torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32)
-    layer.native_decode = True
-    assert layer.prepare_native()
     S, num_slots = 3, 5
     slots, has = [3, 0, 4], [True, False, True]
     batch = decode_batch([5 if h else 0 for h in has], slots, [[0, 1]] * S)
@@ -118,15 +125,21 @@ def test_gdn_step_matches_layer(cache_dtype, heads):
     conv[0], ssm[0] = float("nan"), float("nan")  # a fresh sequence's slot must not be read
     ref_cache = SimpleNamespace(conv={0: conv.clone()}, ssm={0: ssm.clone()})
     nat_cache = SimpleNamespace(conv={0: conv.clone()}, ssm={0: ssm.clone()})
+    py_cache = SimpleNamespace(conv={0: conv.clone()}, ssm={0: ssm.clone()})
     h, y_prev, norm, x = residual(cfg.hidden_size, S, seed=10)
+    nat, layer = packed(backend._GatedDeltaNet, layer, norm, cache_dtype)
+    assert nat.fused(cfg.hidden_size)
     ref_h = h + y_prev
     with torch.no_grad():
         ref = layer(x, batch, ref_cache)
-        got = layer.decode_layer(h, y_prev, norm, None, None, batch, nat_cache)
+        got = run(L.gdn_layer(), nat, nat_cache, batch, h, y_prev)
+        nat(x, None, None, batch, py_cache)  # the backend's PyTorch path: the same packed projections
     check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     used = torch.tensor(slots)
-    assert torch.equal(nat_cache.conv[0][used], ref_cache.conv[0][used])  # same rounding of the same inputs
+    assert torch.equal(nat_cache.conv[0][used], py_cache.conv[0][used])  # same rounding of the same inputs
+    torch.testing.assert_close(nat_cache.conv[0][used].float(), ref_cache.conv[0][used].float(),
+                               rtol=2**-7 if cache_dtype == torch.bfloat16 else 1e-5, atol=1e-6)
     torch.testing.assert_close(nat_cache.ssm[0][used], ref_cache.ssm[0][used], rtol=1e-5, atol=1e-5)
     assert nat_cache.conv[0][1].isnan().all() and nat_cache.ssm[0][1].isnan().all()
 
@@ -134,7 +147,7 @@ def test_gdn_step_matches_layer(cache_dtype, heads):
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 4), (6, 1)])
 def test_attn_decode_matches_layer(cache_dtype, Hq, Hkv):
-    """Attention.decode_native against the layer's PyTorch path over a paged cache: contexts of 1, 4 (a block
+    """The fused attention half against the layer's PyTorch path over a paged cache: contexts of 1, 4 (a block
     boundary) and 11 tokens through scattered blocks, M-RoPE positions, NaN in blocks nobody owns."""
     from qwen35.models.qwen3_5 import Attention
     from qwen35.ops.rope import inv_freq, rope_cos_sin
@@ -142,8 +155,6 @@ def test_attn_decode_matches_layer(cache_dtype, Hq, Hkv):
     cfg = config(num_attention_heads=Hq, num_key_value_heads=Hkv)
     layer = Attention(cfg, 0)
     randomize(layer, seed=Hq * 10 + Hkv)
-    layer = packed_copy(layer, torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32)
-    assert layer.prepare_native()
     bs, D = 4, cfg.head_dim
     k = (rand(9, bs, Hkv, D, seed=1)).to(cache_dtype)
     v = (rand(9, bs, Hkv, D, seed=2)).to(cache_dtype)
@@ -156,10 +167,12 @@ def test_attn_decode_matches_layer(cache_dtype, Hq, Hkv):
     ref_cache = SimpleNamespace(k={0: k.clone()}, v={0: v.clone()})
     nat_cache = SimpleNamespace(k={0: k.clone()}, v={0: v.clone()})
     h, y_prev, norm, x = residual(cfg.hidden_size, 3, seed=3)
+    nat, layer = packed(backend._Attention, layer, norm, cache_dtype)
+    assert nat.fused(cfg.hidden_size)
     ref_h = h + y_prev
     with torch.no_grad():
         ref = layer(x, cos, sin, batch, ref_cache)
-        got = layer.decode_layer(h, y_prev, norm, cos, sin, batch, nat_cache)
+        got = run(L.attn_layer(), nat, nat_cache, batch, h, y_prev, cos, sin)
     check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for name in ("k", "v"):  # the new entries: equal up to a rare last-bit flip of the same fp32 value
@@ -179,13 +192,13 @@ def test_moe_block_matches_layer(dtype, N, renormalize):
     with torch.no_grad():
         block.experts.gate_up_proj.copy_(rand(8, 80, 64, seed=4) / 8)
         block.experts.down_proj.copy_(rand(8, 64, 40, seed=5) / 6)
-    block = packed_copy(block, dtype)
-    assert block.prepare_native()
     h, y_prev, norm, x = residual(64, N, seed=6)
+    nat, block = packed(backend._SparseMoe, block, norm, dtype)
+    assert nat.fused(64)
     ref_h = h + y_prev
     with torch.no_grad():
         ref = block(x)
-        got = block.decode_layer(h, y_prev, norm)
+        got = run(L.moe_layer(), nat, None, decode_batch([1] * N, list(range(N)), [[0]] * N), h, y_prev)
     check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -197,10 +210,10 @@ def test_mlp_layer_matches_module(dtype, N):
 
     mlp = MLP(64, 40)
     randomize(mlp, seed=N)
-    mlp = packed_copy(mlp, dtype)
-    assert mlp.prepare_native()
     h, _, norm, _ = residual(64, N, seed=8)
-    with torch.no_grad():
-        got = mlp.decode_layer(h, None, norm)  # no residual to add: the first half of a step
-        ref = mlp(add_rms_norm(h, None, norm.w1, norm.eps)[1])
+    nat, mlp = packed(backend._Mlp, mlp, norm, dtype)
+    assert nat.fused(64)
+    with torch.no_grad():  # no residual to add: the first half of a step
+        got = run(L.mlp_layer(), nat, None, decode_batch([1] * N, list(range(N)), [[0]] * N), h, None)
+        ref = mlp(add_rms_norm(h, None, 1.0 + norm.weight.float(), norm.eps)[1])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

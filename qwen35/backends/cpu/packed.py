@@ -25,7 +25,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qwen35.backends.cpu import library
 
@@ -45,6 +44,22 @@ class Packed:
         out = Packed.__new__(Packed)
         out.n, out.k, out.dtype, out.data, out._ptr = self.n, self.k, self.dtype, self.data[i], None
         return out
+
+    @classmethod
+    def pack(cls, w):
+        if isinstance(w, torch.Tensor) and w.dtype == torch.float16:
+            w = w.float()
+        return cls(w)
+
+    @property
+    def face(self):
+        from qwen35.backends.cpu.layers import QW
+
+        d = self.data
+        count = d.shape[0] if d.dim() == 5 else 1
+        per = d[0] if d.dim() == 5 else d
+        return QW(format=1 if self.dtype == torch.bfloat16 else 0, n=d.shape[-4] * 4, k=d.shape[-3] * 8, group=0,
+                  count=count, data=d.data_ptr(), data_stride=per.numel() * per.element_size())
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,41 +106,6 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     return y.to(x.dtype).reshape(*lead, w.n)
 
 
-class PackedLinear(nn.Module):
-    def __init__(self, linear_module: nn.Linear):
-        super().__init__()
-        self.weight = Packed(linear_module.weight.data)
-        self.bias = linear_module.bias
-        self.in_features, self.out_features = linear_module.in_features, linear_module.out_features
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-class FusedLinear(nn.Module):
-    """Several bias-free linear maps of the same input as one packed weight (one pass over x, one kernel call);
-    forward returns the parts."""
-
-    def __init__(self, weights: list[torch.Tensor]):
-        super().__init__()
-        self.sizes = [w.shape[0] for w in weights]
-        self.weight = Packed(torch.cat(weights))
-
-    def forward(self, x):
-        return linear(x, self.weight).split(self.sizes, dim=-1)
-
-
-class PackedEmbedding(nn.Module):
-    """An embedding that reads its rows from a packed (tied) LM head."""
-
-    def __init__(self, packed: Packed):
-        super().__init__()
-        self.weight = packed
-
-    def forward(self, ids):
-        return self.weight.rows(ids)
-
-
 def native_available() -> bool:
     return library.available()
 
@@ -133,20 +113,10 @@ def native_available() -> bool:
 @functools.cache
 def _lib():
     lib = library.lib()
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {"qwen35_linear_bf16": [ptr] * 3 + [i64] * 3, "qwen35_linear_f32": [ptr] * 3 + [i64] * 3,
                   "qwen35_moe_bf16": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
-                  "qwen35_moe_f32": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2,
-                  "qwen35_gdn_decode": [ptr] * 9 + [i64] * 5,
-                  "qwen35_add_rmsnorm": [ptr] * 5 + [i64] * 2 + [f32],
-                  "qwen35_causal_conv": [ptr] * 6 + [i64] * 3}
-    layer_in = [ptr, ptr, ptr, f32, i64, ptr, i64]  # h, y_prev, w1, norm eps, H, in_w, in_np (csrc/decode_blocks.c)
-    signatures.update({
-        "qwen35_gdn_layer": layer_in + [ptr, i64, ptr, ptr, i64] + [ptr] * 7 + [f32] + [i64] * 6,
-        "qwen35_attn_layer": layer_in + [ptr, i64, ptr, ptr, ptr, f32, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64,
-                                         ptr, i64] + [i64] * 4 + [f32],
-        "qwen35_moe_layer": layer_in + [i64, ptr] + [i64] * 3 + [ptr] * 3 + [i64] * 3,
-        "qwen35_mlp_layer": layer_in + [ptr, i64, ptr, i64, i64]})
+                  "qwen35_moe_f32": [ptr] * 3 + [i64] * 3 + [ptr] * 3 + [i64] * 2}
     for name, args in signatures.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
@@ -158,41 +128,17 @@ def native():
     return _lib()
 
 
-def pack_model(model: nn.Module) -> int:
-    """Pack a loaded model for the native kernels, in place. Modules that declare `fusions` ({attribute: (dotted
-    names of bias-free linears of the same input)}) get each group as one FusedLinear and lose the parts; every
-    other nn.Linear becomes a PackedLinear; 3D expert weights and router weights are packed. Returns the number of
-    packed weights."""
-    count = 0
-    for module in list(model.modules()):  # parents before children: a parent's fusion takes its children's parts
-        for attr, names in getattr(module, "fusions", {}).items():
-            parts = [_lookup(module, n) for n in names]
-            if any(p is None or getattr(p, "bias", None) is not None or not isinstance(getattr(p, "weight", None),
-                                                                                         torch.Tensor) for p in parts):
-                continue
-            setattr(module, attr, FusedLinear([p.weight.data for p in parts]))
-            for n in names:
-                parent, _, leaf = n.rpartition(".")
-                delattr(module.get_submodule(parent) if parent else module, leaf)
-            count += 1
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    for module in model.modules():
-        names = ("weight",) if type(module).__name__ == "Router" else ("gate_up_proj", "down_proj")
-        for name in names:
-            value = module._parameters.get(name)
-            if value is not None and value.dim() in (2, 3):
-                del module._parameters[name]
-                setattr(module, name, Packed(value.data))
-                count += 1
-    return count
+def experts(x, weights, ids, gate_up: Packed, down: Packed):
+    """Routed experts in one native call over packed weights."""
+    N, k = ids.shape
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    out = torch.zeros(N, x.shape[1])
+    fn = native().qwen35_moe_bf16 if gate_up.dtype == torch.bfloat16 else native().qwen35_moe_f32
+    fn(xf.data_ptr(), ids.data_ptr(), w.data_ptr(), N, k, gate_up.shape[0], gate_up.data.data_ptr(),
+       down.data.data_ptr(), out.data_ptr(), x.shape[1], down.k)
+    return out.to(x.dtype)
 
 
-def _lookup(module: nn.Module, dotted: str):
-    try:
-        return module.get_submodule(dotted)
-    except AttributeError:
-        return None
+PackedWeight = Packed

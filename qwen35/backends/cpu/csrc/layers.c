@@ -1,14 +1,15 @@
-/* Whole blocks of a decode step (one new token per sequence) in one native call each, so a step is a few calls per
- * layer instead of dozens of framework ops. Activations are fp32; caches are bf16 or fp32 (flag `*_bf16`), rounded
- * to nearest-even on write as torch's `.to(torch.bfloat16)` does. Each function's reference is named beside it; the
- * model uses these only where qwen35/models/qwen3_5.py takes its native decode path.
+/* The decoder's layers for a decode step (one new token per sequence): each half of a layer (residual add + norm +
+ * mixer, residual add + norm + FFN) is one native call, so a step is two calls per layer instead of dozens of
+ * framework ops. Activations are fp32; weights any qw_t format (weights.h); caches are bf16 or fp32 (flag
+ * `*_bf16`), rounded to nearest-even on write as torch's `.to(torch.bfloat16)` does. The references are the
+ * modules of qwen35/models/qwen3_5.py and qwen35/layers/ (the Python faces are in ../layers.py).
  *
  *   qwen35_add_rmsnorm  h' = h + y; a = rms_norm(h') * w1                      (ops/norms.rms_norm, w1 = 1 + w)
- *   qwen35_gdn_step     conv window + SiLU, q/k l2-norm, gates, gated-delta step in place, gated RMSNorm
- *                       (GatedDeltaNet._decode_step + gated_rms_norm)
- *   qwen35_causal_conv  causal depthwise conv + SiLU over packed prompt tokens      (ops/conv.causal_conv1d)
- *   qwen35_attn_decode  q/k RMSNorm, partial rotary, K/V written to the paged cache, attention over each
+ *   gdn_step            conv window + SiLU, q/k l2-norm, gates, gated-delta step in place, gated RMSNorm
+ *   attn_decode         q/k RMSNorm, partial rotary, K/V written to the paged cache, attention over each
  *                       sequence's cached positions, sigmoid gate                   (Attention.forward)
+ *   qwen35_causal_conv  causal depthwise conv + SiLU over packed prompt tokens      (ops/conv.causal_conv1d)
+ *   qwen35_{gdn,attn,moe,mlp}_layer   the halves, each described by one struct (below)
  */
 #include <immintrin.h>
 #include <math.h>
@@ -18,6 +19,7 @@
 
 #include "gdn_head.h"
 #include "simd.h"
+#include "weights.h"
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -106,14 +108,15 @@ void qwen35_add_rmsnorm(const float *h, const float *y, const float *w1, float *
     }
 }
 
-/* One Gated DeltaNet decode step for S sequences, from the fused input projection to the gated norm.
- * proj [S, stride]: [q (Hk*K) | k (Hk*K) | v (Hv*V) | z (Hv*V) | b (Hv) | a (Hv)] (in_proj_qkv, _z, _b, _a).
+/* One Gated DeltaNet decode step for S sequences, from the input projections to the gated norm.
+ * proj [S, stride]: [q (Hk*K) | k (Hk*K) | v (Hv*V) | z (Hv*V)] (in_proj_qkv, in_proj_z); ba [S, ba_stride]:
+ * [b (Hv) | a (Hv)] (in_proj_b, in_proj_a).
  * conv_pool [slots, C, Kw-1], conv_w [C, Kw] fp32; ssm_pool [slots, Hv, K, V] fp32; slot slots[s], history
  * present when has_state[s] (otherwise zeros: stale slots are never read). A_log, dt_bias [Hv], norm_w [V] fp32.
  * out [S, Hv*V]: norm(o) * w * silu(z), ready for out_proj. */
-void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t conv_bf16, const float *conv_w,
-                     float *ssm_pool, const int64_t *slots, const uint8_t *has_state, const float *A_log,
-                     const float *dt_bias, const float *norm_w, float eps, float *out, int64_t S, int64_t Hk,
+static void gdn_step(const float *proj, int64_t stride, const float *ba, int64_t ba_stride, void *conv_pool,
+                     int64_t conv_bf16, const float *conv_w, float *ssm_pool, const int64_t *slots,
+                     const uint8_t *has_state, const float *A_log, const float *dt_bias, const float *norm_w, float eps, float *out, int64_t S, int64_t Hk,
                      int64_t Hv, int64_t K, int64_t V, int64_t Kw) {
     const int64_t key_dim = Hk * K, value_dim = Hv * V, C = 2 * key_dim + value_dim, Wh = Kw - 1;
     const int64_t group = Hv / Hk;
@@ -152,7 +155,7 @@ void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t
                 const float *row = proj + s * stride;
                 const float *qh = mixed + s * C + (h / group) * K, *kh = mixed + s * C + key_dim + (h / group) * K;
                 const float *vh = mixed + s * C + 2 * key_dim + h * V, *zh = row + C + h * V;
-                const float b = row[C + value_dim + h], a = row[C + value_dim + Hv + h] + dt_bias[h];
+                const float b = ba[s * ba_stride + h], a = ba[s * ba_stride + Hv + h] + dt_bias[h];
                 const float softplus = a > 20.0f ? a : log1pf(expf(a));
                 const float decay = expf(-expf(A_log[h]) * softplus), beta = 1.0f / (1.0f + expf(-b));
                 float *st = ssm_pool + (slots[s] * Hv + h) * K * V, *oh = out + s * value_dim + h * V;
@@ -174,7 +177,7 @@ void qwen35_gdn_step(const float *proj, int64_t stride, void *conv_pool, int64_t
  * weights. cos, sin [S, rd]: rotary on the first rd channels of each head, NeoX halves. The new K/V go to flat
  * position slot_mapping[s]; sequence s then attends to its first context_lens[s] positions through its row of
  * block_tables [S, max_blocks]. out [S, Hq*D] = attention * sigmoid(gate). */
-void qwen35_attn_decode(const float *qkv, int64_t stride, const float *qn1, const float *kn1, float eps,
+static void attn_decode(const float *qkv, int64_t stride, const float *qn1, const float *kn1, float eps,
                         const float *cos_, const float *sin_, int64_t rd, void *k_cache, void *v_cache,
                         int64_t cache_bf16, const int64_t *slot_mapping, const int64_t *block_tables,
                         int64_t max_blocks, const int64_t *context_lens, int64_t block_size, float *out, int64_t S,
@@ -303,26 +306,55 @@ void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const
 
 /* ---- Whole decoder-layer halves of a decode step: one call each, the residual add and the norm included ----
  * Every function below starts with h += y_prev (the previous half's output; NULL for none), a = rms_norm(h) * w1,
- * proj = a @ in_w^T (packed weight, in_np rows), then runs its block and writes the half's output y [S, H] (the
- * caller adds it to h at the next half). Weights are packed bf16 (wbf16) or fp32; K dimensions must need no
- * padding (checked in Python). */
-void qwen35_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K);
-void qwen35_linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K);
-void qwen35_moe_block_bf16(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k,
-                           int64_t renorm, const uint16_t *gate_up, const uint16_t *down, const uint16_t *shared_down,
-                           float *out, int64_t H, int64_t I, int64_t Is);
-void qwen35_moe_block_f32(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k,
-                          int64_t renorm, const float *gate_up, const float *down, const float *shared_down,
-                          float *out, int64_t H, int64_t I, int64_t Is);
+ * then runs its block on a and writes the half's output y [S, H] (the caller adds it to h at the next half). A
+ * layer's weights and cache tensors are one struct (mirrored by ctypes in ../layers.py); what changes every step
+ * is the step_t. Input dimensions need no padding and output projections write exactly H columns (checked in
+ * Python). */
+typedef struct {
+    int64_t S;                                   /* sequences, one new token each */
+    const int64_t *slots;                        /* Gated DeltaNet state slot of each sequence */
+    const uint8_t *has_state;                    /* 0: the sequence starts from zero state */
+    const int64_t *slot_mapping;                 /* flat K/V position of each new token */
+    const int64_t *block_tables;                 /* [S, max_blocks] */
+    const int64_t *context_lens;                 /* positions each sequence attends to, the new one included */
+    int64_t max_blocks, block_size;
+    const float *cos, *sin;                      /* rotary [S, rd] */
+    int64_t rd;
+} step_t;
 
-static void lin(int64_t wbf16, const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K) {
-    if (wbf16) qwen35_linear_bf16(x, (const uint16_t *)w, y, M, N, K);
-    else qwen35_linear_f32(x, (const float *)w, y, M, N, K);
-}
+typedef struct {
+    const float *norm_w1; float norm_eps;        /* input_layernorm: 1 + weight */
+    qw_t in_qkvz, in_ba, out;                    /* [in_proj_qkv | in_proj_z], [in_proj_b | in_proj_a], out_proj */
+    const float *conv_w, *A_log, *dt_bias, *gnorm_w;   /* [C, Kw], [Hv], [Hv], [V], fp32 */
+    float gnorm_eps;
+    int64_t Hk, Hv, K, V, Kw;
+    void *conv_pool; int64_t conv_bf16;          /* [slots, C, Kw-1] */
+    float *ssm_pool;                             /* [slots, Hv, K, V] */
+} gdn_layer_t;
 
-/* h += y_prev; a = norm(h) (returned, malloc'd); *proj = a @ in_w^T (malloc'd) */
-static float *layer_in(float *h, const float *y_prev, const float *w1, float eps, int64_t S, int64_t H,
-                       const void *in_w, int64_t in_np, int64_t wbf16, float **proj) {
+typedef struct {
+    const float *norm_w1; float norm_eps;
+    qw_t qkv, out;                               /* [q_proj | k_proj | v_proj], o_proj */
+    const float *qn1, *kn1; float qk_eps;        /* 1 + q_norm / k_norm weights */
+    int64_t Hq, Hkv, D; float scale;
+    void *k_cache, *v_cache; int64_t cache_bf16; /* [blocks, block_size, Hkv, D] */
+} attn_layer_t;
+
+typedef struct {
+    const float *norm_w1; float norm_eps;        /* post_attention_layernorm */
+    qw_t router;                                 /* [gate (E rows) | shared_expert_gate (1 row)] */
+    qw_t shared_gate_up, shared_down;            /* [shared gate_proj | up_proj], shared down_proj */
+    qw_t gate_up, down;                          /* the routed experts */
+    int64_t E, top_k, renorm;
+} moe_layer_t;
+
+typedef struct {
+    const float *norm_w1; float norm_eps;
+    qw_t gate_up, down;                          /* [gate_proj | up_proj], down_proj */
+} mlp_layer_t;
+
+/* h += y_prev; returns a = norm(h) (malloc'd) */
+static float *layer_in(float *h, const float *y_prev, const float *w1, float eps, int64_t S, int64_t H) {
     float *a = malloc(sizeof(float) * S * H);
     for (int64_t m = 0; m < S; m++) {
         float *hm = h + m * H;
@@ -330,63 +362,101 @@ static float *layer_in(float *h, const float *y_prev, const float *w1, float eps
             for (int64_t i = 0; i < H; i++) hm[i] += y_prev[m * H + i];
         rmsnorm_row(hm, w1, a + m * H, H, eps);
     }
-    *proj = malloc(sizeof(float) * S * in_np);
-    lin(wbf16, a, in_w, *proj, S, in_np, H);
     return a;
 }
 
-void qwen35_gdn_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
-                      int64_t in_np, const void *out_w, int64_t wbf16, float *y, void *conv_pool, int64_t conv_bf16,
-                      const float *conv_w, float *ssm_pool, const int64_t *slots, const uint8_t *has_state,
-                      const float *A_log, const float *dt_bias, const float *norm_w, float eps, int64_t S,
-                      int64_t Hk, int64_t Hv, int64_t K, int64_t V, int64_t Kw) {
-    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
-    float *o = malloc(sizeof(float) * S * Hv * V);
-    qwen35_gdn_step(proj, in_np, conv_pool, conv_bf16, conv_w, ssm_pool, slots, has_state, A_log, dt_bias, norm_w,
-                    eps, o, S, Hk, Hv, K, V, Kw);
-    lin(wbf16, o, out_w, y, S, H, Hv * V);
-    free(a); free(proj); free(o);
-}
-
-void qwen35_attn_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
-                       int64_t in_np, const void *out_w, int64_t wbf16, float *y, const float *qn1,
-                       const float *kn1, float eps, const float *cos_, const float *sin_, int64_t rd, void *k_cache,
-                       void *v_cache, int64_t cache_bf16, const int64_t *slot_mapping, const int64_t *block_tables,
-                       int64_t max_blocks, const int64_t *context_lens, int64_t block_size, int64_t S, int64_t Hq,
-                       int64_t Hkv, int64_t D, float scale) {
-    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
-    float *o = malloc(sizeof(float) * S * Hq * D);
-    qwen35_attn_decode(proj, in_np, qn1, kn1, eps, cos_, sin_, rd, k_cache, v_cache, cache_bf16, slot_mapping,
-                       block_tables, max_blocks, context_lens, block_size, o, S, Hq, Hkv, D, scale);
-    lin(wbf16, o, out_w, y, S, H, Hq * D);
-    free(a); free(proj); free(o);
-}
-
-void qwen35_moe_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
-                      int64_t in_np, int64_t wbf16, float *y, int64_t E, int64_t k, int64_t renorm,
-                      const void *gate_up, const void *down, const void *shared_down, int64_t I, int64_t Is,
-                      int64_t S) {
-    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
-    if (wbf16)
-        qwen35_moe_block_bf16(a, proj, in_np, S, E, k, renorm, gate_up, down, shared_down, y, H, I, Is);
-    else
-        qwen35_moe_block_f32(a, proj, in_np, S, E, k, renorm, gate_up, down, shared_down, y, H, I, Is);
-    free(a); free(proj);
-}
-
-/* dense SwiGLU: in_w is [gate | up] fused (2I rows), out_w the down projection */
-void qwen35_mlp_layer(float *h, const float *y_prev, const float *w1, float norm_eps, int64_t H, const void *in_w,
-                      int64_t in_np, const void *out_w, int64_t wbf16, float *y, int64_t I, int64_t S) {
-    float *proj, *a = layer_in(h, y_prev, w1, norm_eps, S, H, in_w, in_np, wbf16, &proj);
-    float *act = malloc(sizeof(float) * S * I);
-    for (int64_t m = 0; m < S; m++) {
-        const float *g = proj + m * in_np, *u = g + I;
-        float *o = act + m * I;
+/* out[m, :I] = silu(x[m, :I]) * x[m, I:2I] for rows of stride `stride` */
+static void swiglu_rows(const float *x, int64_t stride, float *out, int64_t M, int64_t I) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = x + m * stride, *u = g + I;
+        float *o = out + m * I;
         int64_t i = 0;
         for (; i + 8 <= I; i += 8)
             _mm256_storeu_ps(o + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
         for (; i < I; i++) o[i] = silu(g[i]) * u[i];
     }
-    lin(wbf16, act, out_w, y, S, H, I);
+}
+
+void qwen35_gdn_layer(const gdn_layer_t *L, const step_t *st, float *h, const float *y_prev, float *y) {
+    const int64_t S = st->S, H = L->out.n;
+    float *a = layer_in(h, y_prev, L->norm_w1, L->norm_eps, S, H);
+    float *proj = malloc(sizeof(float) * S * L->in_qkvz.n), *ba = malloc(sizeof(float) * S * L->in_ba.n);
+    float *o = malloc(sizeof(float) * S * L->Hv * L->V);
+    qwen35_matmul(a, &L->in_qkvz, 0, proj, S);
+    qwen35_matmul(a, &L->in_ba, 0, ba, S);
+    gdn_step(proj, L->in_qkvz.n, ba, L->in_ba.n, L->conv_pool, L->conv_bf16, L->conv_w, L->ssm_pool, st->slots,
+             st->has_state, L->A_log, L->dt_bias, L->gnorm_w, L->gnorm_eps, o, S, L->Hk, L->Hv, L->K, L->V, L->Kw);
+    qwen35_matmul(o, &L->out, 0, y, S);
+    free(a); free(proj); free(ba); free(o);
+}
+
+void qwen35_attn_layer(const attn_layer_t *L, const step_t *st, float *h, const float *y_prev, float *y) {
+    const int64_t S = st->S, H = L->out.n;
+    float *a = layer_in(h, y_prev, L->norm_w1, L->norm_eps, S, H);
+    float *proj = malloc(sizeof(float) * S * L->qkv.n), *o = malloc(sizeof(float) * S * L->Hq * L->D);
+    qwen35_matmul(a, &L->qkv, 0, proj, S);
+    attn_decode(proj, L->qkv.n, L->qn1, L->kn1, L->qk_eps, st->cos, st->sin, st->rd, L->k_cache, L->v_cache,
+                L->cache_bf16, st->slot_mapping, st->block_tables, st->max_blocks, st->context_lens, st->block_size,
+                o, S, L->Hq, L->Hkv, L->D, L->scale);
+    qwen35_matmul(o, &L->out, 0, y, S);
+    free(a); free(proj); free(o);
+}
+
+/* Softmax over E router logits, top-k (ties to the lower id), optionally renormalised: ids, weights [T, k].
+ * Reference: ops/moe.route_logits. */
+static void route(const float *logits, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm,
+                  int64_t *ids, float *weights) {
+    float *p = malloc(sizeof(float) * E);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float *l = logits + t * stride;
+        float mx = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best];
+            total += p[best];
+            p[best] = -1.0f;
+        }
+        if (renorm)
+            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= total;
+    }
+    free(p);
+}
+
+/* routed experts + sigmoid(shared gate) * shared expert. Reference: layers/mlp.SparseMoeBlock.forward. */
+void qwen35_moe_layer(const moe_layer_t *L, const step_t *st, float *h, const float *y_prev, float *y) {
+    const int64_t S = st->S, H = L->shared_down.n, Is = L->shared_down.k, k = L->top_k;
+    float *a = layer_in(h, y_prev, L->norm_w1, L->norm_eps, S, H);
+    float *logits = malloc(sizeof(float) * S * L->router.n), *gu = malloc(sizeof(float) * S * L->shared_gate_up.n);
+    float *act = malloc(sizeof(float) * S * Is), *sh = malloc(sizeof(float) * S * H), *wts = malloc(sizeof(float) * S * k);
+    int64_t *ids = malloc(sizeof(int64_t) * S * k);
+    qwen35_matmul(a, &L->router, 0, logits, S);
+    qwen35_matmul(a, &L->shared_gate_up, 0, gu, S);
+    route(logits, L->router.n, S, L->E, k, L->renorm, ids, wts);
+    swiglu_rows(gu, L->shared_gate_up.n, act, S, Is);
+    memset(y, 0, sizeof(float) * S * H);
+    qwen35_experts(a, ids, wts, S, k, &L->gate_up, &L->down, y);
+    qwen35_matmul(act, &L->shared_down, 0, sh, S);
+    for (int64_t t = 0; t < S; t++) {
+        const float gate = 1.0f / (1.0f + expf(-logits[t * L->router.n + L->E]));
+        for (int64_t i = 0; i < H; i++) y[t * H + i] = y[t * H + i] + gate * sh[t * H + i];
+    }
+    free(a); free(logits); free(gu); free(act); free(sh); free(wts); free(ids);
+}
+
+/* dense SwiGLU MLP. Reference: layers/mlp.MLP.forward. */
+void qwen35_mlp_layer(const mlp_layer_t *L, const step_t *st, float *h, const float *y_prev, float *y) {
+    const int64_t S = st->S, H = L->down.n, I = L->down.k;
+    float *a = layer_in(h, y_prev, L->norm_w1, L->norm_eps, S, H);
+    float *proj = malloc(sizeof(float) * S * L->gate_up.n), *act = malloc(sizeof(float) * S * I);
+    qwen35_matmul(a, &L->gate_up, 0, proj, S);
+    swiglu_rows(proj, L->gate_up.n, act, S, I);
+    qwen35_matmul(act, &L->down, 0, y, S);
     free(a); free(proj); free(act);
 }
