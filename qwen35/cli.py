@@ -41,6 +41,7 @@ def cmd_info(args) -> int:
 def cmd_forward(args) -> int:
     import torch
 
+    from qwen35.backends.cpu import decoder_for
     from qwen35.config import ModelConfig
     from qwen35.demo import demo_checkpoint
     from qwen35.models.batch import ForwardBatch, SeqChunk
@@ -57,6 +58,7 @@ def cmd_forward(args) -> int:
     model, config, report = load_model(path, dtype=args.dtype, device=args.device)
     print(f"Loaded {config.model_type}: {report.num_tensors} tensors, {report.num_bytes / 1e6:.1f} MB "
           f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else ""))
+    model = decoder_for(model, args.device) or model  # as the engine runs it
     batch = ForwardBatch.build([SeqChunk(ids)], device=args.device)
     with torch.inference_mode():
         t0 = time.time()

@@ -1,8 +1,8 @@
 /* One gated-delta step of one head, in place on its state st [K, V] (fp32):
  *     S = decay S;  u = beta (v - S^T k);  S = S + k u^T;  o = S^T q   (o reads after the write)
  * `fresh`: the sequence has no earlier tokens, its state starts from zeros (a stale slot is never read).
- * `next` (may be NULL): a state to prefetch into L2 while this one is rewritten. Shared by gdn_decode.c and
- * decode_blocks.c; the reference is ops/gated_delta.gated_delta_rule_recurrent. */
+ * `next` (may be NULL): a state to prefetch into L2 while this one is rewritten. Used by layers.c; the
+ * reference is ops/gated_delta.gated_delta_rule_recurrent. */
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
