@@ -404,8 +404,9 @@ class _TensorReader:
         if dtype not in allowed or dtype not in self.DTYPES:
             kind = "FP8 and integer tensors belong only to the quantized modules of a quantized checkpoint" \
                 if str(dtype).startswith("F8") or allowed != FLOAT_DTYPES else "the model's weights are floating point"
+            expected = f"expected one of {', '.join(allowed)}" if allowed else "its module is never quantized"
             raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which qwen35 cannot load here "
-                                  f"({kind}; expected one of {', '.join(allowed)})")
+                                  f"({kind}; {expected})")
         numel = math.prod(shape)
         if end - start != numel * self.DTYPES[dtype].itemsize or self.base + end > self.size:
             raise CheckpointError(f"{self.path}: cannot read tensor {name} (truncated or corrupt file?): its "

@@ -64,8 +64,10 @@ def allowed_dtypes(cname: str, quant: QuantizationConfig | None, floats: tuple[s
     """The safetensors dtypes a tensor may have: floats, or its companion's dtype where the checkpoint's format
     puts one (FP8 only on the weights of modules that releases quantize)."""
     split = split_companion(cname, quant)
-    if split is None or not CHECKPOINT_QUANTIZED.match(split[0]):
+    if split is None:
         return floats
+    if not CHECKPOINT_QUANTIZED.match(split[0]):
+        return floats if split[1] == "weight" else ()  # a scale or packed integers on a module never quantized
     if split[1] == "weight":
         return (*floats, "F8_E4M3")
     return COMPANION_DTYPES[split[1]]
@@ -93,6 +95,7 @@ def plan(model: nn.Module, config: ModelConfig, ckpt_names: set[str], quantizati
     skip = quant.modules_to_not_convert if quant else ()
     stored = {split[0] for n in ckpt_names if (split := split_companion(n, quant)) and split[1] != "weight"}
     stored |= {m[1] for n in stored if (m := EXPERT_MODULE.match(n))}
+    stored |= {n[:-1] + suffix for n in stored if n.endswith("in_proj_qkvz") for suffix in ("", "_z")}
     out = {}
     for name, module in model.named_modules():
         if name == "lm_head":
