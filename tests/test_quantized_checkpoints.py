@@ -70,12 +70,12 @@ def to_fp8(w, block):
     return fp8, scale.float()
 
 
-def fp8_checkpoint(checkpoint, tmp_path, kind, block):
+def fp8_checkpoint(checkpoint, tmp_path, kind, block, src=None):
     """(fp8 dir, float dir with the dequantized weights). modules_to_not_convert as Qwen lists them (embedding,
-    head, every router) plus one decoder linear, which must stay float."""
-    src, _ = checkpoint(kind)
+    head, mtp.fc) plus one decoder linear, which must stay float. src: another float checkpoint dir to convert."""
+    src = src or checkpoint(kind)[0]
     tensors = read_all(src)
-    skip = ["lm_head", "model.embed_tokens", "model.layers.2.mlp.shared_expert.up_proj",
+    skip = ["lm_head", "model.embed_tokens", "mtp.fc", "model.layers.2.mlp.shared_expert.up_proj",
             "model.layers.1.linear_attn.out_proj"]
     fp8, deq = dict(tensors), dict(tensors)
     for name in quantized_names(tensors, skip):
@@ -99,7 +99,7 @@ def test_fp8_checkpoint_dequantized_matches_transformers(checkpoint, tmp_path, k
         torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind, block", [("moe", (32, 32)), ("dense", (128, 128)), ("next", (128, 128))])
+@pytest.mark.parametrize("kind, block", [("moe", (32, 32)), ("dense", (128, 128))])
 def test_fp8_checkpoint_runs_as_int8(checkpoint, tmp_path, kind, block):
     fp8_dir, deq_dir = fp8_checkpoint(checkpoint, tmp_path, kind, block)
     model, _, report = load_model(fp8_dir, dtype="float32")
@@ -117,6 +117,33 @@ def test_fp8_checkpoint_runs_as_int8(checkpoint, tmp_path, kind, block):
     for ours, theirs in zip(our_logits(model, PROMPTS), ref):
         assert (ours - theirs).abs().max() < 1.0
         assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8
+
+
+def test_fp8_mtp_head_is_dequantized_and_shards_are_joined(checkpoint, tmp_path):
+    """The released FP8 checkpoints quantize the MTP layer's projections: the head stays float (dequantized). A
+    weight and its scale in different shards load as in one file."""
+    from tests.test_mtp import mtp_checkpoint
+
+    src, _ = mtp_checkpoint("dense", checkpoint, tmp_path)
+    fp8_dir, _ = fp8_checkpoint(checkpoint, tmp_path, "dense", (32, 32), src=src)
+    tensors = read_all(fp8_dir)
+    model = load_model(fp8_dir, dtype="float32", mtp=True)[0]
+    q = model.mtp.layers[0].self_attn.q_proj
+    assert isinstance(q, torch.nn.Linear) and isinstance(model.model.layers[3].self_attn.q_proj, QuantLinear)
+    want = fp8_block_dequantize(tensors["mtp.layers.0.self_attn.q_proj.weight"],
+                                tensors["mtp.layers.0.self_attn.q_proj.weight_scale_inv"], (32, 32))
+    assert torch.equal(q.weight, want)
+    # two shards: every weight_scale_inv in the second, its weight in the first
+    shards = {"a.safetensors": {k: v for k, v in tensors.items() if not k.endswith("_scale_inv")},
+              "b.safetensors": {k: v for k, v in tensors.items() if k.endswith("_scale_inv")}}
+    (fp8_dir / "model.safetensors").unlink()
+    for fname, part in shards.items():
+        save_file(part, str(fp8_dir / fname))
+    index = {"weight_map": {k: f for f, part in shards.items() for k in part}}
+    (fp8_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded = load_model(fp8_dir, dtype="float32", mtp=True)[0]
+    for (name, a), (_, b) in zip(model.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_fp8_to_int8_is_exact_when_representable():
@@ -234,8 +261,7 @@ def dequantized_copy(quant_model, float_model):
     return float_model
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "next"])
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("kind, quantization", [("dense", "int8"), ("moe", "int8"), ("next", "int4"), ("moe", "int4")])
 def test_load_time_quantization_is_the_model_on_dequantized_weights(checkpoint, kind, quantization):
     path, _ = checkpoint(kind)
     model, _, report = load_model(path, dtype="float32", quantization=quantization)

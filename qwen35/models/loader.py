@@ -61,7 +61,7 @@ class LoadReport:
     set_aside: dict[str, int] = field(default_factory=dict)  # prefix -> number of tensors not loaded
     seconds: float = 0.0
     checkpoint_format: str = "float"  # e.g. "fp8 (e4m3, 128x128 blocks)", "int4 (GPTQ, group 128)"
-    quantization: str = "none"  # what the loaded model holds, e.g. "int8 per channel: 24 linears, 4 experts"
+    quantization: str = "none"  # what the model holds, e.g. "int4 (28 modules, groups of 32 columns) from float"
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
