@@ -1,4 +1,5 @@
-"""Quantized weights, format-neutral: what a quantized linear or expert tensor holds, and its reference maths.
+"""Quantized weights, format-neutral: what a quantized linear or expert tensor holds, its reference maths, and the
+converters from the released checkpoint formats (FP8 with block scales, GPTQ int4).
 
 A `QuantizedWeight` stores a weight [..., N, K] (any leading dims: experts) as integers with one float scale per
 row and group of `group` consecutive columns (K % group == 0):

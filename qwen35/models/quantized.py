@@ -113,15 +113,16 @@ def plan(model: nn.Module, config: ModelConfig, ckpt_names: set[str], quantizati
         ks = (module.in_features,) if isinstance(module, nn.Linear) else \
             (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
         spec = _spec(kind, ks, group_size, quant)
-        if spec is None:
-            log(f"{name}: {ks[-1] if len(ks) == 1 else ks} input columns are not a multiple of the group "
-                f"({group_size}); kept in the model dtype")
+        if isinstance(spec, int):
+            log(f"{name}: {ks[0] if len(ks) == 1 else ks} input columns are not a multiple of the group ({spec}); "
+                "kept in the model dtype")
             continue
         out[name] = spec
     return out
 
 
 def _spec(kind: str, ks: tuple[int, ...], group_size: int | None, quant: QuantizationConfig | None):
+    """The QuantSpec of a module whose matrices have ks input columns, or the group size that does not fit."""
     if kind == "fp8":
         return QuantSpec(8, tuple(math.gcd(k, quant.block[1]) for k in ks))
     if kind == "gptq":
@@ -129,7 +130,7 @@ def _spec(kind: str, ks: tuple[int, ...], group_size: int | None, quant: Quantiz
     bits = 8 if kind == "int8" else 4
     group = group_size or (INT8_GROUP if bits == 8 else INT4_GROUP)
     if group is not None and any(k % group for k in ks):
-        return None
+        return group
     return QuantSpec(bits, tuple(group or k for k in ks), bits == 4)
 
 
