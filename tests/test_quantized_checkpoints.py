@@ -230,7 +230,7 @@ def gptq_checkpoint(checkpoint, tmp_path, kind, group, sym):
     return write(tmp_path / "gptq", gq, src, qc), write(tmp_path / "deq", deq, src)
 
 
-@pytest.mark.parametrize("kind, group, sym", [("moe", 32, True), ("dense", 32, False), ("next", 128, True)])
+@pytest.mark.parametrize("kind, group, sym", [("moe", 32, True), ("dense", 32, False), ("next", 128, False)])
 def test_gptq_checkpoint_matches_transformers_on_the_dequantized_model(checkpoint, tmp_path, kind, group, sym):
     gptq_dir, deq_dir = gptq_checkpoint(checkpoint, tmp_path, kind, group, sym)
     ref = hf_logits(deq_dir, PROMPTS)
@@ -239,6 +239,16 @@ def test_gptq_checkpoint_matches_transformers_on_the_dequantized_model(checkpoin
     assert report.quantization.startswith("int4 (")
     q_proj = model.model.layers[3].self_attn.q_proj
     assert isinstance(q_proj, QuantLinear) and q_proj.bits == 4 and (q_proj.zeros is None) == sym
+    gdn = model.model.layers[0].linear_attn  # Qwen3-Next's fused in_proj_qkvz: split, both parts int4, exact
+    assert isinstance(gdn.in_proj_qkv, QuantLinear) and isinstance(gdn.in_proj_z, QuantLinear)
+    if kind == "next":
+        from qwen35.models.qwen3_next import split_fused_gdn
+
+        name = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+        want = split_fused_gdn(model.cfg, name, read_all(deq_dir)[name])
+        for part in ("in_proj_qkv", "in_proj_z"):
+            got = getattr(gdn, part).quantized.dequantize()
+            assert torch.equal(got, want[f"model.layers.0.linear_attn.{part}.weight"])
     for ours, theirs in zip(our_logits(model, PROMPTS), ref):
         assert theirs.abs().max() > 1.0
         torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
@@ -308,14 +318,13 @@ def test_quality_on_the_trained_demo_model(quantization, top1, max_kl):
 
 def test_group_size_and_layers_left_in_float(checkpoint, caplog):
     path, _ = checkpoint("moe")
-    model, _, report = load_model(path, dtype="float32", quantization="int4", group_size=64,
-                                  lm_head_quantization="none")
+    model, _, report = load_model(path, dtype="float32", quantization="int4", group_size=64)
     # K = 96 (in_proj_z's output into out_proj) and the experts' K = 32 are not multiples of 64
     assert isinstance(model.model.layers[0].linear_attn.in_proj_qkv, QuantLinear)
     assert model.model.layers[0].linear_attn.in_proj_qkv.group == 64
     assert not isinstance(model.model.layers[0].linear_attn.out_proj, QuantLinear)
     assert not isinstance(model.model.layers[0].mlp.experts, QuantExperts)
-    assert not isinstance(model.lm_head, QuantLinear)
+    assert model.lm_head.bits == 8 and model.lm_head.group == 64  # the int8 head: one scale per row (K = 64)
     assert "linear_attn.out_proj: 96 input columns are not a multiple of the group (64)" in caplog.text
     with pytest.raises(ValueError, match="quantization must be one of"):
         load_model(path, quantization="int3")

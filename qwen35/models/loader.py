@@ -218,11 +218,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             if tuple(tensor.shape) != want:
                 raise CheckpointError(
                     f"{path}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
-            try:
-                tensor = quantized.convert(tensor, None)  # a quantized fused projection: split its floats
+            first = next(iter(split_fused_gdn(cfg, cname, torch.empty(want, device="meta"))))
+            spec = specs.get(first.rpartition(".")[0])
+            try:  # a quantized fused projection is converted first, then split by rows (the split is exact)
+                tensor = quantized.convert(tensor, spec, spec.groups[0] if spec else None)
             except ValueError as e:
                 raise CheckpointError(f"{path}: tensor {name}: {e}") from None
-            for part_name, part in split_fused_gdn(cfg, cname, tensor).items():
+            split = lambda t: split_fused_gdn(cfg, cname, t)  # noqa: E731
+            parts = split(tensor) if isinstance(tensor, torch.Tensor) else quantized.split_rows(tensor, split)
+            for part_name, part in parts.items():
                 assign(part_name, part, name)
         else:
             assign(cname, tensor, name)

@@ -5,7 +5,8 @@ out_proj, dense and shared-expert MLPs) and its routed experts are quantized; th
 (`lm_head_quantization`); never the embedding, the router `mlp.gate`, `shared_expert_gate`, `in_proj_a` /
 `in_proj_b`, conv1d, norms, A_log / dt_bias, the vision tower or the MTP head; nor anything the checkpoint's
 `modules_to_not_convert` names (a full name, a prefix, or a glob). A quantized checkpoint may also store the MTP
-layer's projections (and Qwen3-Next's fused in_proj_qkvz) quantized: those are dequantized into the model dtype.
+layer's projections quantized: those are dequantized into the model dtype. Qwen3-Next's fused in_proj_qkvz is
+split by rows after conversion, so its quantized parts stay exact.
 
 Quantized checkpoint tensors come in companions: FP8 `X.weight` (e4m3) + `X.weight_scale_inv`; GPTQ `X.qweight`,
 `X.qzeros`, `X.scales`, `X.g_idx`. Once all of a module's companions are read they become one `CheckpointWeight`,
@@ -97,7 +98,7 @@ def plan(model: nn.Module, config: ModelConfig, ckpt_names: set[str], quantizati
     skip = quant.modules_to_not_convert if quant else ()
     stored = {split[0] for n in ckpt_names if (split := split_companion(n, quant)) and split[1] != "weight"}
     stored |= {m[1] for n in stored if (m := EXPERT_MODULE.match(n))}
-    stored |= {n[:-1] + suffix for n in stored if n.endswith("in_proj_qkvz") for suffix in ("", "_z")}
+    stored |= {n.removesuffix("qkvz") + part for n in stored if n.endswith("in_proj_qkvz") for part in ("qkv", "z")}
     out = {}
     for name, module in model.named_modules():
         if name == "lm_head":
@@ -112,7 +113,7 @@ def plan(model: nn.Module, config: ModelConfig, ckpt_names: set[str], quantizati
             continue
         ks = (module.in_features,) if isinstance(module, nn.Linear) else \
             (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
-        spec = _spec(kind, ks, group_size, quant)
+        spec = _spec(kind, ks, group_size if kind == quantization else None, quant)
         if isinstance(spec, int):
             log(f"{name}: {ks[0] if len(ks) == 1 else ks} input columns are not a multiple of the group ({spec}); "
                 "kept in the model dtype")
@@ -147,6 +148,14 @@ def describe(specs: dict[str, QuantSpec], source: str) -> str:
             zeros = ", zero points" if any(specs[n].has_zeros for n in names) else ""
             out.append(f"int{bits} ({len(names)} module{'s' * (len(names) > 1)}, groups of {groups} columns{zeros})")
     return " + ".join(out) + f" from {source}"
+
+
+def split_rows(qw: QuantizedWeight, split) -> dict[str, QuantizedWeight]:
+    """A row permutation `split` (tensor [N, X] -> {name: rows}) applied to a quantized weight: integers, scales
+    and zero points move with their rows, so the parts dequantize exactly to the split of the whole."""
+    q, s = split(qw.q), split(qw.scales)
+    z = split(qw.zeros) if qw.zeros is not None else dict.fromkeys(q)
+    return {name: QuantizedWeight(qw.bits, qw.group, q[name], s[name], z[name]) for name in q}
 
 
 def apply(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
@@ -208,12 +217,17 @@ class CheckpointWeight:
 
 
 def convert(value, spec: QuantSpec | None, group: int | None = None):
-    """A float tensor or CheckpointWeight as its target wants it: a float tensor (spec None) or a QuantizedWeight
-    of spec's bits in groups of `group` columns (a checkpoint format converts directly where it fits)."""
+    """A float tensor, CheckpointWeight or QuantizedWeight as its target wants it: a float tensor (spec None) or a
+    QuantizedWeight of spec's bits in groups of `group` columns (a quantized format is kept or converted directly
+    where it fits, so it stays exact)."""
     if spec is None:
-        return value.dequantize() if isinstance(value, CheckpointWeight) else value
+        return value if isinstance(value, torch.Tensor) else value.dequantize()
     if isinstance(value, CheckpointWeight):
         if value.fits(spec.bits, group, spec.has_zeros):
             return value.quantized(group)
+        value = value.dequantize()
+    if isinstance(value, QuantizedWeight):
+        if (value.bits, value.group) == (spec.bits, group) and (value.zeros is None or spec.has_zeros):
+            return value
         value = value.dequantize()
     return quantize(value, spec.bits, group, symmetric=None if spec.bits == 8 else not spec.has_zeros)
