@@ -300,10 +300,11 @@ closed even when an exception is raised. Use pathlib.Path to join paths, read te
 os module offers lower-level functions. A generator function uses yield to produce values one at a time."""
 
 
-@pytest.mark.parametrize("quantization, top1, max_kl", [("int8", 0.97, 2e-3), ("int4", 0.8, 0.05)])
+@pytest.mark.parametrize("quantization, top1, max_kl", [("int8", 0.97, 3e-3), ("int4", 0.85, 0.03)])
 def test_quality_on_the_trained_demo_model(quantization, top1, max_kl):
-    """The demo model is trained, so its logits have meaning (measured over 1024 tokens of README text: int8 per
-    channel KL 0.0003, top-1 99.1%; int4 groups of 32 KL 0.014, top-1 86.8%)."""
+    """The demo model is trained, so its logits have meaning. Defaults (int8 per channel, int4 groups of 32 with
+    zero points; the head int8), against float32 over these 132 tokens: int8 mean KL 0.0014, top-1 100%; int4
+    KL 0.0096, top-1 92.4% (over 1024 tokens of the README: int8 0.0003 / 98.6%, int4 0.014 / 86.6%)."""
     from tokenizers import Tokenizer
 
     from qwen35.demo import DEMO_DIR
@@ -333,8 +334,7 @@ def test_group_size_and_layers_left_in_float(checkpoint, caplog):
 def test_quant_linear_state_dict_and_to(checkpoint):
     path, _ = checkpoint("moe")
     model = load_model(path, dtype="float32", quantization="int4")[0]
-    lin = model.model.layers[0].self_attn.q_proj if hasattr(model.model.layers[0], "self_attn") else \
-        model.model.layers[3].self_attn.q_proj
+    lin = model.model.layers[3].self_attn.q_proj
     sd = lin.state_dict()
     assert set(sd) == {"q", "scales", "zeros"} and sd["q"].dtype == torch.uint8
     x = torch.randn(3, lin.in_features)
