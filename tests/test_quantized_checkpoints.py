@@ -70,9 +70,10 @@ def to_fp8(w, block):
     return fp8, scale.float()
 
 
-def fp8_checkpoint(checkpoint, tmp_path, kind, block, src=None):
+def fp8_checkpoint(checkpoint, tmp_path, kind, block, src=None, scale_dtype=torch.float32):
     """(fp8 dir, float dir with the dequantized weights). modules_to_not_convert as Qwen lists them (embedding,
-    head, mtp.fc) plus one decoder linear, which must stay float. src: another float checkpoint dir to convert."""
+    head, mtp.fc) plus one decoder linear, which must stay float. src: another float checkpoint dir to convert;
+    scale_dtype: the scales' dtype (F32 in DeepSeek-style files, BF16 in some Qwen ones)."""
     src = src or checkpoint(kind)[0]
     tensors = read_all(src)
     skip = ["lm_head", "model.embed_tokens", "mtp.fc", "model.layers.2.mlp.shared_expert.up_proj",
@@ -80,6 +81,7 @@ def fp8_checkpoint(checkpoint, tmp_path, kind, block, src=None):
     fp8, deq = dict(tensors), dict(tensors)
     for name in quantized_names(tensors, skip):
         w8, s = to_fp8(tensors[name], block)
+        s = s.to(scale_dtype)
         fp8[name], fp8[name + "_scale_inv"] = w8, s
         deq[name] = fp8_block_dequantize(w8, s, block)
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
@@ -89,7 +91,8 @@ def fp8_checkpoint(checkpoint, tmp_path, kind, block, src=None):
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "next"])
 def test_fp8_checkpoint_dequantized_matches_transformers(checkpoint, tmp_path, kind):
-    fp8_dir, deq_dir = fp8_checkpoint(checkpoint, tmp_path, kind, (32, 32))
+    scale_dtype = torch.bfloat16 if kind == "moe" else torch.float32
+    fp8_dir, deq_dir = fp8_checkpoint(checkpoint, tmp_path, kind, (32, 32), scale_dtype=scale_dtype)
     ref = hf_logits(deq_dir, PROMPTS)
     model, _, report = load_model(fp8_dir, dtype="float32", quantization="none")
     assert report.checkpoint_format == "fp8 (e4m3, 32x32 blocks)" and report.quantization == "none"
