@@ -390,6 +390,10 @@ def test_gptq_errors_name_the_tensor(checkpoint, tmp_path):
     save_file(t, str(gptq_dir / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"tensor {Q}: scales has shape \[1, 256\], expected \[2, 256\]"):
         load_model(gptq_dir)
+    t[Q + ".qweight"] = t[Q + ".qweight"].flatten()
+    save_file(t, str(gptq_dir / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"tensor {Q} has shape \[2048\], expected \[256, 64\]"):
+        load_model(gptq_dir)
     del t[Q + ".qzeros"]
     save_file(t, str(gptq_dir / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"missing tensor {Q}\.qzeros"):

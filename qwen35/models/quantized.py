@@ -189,7 +189,8 @@ class CheckpointWeight:
     def shape(self) -> tuple[int, int]:
         if self.quant.method == "fp8":
             return tuple(self.parts["weight"].shape)
-        return self.parts["qweight"].shape[1], 8 * self.parts["qweight"].shape[0]
+        qweight = self.parts["qweight"]  # [K/8, N]; another rank is refused by the caller's shape check
+        return (qweight.shape[1], 8 * qweight.shape[0]) if qweight.dim() == 2 else tuple(qweight.shape)
 
     def fits(self, bits: int, group: int, has_zeros: bool) -> bool:
         """Can this weight become `bits` bits in groups of `group` columns without requantizing from floats?"""
