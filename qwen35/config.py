@@ -297,6 +297,53 @@ VISION_ACTS = ("gelu_pytorch_tanh", "gelu", "quick_gelu", "silu")
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """A quantized checkpoint's `quantization_config`: FP8 with block scales, or GPTQ int4 (without act-order)."""
+
+    method: str  # "fp8" | "gptq"
+    bits: int = 8
+    block: tuple[int, int] = (128, 128)  # fp8: weight_block_size
+    group_size: int = 128  # gptq
+    sym: bool = True  # gptq
+    zero_offset: int = 1  # gptq: 1 for checkpoint_format "gptq" (stored zero - 1), 0 for "gptq_v2"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.method == "fp8":
+            return f"fp8 (e4m3, {self.block[0]}x{self.block[1]} blocks)"
+        return f"int{self.bits} (GPTQ, group {self.group_size}{'' if self.sym else ', zero points'})"
+
+    @staticmethod
+    def from_hf(d: dict) -> "QuantizationConfig":
+        w = ".quantization_config"
+        method = _get(d, "quant_method", str, where=w)
+        skip = tuple(_get(d, "modules_to_not_convert", list, [], where=w))
+        if method == "fp8":
+            if _get(d, "fmt", str, "e4m3", where=w) != "e4m3":
+                raise ConfigError(f"config{w}: field 'fmt' is {d['fmt']!r}; only e4m3 FP8 checkpoints are supported")
+            block = _get(d, "weight_block_size", list, where=w)
+            if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
+                raise ConfigError(f"config{w}: field 'weight_block_size' must be two positive ints, got {block!r}")
+            return QuantizationConfig("fp8", 8, tuple(block), modules_to_not_convert=skip)
+        if method == "gptq":
+            bits = _get(d, "bits", int, where=w)
+            if bits != 4:
+                raise ConfigError(f"config{w}: field 'bits' is {bits}; GPTQ checkpoints of 4 bits are supported")
+            if _get(d, "desc_act", bool, False, where=w):
+                raise ConfigError(f"config{w}: field 'desc_act' is true; act-order GPTQ checkpoints are not "
+                                  "supported")
+            fmt = _get(d, "checkpoint_format", str, "gptq", where=w)
+            if fmt not in ("gptq", "gptq_v2"):
+                raise ConfigError(f"config{w}: field 'checkpoint_format' is {fmt!r}; expected gptq or gptq_v2")
+            group = _get(d, "group_size", int, 128, where=w)
+            if group <= 0:
+                raise ConfigError(f"config{w}: field 'group_size' is {group}; expected a positive group size")
+            return QuantizationConfig("gptq", 4, group_size=group, sym=_get(d, "sym", bool, True, where=w),
+                                      zero_offset=1 if fmt == "gptq" else 0, modules_to_not_convert=skip)
+        raise ConfigError(f"config{w}: quant_method {method!r} is not supported (fp8 or gptq)")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole checkpoint: text decoder, optional vision tower, multimodal token ids."""
 
@@ -309,6 +356,7 @@ class ModelConfig:
     vision_start_token_id: int = 248053
     vision_end_token_id: int = 248054
     dtype: str = "bfloat16"
+    quantization: QuantizationConfig | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -326,10 +374,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError("config: required field 'model_type' is missing")
-        if d.get("quantization_config"):
-            method = d["quantization_config"].get("quant_method", "?")
-            raise ConfigError(
-                f"config: field 'quantization_config' ({method}) is not supported yet; use a BF16 checkpoint")
+        quant_d = _get(d, "quantization_config", dict, {})
+        quant = QuantizationConfig.from_hf(quant_d) if quant_d else None
         dtype = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
         archs = tuple(d.get("architectures") or ())
         if model_type in WRAPPER_MODEL_TYPES:
@@ -349,10 +395,10 @@ class ModelConfig:
                 model_type=model_type, text=text, vision=vision, architectures=archs, dtype=str(dtype),
                 image_token_id=g("image_token_id", 248056), video_token_id=g("video_token_id", 248057),
                 vision_start_token_id=g("vision_start_token_id", 248053),
-                vision_end_token_id=g("vision_end_token_id", 248054),
+                vision_end_token_id=g("vision_end_token_id", 248054), quantization=quant,
             )
         text = TextConfig.from_hf(d, model_type)
-        return ModelConfig(model_type=model_type, text=text, architectures=archs, dtype=str(dtype))
+        return ModelConfig(model_type=model_type, text=text, architectures=archs, dtype=str(dtype), quantization=quant)
 
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from qwen35.config import ModelConfig
+from qwen35.models.quantized import QUANTIZED
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
 GIB = 1024**3
@@ -20,10 +21,13 @@ def model_stats(config: ModelConfig) -> dict:
     embed = cfg.vocab_size * cfg.hidden_size
     lm_head = 0 if cfg.tie_word_embeddings else embed
     routed = attention = linear_attention = shared_ffn = dense_ffn = router = norms = vision = 0
+    rows = 0  # output rows of the matrices an int8 / int4 model quantizes (one int8 scale each)
     for name, p in model.named_parameters():  # a tied head appears once, as the embedding
         n = p.numel()
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             continue
+        if p.dim() >= 2 and QUANTIZED.match(name.rsplit(".", 1)[0]):
+            rows += p.shape[:-1].numel()
         if name.startswith("visual."):
             vision += n
         elif ".mlp.experts." in name:
@@ -64,9 +68,12 @@ def model_stats(config: ModelConfig) -> dict:
         },
         "weight_bytes": {
             "bf16": 2 * total,
+            "int8": quantisable + 4 * rows + 2 * keep16,  # load-time int8: 1 B + an fp32 scale per output row
             "fp8": quantisable + quantisable * 2 // (128 * 128) + 2 * keep16,  # 1 B + bf16 128x128 block scales
             "int4": quantisable // 2 + quantisable * 2 // 128 + 2 * keep16,  # 0.5 B + bf16 scale per 128 group
+            # (as GPTQ-Int4 releases); load-time int4 in groups of 32 adds an fp32 scale and a zero byte per group
         },
+        "checkpoint_quantization": config.quantization.describe() if config.quantization else None,
         "kv_cache_bytes_per_token": kv_per_token,
         "recurrent_state_bytes_per_sequence": conv + ssm,
     }
@@ -96,9 +103,11 @@ def format_stats(name: str, s: dict) -> str:
         f"    embedding      {_fmt(p['embedding'])}",
         f"    lm head        {lm}",
         f"    decoder        {_fmt(p['decoder'])}{routed}",
-        f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, fp8 {w['fp8'] / GIB:.2f} GiB, "
-        f"int4 {w['int4'] / GIB:.2f} GiB (language model)",
+        f"  weights          bf16 {w['bf16'] / GIB:.2f} GiB, int8 {w['int8'] / GIB:.2f} GiB, fp8 "
+        f"{w['fp8'] / GIB:.2f} GiB, int4 {w['int4'] / GIB:.2f} GiB (language model)",
     ]
+    if s["checkpoint_quantization"]:
+        lines.append(f"  checkpoint       quantized: {s['checkpoint_quantization']}")
     if p["vision"]:
         lines.append(f"  vision tower     {_fmt(p['vision'])} parameters, bf16 {2 * p['vision'] / GIB:.2f} GiB "
                      "(not in the figures above)")

@@ -54,3 +54,20 @@ def test_info_says_what_the_counts_cover(capsys):
     assert "  vision tower     100.59M parameters, bf16 0.19 GiB (not in the figures above)" in out
     assert main(["info", "qwen3-next-80b-a3b"]) == 0  # no vision tower: no line for it
     assert "vision tower" not in capsys.readouterr().out
+
+
+def test_info_prints_each_format_and_a_quantized_checkpoint(checkpoint, tmp_path, capsys):
+    import json
+    import shutil
+
+    s = model_stats(ModelConfig.from_hf(PRESETS["qwen3.5-397b-a17b"]))["weight_bytes"]
+    assert s["int4"] < s["fp8"] < s["int8"] < s["bf16"] and s["int8"] < 1.01 * s["fp8"]
+    path, _ = checkpoint("dense")
+    shutil.copytree(path, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                  "desc_act": False}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    assert main(["info", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "  checkpoint       quantized: int4 (GPTQ, group 128)" in out and ", int8 " in out

@@ -15,6 +15,7 @@ checkpoint is executed: no pickle, no remote code.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -28,9 +29,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen35.config import ModelConfig
+from qwen35.models import quantized
 from qwen35.models.mtp import MTP
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 from qwen35.models.qwen3_next import fused_gdn_shape, split_fused_gdn
+from qwen35.quant import QuantizedWeight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Small parameters kept in fp32 whatever the model dtype: the checkpoint stores them so and they feed fp32 maths.
@@ -38,11 +41,12 @@ FP32_PARAMS = re.compile(r"\.(A_log|dt_bias)$")
 EXPERT_2D = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_GDN = re.compile(r"^model\.layers\.\d+\.linear_attn\.in_proj_(qkvz|ba)\.weight$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Checkpoint dtypes that can become the model's float weights. FP8 and integer (quantized) tensors are not
-# supported yet; an integer dtype on a weight is a corrupt or hostile header.
+# Checkpoint dtypes that can become the model's float weights. FP8 and integer tensors are accepted only where a
+# quantized checkpoint's format puts them (models/quantized.py); elsewhere they are a corrupt or hostile header.
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 BLOCK_INDEX = re.compile(r"^visual\.blocks\.(\d+)\.")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -55,6 +59,8 @@ class LoadReport:
     num_bytes: int = 0
     set_aside: dict[str, int] = field(default_factory=dict)  # prefix -> number of tensors not loaded
     seconds: float = 0.0
+    checkpoint_format: str = "float"  # e.g. "fp8 (e4m3, 128x128 blocks)", "int4 (GPTQ, group 128)"
+    quantization: str = "none"  # what the model holds, e.g. "int4 (28 modules, groups of 32 columns) from float"
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
@@ -118,12 +124,19 @@ def canonical_name(name: str, vision: bool = False, mtp: bool = False) -> tuple[
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               progress: bool | None = None, vision: bool = True, mtp: bool = False
+               progress: bool | None = None, vision: bool = True, mtp: bool = False,
+               quantization: str | None = None, lm_head_quantization: str = "auto", group_size: int | None = None
                ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
     """vision=False loads only the language model of a multimodal checkpoint (its tower is set aside).
     mtp=True also loads the checkpoint's MTP head (`mtp.*`, strictly) as `model.mtp`; a checkpoint without one
-    leaves `model.mtp` None (models/mtp.add_mtp attaches a fresh head). The model is the reference; the engine's
-    runner may move its text weights into a backend (qwen35.backends.cpu)."""
+    leaves `model.mtp` None (models/mtp.add_mtp attaches a fresh head). The model is the reference (quantized
+    layers dequantize on every call); the engine's runner may move its text weights into a backend
+    (qwen35.backends.cpu), which runs the quantized formats natively.
+    quantization: None loads the checkpoint as it is (float stays float, FP8 becomes int8, GPTQ int4); "int8" /
+    "int4" quantize the decoder's linears and experts while loading (round to nearest; int8 one scale per output
+    channel, int4 groups of 32 with zero points; `group_size` overrides); "none" dequantizes a quantized
+    checkpoint into `dtype`. lm_head_quantization: "auto" (int8 when the model is quantized), "int8", "int4",
+    "none". Which modules are quantized: the table in models/quantized.py."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -143,6 +156,21 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             model.mtp = MTP(cfg, model.model)
     params = dict(model.named_parameters(remove_duplicate=False))
     report = LoadReport()
+    quant = config.quantization
+    canonical = {c: n for n in files if (c := canonical_name(n, vision, mtp)[0]) is not None}
+    specs = quantized.plan(model, config, set(canonical), quantization, lm_head_quantization, group_size,
+                           lambda msg: logger.warning("%s: %s", path, msg))
+    quantized.apply(model, specs)
+    # a quantized checkpoint's module -> its companion suffixes present (FP8 weight + scale, GPTQ's four)
+    companions: dict[str, set] = {}
+    for c in canonical:
+        if (split := quantized.split_companion(c, quant)) is not None:
+            companions.setdefault(split[0], set()).add(split[1])
+    companions = {m: parts for m, parts in companions.items() if parts != {"weight"}}
+    for m, parts in companions.items():
+        if missing := quantized.CheckpointWeight(m, quant, {}).missing(parts):
+            raise CheckpointError(f"{path}: missing tensor {missing[0]} (its companions are present)")
+    pending: dict[str, dict] = {}
     if progress is None:
         progress = sys.stderr.isatty()
     total = _total_bytes(files) if progress else 0
@@ -150,7 +178,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     loaded: set[str] = set()
     experts_seen: dict[str, set] = {}
 
-    def assign(cname: str, tensor: torch.Tensor, ckpt_name: str):
+    def assign(cname: str, tensor, ckpt_name: str):
+        """tensor: a float tensor or a quantized checkpoint's CheckpointWeight."""
         if cname not in params:
             raise CheckpointError(f"{path}: unexpected tensor {ckpt_name} (this {config.model_type} model has no "
                                   f"parameter {cname})")
@@ -160,9 +189,43 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 f"{path}: tensor {ckpt_name} has shape {list(tensor.shape)}, expected {list(p.shape)}")
         if cname in loaded:
             raise CheckpointError(f"{path}: tensor {ckpt_name} appears twice")
-        target = torch.float32 if FP32_PARAMS.search(cname) else torch_dtype
-        _set_param(model, cname, tensor.to(device=device, dtype=target))
+        module_name, _, attr = cname.rpartition(".")
+        spec = specs.get(module_name)
+        try:
+            if spec is None:
+                target = torch.float32 if FP32_PARAMS.search(cname) else torch_dtype
+                _set_param(model, cname, quantized.convert(tensor, None).to(device=device, dtype=target))
+            elif attr == "weight":
+                model.get_submodule(module_name).fill(_to(quantized.convert(tensor, spec, spec.groups[0]), device))
+            else:  # a fused 3D expert tensor
+                which = attr.removesuffix("_proj")
+                qw = quantized.convert(tensor, spec, spec.groups[which == "down"])
+                model.get_submodule(module_name).fill(which, _to(qw, device))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {ckpt_name}: {e}") from None
         loaded.add(cname)
+
+    def place(cname: str, tensor, name: str):
+        if m := EXPERT_2D.match(cname):
+            _assign_expert(model, params, m, tensor, name, torch_dtype, device, experts_seen, path, loaded,
+                           specs.get(m[1]))
+        elif cfg.fused_gdn_projections and FUSED_GDN.match(cname):
+            want = fused_gdn_shape(cfg, cname)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
+            first = next(iter(split_fused_gdn(cfg, cname, torch.empty(want, device="meta"))))
+            spec = specs.get(first.rpartition(".")[0])
+            try:  # a quantized fused projection is converted first, then split by rows (the split is exact)
+                tensor = quantized.convert(tensor, spec, spec.groups[0] if spec else None)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: tensor {name}: {e}") from None
+            split = lambda t: split_fused_gdn(cfg, cname, t)  # noqa: E731
+            parts = split(tensor) if isinstance(tensor, torch.Tensor) else quantized.split_rows(tensor, split)
+            for part_name, part in parts.items():
+                assign(part_name, part, name)
+        else:
+            assign(cname, tensor, name)
 
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
@@ -187,17 +250,17 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 report.num_tensors += 1
                 report.num_bytes += tensor.numel() * tensor.element_size()
                 prefix_of[cname] = name
-                if m := EXPERT_2D.match(cname):
-                    _assign_expert(model, params, m, tensor, name, torch_dtype, device, experts_seen, path, loaded)
-                elif cfg.fused_gdn_projections and FUSED_GDN.match(cname):
-                    want = fused_gdn_shape(cfg, cname)
-                    if tuple(tensor.shape) != want:
-                        raise CheckpointError(
-                            f"{path}: tensor {name} has shape {list(tensor.shape)}, expected {list(want)}")
-                    for part_name, part in split_fused_gdn(cfg, cname, tensor).items():
-                        assign(part_name, part, name)
+                split = quantized.split_companion(cname, quant)
+                if split is not None and split[0] in companions:
+                    module, suffix = split
+                    parts = pending.setdefault(module, {})
+                    parts[suffix] = tensor
+                    if set(parts) == companions[module]:  # all companions read: convert the weight now
+                        del pending[module]
+                        ckpt_module = name.rpartition(".")[0]
+                        place(module + ".weight", quantized.CheckpointWeight(ckpt_module, quant, parts), ckpt_module)
                 else:
-                    assign(cname, tensor, name)
+                    place(cname, tensor, name)
                 if progress and total:
                     done_bytes += tensor.numel() * tensor.element_size()
                     print(f"\rLoading weights: {100 * done_bytes / total:5.1f}% ({done_bytes / 1e9:.1f}/"
@@ -206,7 +269,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         print(file=sys.stderr)
 
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if "lm_head" in specs:  # untied: the head holds its own quantized copy, the embedding keeps its floats
+            spec = specs["lm_head"]
+            weight = model.model.embed_tokens.weight
+            model.lm_head.fill(_to(quantized.convert(weight.float(), spec, spec.groups[0]), device))
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
     missing = [n for n in params if n not in loaded and not (n.endswith("_proj") and ".experts." in n
                                                                 and n.rsplit(".", 1)[0] in experts_seen)]
@@ -223,13 +291,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if model.visual is not None:
         model.visual.inv_freq = model.visual.inv_freq.to(device)
     model.eval()
+    report.checkpoint_format = quant.describe() if quant else "float"
+    report.quantization = quantized.describe(specs, report.checkpoint_format)
     report.seconds = time.time() - start
     return model, config, report
 
 
 def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool, mtp: bool = False) -> None:
     """Check every header entry that will be loaded (bytes, dtype) and the config's sizes against the shapes."""
-    cfg, shapes, by_file = config.text, {}, {}
+    cfg, shapes, by_file, dtypes, quant = config.text, {}, {}, {}, config.quantization
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
@@ -238,7 +308,14 @@ def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], visio
                 cname, aside = canonical_name(name, vision, mtp)
                 tied_head = cname == "lm_head.weight" and cfg.tie_word_embeddings
                 if aside is None and cname is not None and not tied_head and name in reader.header:
-                    shapes[cname] = reader.check_entry(name)
+                    shapes[cname] = reader.check_entry(name, quantized.allowed_dtypes(cname, quant, FLOAT_DTYPES))
+                    dtypes[cname] = reader.header[name]["dtype"]
+    for cname, dtype in dtypes.items():
+        module, _, suffix = cname.rpartition(".")
+        if dtype == "F8_E4M3" and f"{module}.weight_scale_inv" not in shapes:
+            raise CheckpointError(f"{path}: tensor {cname} is FP8 but its {module}.weight_scale_inv is missing")
+        if suffix == "qweight" and len(shapes[cname]) == 2:  # the logical [N, K], for the size checks below
+            shapes[f"{module}.weight"] = [shapes[cname][1], 8 * shapes[cname][0]]
 
     def fail(field: str, value, found: str):
         raise CheckpointError(f"{path}: config field '{field}' is {value} but {found}")
@@ -311,8 +388,8 @@ class _TensorReader:
     def __exit__(self, *exc):
         self.fh.close()
 
-    def check_entry(self, name: str) -> list[int]:
-        """The tensor's shape, once its header entry is known to be a float tensor whose bytes lie in the file."""
+    def check_entry(self, name: str, allowed: tuple[str, ...] = FLOAT_DTYPES) -> list[int]:
+        """The tensor's shape, once its header entry is known to have an allowed dtype and bytes in the file."""
         info = self.header.get(name)
         try:
             dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
@@ -320,11 +397,12 @@ class _TensorReader:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.path}: tensor {name} has an unreadable header entry {info!r}") from None
-        if dtype not in FLOAT_DTYPES:
-            kind = "FP8/quantized weights are not supported yet" if str(dtype).startswith("F8") else \
-                "the model's weights are floating point"
-            raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which qwen35 cannot load ({kind}; "
-                                  f"expected one of {', '.join(FLOAT_DTYPES)})")
+        if dtype not in allowed or dtype not in self.DTYPES:
+            kind = "FP8 and integer tensors belong only to the quantized modules of a quantized checkpoint" \
+                if str(dtype).startswith("F8") or allowed != FLOAT_DTYPES else "the model's weights are floating point"
+            expected = f"expected one of {', '.join(allowed)}" if allowed else "its module is never quantized"
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which qwen35 cannot load here "
+                                  f"({kind}; {expected})")
         numel = math.prod(shape)
         if end - start != numel * self.DTYPES[dtype].itemsize or self.base + end > self.size:
             raise CheckpointError(f"{self.path}: cannot read tensor {name} (truncated or corrupt file?): its "
@@ -333,7 +411,8 @@ class _TensorReader:
         return shape
 
     def read(self, name: str) -> torch.Tensor:
-        shape = self.check_entry(name)
+        """The tensor as stored (its dtype was checked against its role by check_headers)."""
+        shape = self.check_entry(name, tuple(self.DTYPES))
         info = self.header[name]
         dtype, (start, end) = self.DTYPES[info["dtype"]], info["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
@@ -357,8 +436,9 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, pname, nn.Parameter(tensor, requires_grad=False))
 
 
-def _assign_expert(model, params, m, tensor, ckpt_name, dtype, device, seen, path, loaded):
-    """Copy one per-expert 2D tensor into the fused 3D expert tensors (allocated on first use).
+def _assign_expert(model, params, m, tensor, ckpt_name, dtype, device, seen, path, loaded, spec=None):
+    """Copy one per-expert 2D tensor (float, or a quantized checkpoint's CheckpointWeight) into the fused 3D expert
+    tensors (allocated on first use), or into a QuantExperts module (`spec`: its format).
     `seen` maps each experts prefix to the set of (expert, projection) pairs copied so far."""
     base, e, which = m.group(1), int(m.group(2)), m.group(3)
     gate_up_name, down_name = f"{base}.gate_up_proj", f"{base}.down_proj"
@@ -374,18 +454,32 @@ def _assign_expert(model, params, m, tensor, ckpt_name, dtype, device, seen, pat
     done = seen.setdefault(base, set())
     if (e, which) in done or gate_up_name in loaded:
         raise CheckpointError(f"{path}: tensor {ckpt_name} appears twice (per-expert and fused, or repeated)")
-    if not done:
-        for name in (gate_up_name, down_name):
-            _set_param(model, name, torch.empty(params[name].shape, dtype=dtype, device=device))
-            params[name] = model.get_parameter(name)
-    if which == "down":
-        params[down_name].data[e] = tensor.to(dtype)
-    else:
-        rows = slice(0, inter) if which == "gate" else slice(inter, 2 * inter)
-        params[gate_up_name].data[e, rows] = tensor.to(dtype)
+    rows = slice(0, inter) if which == "gate" else slice(inter, 2 * inter)
+    try:
+        if spec is not None:
+            target = "down" if which == "down" else "gate_up"
+            qw = _to(quantized.convert(tensor, spec, spec.groups[which == "down"]), device)
+            model.get_submodule(base).fill(target, qw, e if which == "down" else (e, rows))
+        else:
+            tensor = quantized.convert(tensor, None)
+            if not done:
+                for name in (gate_up_name, down_name):
+                    _set_param(model, name, torch.empty(params[name].shape, dtype=dtype, device=device))
+                    params[name] = model.get_parameter(name)
+            if which == "down":
+                params[down_name].data[e] = tensor.to(dtype)
+            else:
+                params[gate_up_name].data[e, rows] = tensor.to(dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: tensor {ckpt_name}: {err}") from None
     done.add((e, which))
     if len(done) == 3 * E:
         loaded.update({gate_up_name, down_name})
+
+
+def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
+    return QuantizedWeight(qw.bits, qw.group, qw.q.to(device), qw.scales.to(device),
+                           None if qw.zeros is None else qw.zeros.to(device))
 
 
 def _missing_experts(seen: dict, params: dict) -> list[str]:
