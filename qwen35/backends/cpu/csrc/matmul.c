@@ -1,0 +1,465 @@
+/* Matmuls against packed weights on x86-64 with AVX2 + FMA, fp32 accumulation, for every weight format behind
+ * one description (weights.h: qw_t): fp32, bf16, int8 and int4.
+ *
+ * Layouts (made by qwen35/backends/cpu/weights.py). Every format stores one contiguous stream per block of 4 output
+ * rows (row-major rows are 4 streams per block and reach ~60% of the read bandwidth on the machines we measured;
+ * one stream ~85-90%); n % 4 == 0 (the packer pads rows):
+ *   fp32 / bf16: [n/4][k/8][4][8], k % 8 == 0: the 8-wide chunks of the block's 4 rows side by side;
+ *   int8:        [n/4][k/8][4][8] int8 values, as the float formats;
+ *   int4:        [n/4][k/32][4][16] bytes: 32 columns of a row in 16 bytes, byte j holding column j (low nibble)
+ *                and column 16 + j (high nibble), so one and + one shift split a row's 32 columns in order;
+ *   scales (int8/int4): fp32 [n/4][k/group][4]; zero points (int4): uint8 [n/4][k/group][4], NULL meaning 8.
+ * A quantized weight is w = (q - z) * s (int8: z = 0), group a multiple of 32 dividing k.
+ *
+ * `block` computes one block against M input rows given by pointers:
+ *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
+ *   M > 2:  the block widened to fp32 once into a thread buffer (L1), then 3 inputs at a time against its 4 rows
+ *           (12 accumulators): FMA throughput bounds it; the next block is prefetched meanwhile.
+ * Quantized weights are dequantized in registers exactly as the reference does (float(q - z) * s, one rounding),
+ * then multiplied like fp32 weights: the result is bit for bit the fp32 kernel's on the dequantized weight. The
+ * alternative (activations quantized to int8 per 32 columns, integer dot products: llama.cpp's) does fewer
+ * vector ops per byte but is not equal to dequantize-then-matmul up to fp32 rounding, so it is not used.
+ * Every path sums an output in the same order (per lane over k in steps of 8, then one fixed horizontal sum), so a
+ * row's result is bit for bit the same whatever rows share its call: outputs do not depend on the batch.
+ * qwen35_matmul spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM may
+ * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
+ * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
+ * SiLU(gate) * up, down), and nothing touches the experts nobody chose; this serves a prompt's experts too.
+ * The qwen35_linear_* / qwen35_moe_* entry points are the float-only signatures of before, kept as wrappers.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+#include "weights.h"
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+#define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
+
+/* The 8 lanes of 4 accumulators summed into the 4 outputs, in one fixed order that every path uses: an output's
+ * value must not depend on how many rows were multiplied with it (batch invariance). */
+static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* Many inputs (M > 2): the 4-row block, widened to fp32 once (it stays in L1), against 3 inputs at a time: 12
+ * accumulators, 4 weight loads + 3 input loads per 12 FMAs, so FMA throughput bounds it. */
+static void rows4x3(const float *wf, const float *x0, const float *x1, const float *x2, int64_t KB, float *dst,
+                    int64_t stride, const char *next) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const float *p = wf + kb * 32;
+        if (next) _mm_prefetch(next + kb * 64, _MM_HINT_T1);  /* bf16 blocks: the next block, one line per step */
+        const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
+                     v2 = _mm256_loadu_ps(x2 + kb * 8);
+        __m256 w = _mm256_loadu_ps(p);
+        FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
+        w = _mm256_loadu_ps(p + 8);
+        FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
+        w = _mm256_loadu_ps(p + 16);
+        FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
+        w = _mm256_loadu_ps(p + 24);
+        FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+    }
+    _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
+    _mm_storeu_ps(dst + stride, reduce4(b0, b1, b2, b3));
+    _mm_storeu_ps(dst + 2 * stride, reduce4(c0, c1, c2, c3));
+}
+
+/* the last 1 or 2 inputs (n) */
+static void rows4x2(const float *wf, const float *x0, const float *x1, int64_t n, int64_t KB, float *dst,
+                    int64_t stride) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const float *p = wf + kb * 32;
+        const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8);
+        __m256 w = _mm256_loadu_ps(p);
+        FMA(a0, w, v0); FMA(b0, w, v1);
+        w = _mm256_loadu_ps(p + 8);
+        FMA(a1, w, v0); FMA(b1, w, v1);
+        w = _mm256_loadu_ps(p + 16);
+        FMA(a2, w, v0); FMA(b2, w, v1);
+        w = _mm256_loadu_ps(p + 24);
+        FMA(a3, w, v0); FMA(b3, w, v1);
+    }
+    _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
+    if (n == 2) _mm_storeu_ps(dst + stride, reduce4(b0, b1, b2, b3));
+}
+
+/* The block's inputs after the first two (or all of them): the widened block against 3 inputs at a time. */
+static void many_rows(const float *wf, const float *const *xs, int64_t M, int64_t KB, float *dst, int64_t stride,
+                      const char *next) {
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3)
+        rows4x3(wf, xs[m], xs[m + 1], xs[m + 2], KB, dst + m * stride, stride, m == 0 ? next : NULL);
+    if (m < M) rows4x2(wf, xs[m], xs[M - 1], M - m, KB, dst + m * stride, stride);
+}
+
+/* This thread's buffer for a widened block (kept between calls). */
+static float *block_buffer(int64_t n) {
+    static __thread float *buf = NULL;
+    static __thread int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        cap = n;
+        buf = aligned_alloc(32, sizeof(float) * cap);
+    }
+    return buf;
+}
+
+/* dst[i * stride + r] = <x_i, row r of block wb> for i < M, r < 4 */
+#define DEFINE_BLOCK(NAME, T, LOAD, PREFETCH, WIDEN)                                                              \
+    static void NAME(const T *wb, const float *const *xs, int64_t M, int64_t KB, float *dst, int64_t stride) {  \
+        if (M <= 2) {                                                                                        \
+            const float *x0 = xs[0], *x1 = xs[M - 1];                                                        \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;   \
+            for (int64_t kb = 0; kb < KB; kb++) {                                                            \
+                const T *p = wb + kb * 32;                                                                   \
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_NTA);                                       \
+                __m256 w0 = LOAD(p), w1 = LOAD(p + 8), w2 = LOAD(p + 16), w3 = LOAD(p + 24);                 \
+                __m256 v = _mm256_loadu_ps(x0 + kb * 8);                                                     \
+                FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);                              \
+                if (M == 2) {                                                                                \
+                    v = _mm256_loadu_ps(x1 + kb * 8);                                                        \
+                    FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);                          \
+                }                                                                                            \
+            }                                                                                                \
+            _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));                                                     \
+            if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c0, c1, c2, c3));                                \
+            return;                                                                                          \
+        }                                                                                                    \
+        many_rows(WIDEN(wb, KB), xs, M, KB, dst, stride, sizeof(T) == 2 ? (const char *)(wb + KB * 32) : NULL); \
+    }
+
+/* A bf16 block widened into this thread's buffer; fp32 blocks are used where they lie. */
+static const float *widen_bf16(const uint16_t *wb, int64_t KB) {
+    float *buf = block_buffer(KB * 32);
+    for (int64_t i = 0; i < KB * 4; i += 4) {
+        _mm_prefetch((const char *)(wb + i * 8) + 1024, _MM_HINT_T0);
+        _mm256_store_ps(buf + i * 8, load_bf16(wb + i * 8));
+        _mm256_store_ps(buf + i * 8 + 8, load_bf16(wb + i * 8 + 8));
+        _mm256_store_ps(buf + i * 8 + 16, load_bf16(wb + i * 8 + 16));
+        _mm256_store_ps(buf + i * 8 + 24, load_bf16(wb + i * 8 + 24));
+    }
+    return buf;
+}
+static const float *widen_f32(const float *wb, int64_t KB) { (void)KB; return wb; }
+
+DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512, widen_bf16)
+DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
+
+/* 8 int8 weights dequantized: float(q) * s, as the reference */
+static inline __m256 q8x8(const int8_t *p, __m256 s) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), s);
+}
+
+/* An int8 block (scales sc [k/group][4], GS = group / 8 steps per group): as DEFINE_BLOCK. */
+static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float *const *xs, int64_t M, int64_t KB,
+                     float *dst, int64_t stride) {
+    if (M <= 2) {
+        const float *x0 = xs[0], *x1 = xs[M - 1];
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        for (int64_t g = 0; g < KB / GS; g++) {
+            const __m256 s0 = _mm256_set1_ps(sc[g * 4]), s1 = _mm256_set1_ps(sc[g * 4 + 1]),
+                         s2 = _mm256_set1_ps(sc[g * 4 + 2]), s3 = _mm256_set1_ps(sc[g * 4 + 3]);
+            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
+                const int8_t *p = wb + kb * 32;
+                _mm_prefetch((const char *)p + 512, _MM_HINT_NTA);
+                __m256 w0 = q8x8(p, s0), w1 = q8x8(p + 8, s1), w2 = q8x8(p + 16, s2), w3 = q8x8(p + 24, s3);
+                __m256 v = _mm256_loadu_ps(x0 + kb * 8);
+                FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);
+                if (M == 2) {
+                    v = _mm256_loadu_ps(x1 + kb * 8);
+                    FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);
+                }
+            }
+        }
+        _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
+        if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c0, c1, c2, c3));
+        return;
+    }
+    float *wf = block_buffer(KB * 32);
+    for (int64_t g = 0; g < KB / GS; g++)
+        for (int64_t r = 0; r < 4; r++) {
+            const __m256 s = _mm256_set1_ps(sc[g * 4 + r]);
+            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++)
+                _mm256_store_ps(wf + kb * 32 + r * 8, q8x8(wb + kb * 32 + r * 8, s));
+        }
+    many_rows(wf, xs, M, KB, dst, stride, (const char *)(wb + KB * 32));
+}
+
+/* 32 int4 weights of one row (16 bytes, layout above) dequantized: w[j] = columns 8j..8j+7 */
+static inline void q4x32(const uint8_t *p, __m128i z, __m256 s, __m256 *w) {
+    const __m128i m = _mm_set1_epi8(0x0F), b = _mm_loadu_si128((const __m128i *)p);
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m), z), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), z);
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo))), s);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi))), s);
+}
+
+/* An int4 block (scales sc and zero points zp [k/group][4], zp NULL meaning 8; GC = group / 32 chunks per group):
+ * as DEFINE_BLOCK. Few rows: a row's 32 columns at a time, each accumulator still summing over k in order. */
+static void block_q4(const uint8_t *wb, const float *sc, const uint8_t *zp, int64_t GC, const float *const *xs,
+                     int64_t M, int64_t KB, float *dst, int64_t stride) {
+    const int64_t KC = KB / 4;
+    if (M <= 2) {
+        const float *x0 = xs[0], *x1 = xs[M - 1];
+        __m256 a[4], c[4], w[4];
+        for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+        for (int64_t kc = 0; kc < KC; kc++) {
+            const uint8_t *p = wb + kc * 64;
+            const int64_t g = kc / GC;
+            _mm_prefetch((const char *)p + 512, _MM_HINT_NTA);
+            const __m256 v0 = _mm256_loadu_ps(x0 + kc * 32), v1 = _mm256_loadu_ps(x0 + kc * 32 + 8),
+                         v2 = _mm256_loadu_ps(x0 + kc * 32 + 16), v3 = _mm256_loadu_ps(x0 + kc * 32 + 24);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                q4x32(p + r * 16, _mm_set1_epi8((char)(zp ? zp[g * 4 + r] : 8)), _mm256_set1_ps(sc[g * 4 + r]), w);
+                FMA(a[r], w[0], v0); FMA(a[r], w[1], v1); FMA(a[r], w[2], v2); FMA(a[r], w[3], v3);
+                if (M == 2) {
+                    const float *x = x1 + kc * 32;
+                    FMA(c[r], w[0], _mm256_loadu_ps(x)); FMA(c[r], w[1], _mm256_loadu_ps(x + 8));
+                    FMA(c[r], w[2], _mm256_loadu_ps(x + 16)); FMA(c[r], w[3], _mm256_loadu_ps(x + 24));
+                }
+            }
+        }
+        _mm_storeu_ps(dst, reduce4(a[0], a[1], a[2], a[3]));
+        if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c[0], c[1], c[2], c[3]));
+        return;
+    }
+    float *wf = block_buffer(KB * 32);
+    __m256 w[4];
+    for (int64_t kc = 0; kc < KC; kc++) {
+        const int64_t g = kc / GC;
+        for (int r = 0; r < 4; r++) {
+            q4x32(wb + kc * 64 + r * 16, _mm_set1_epi8((char)(zp ? zp[g * 4 + r] : 8)), _mm256_set1_ps(sc[g * 4 + r]), w);
+            for (int j = 0; j < 4; j++) _mm256_store_ps(wf + (kc * 4 + j) * 32 + r * 8, w[j]);
+        }
+    }
+    many_rows(wf, xs, M, KB, dst, stride, (const char *)(wb + KB * 16));
+}
+
+/* Block b of matrix e of w against M inputs: dst[i * stride + r] = <xs[i], row 4b + r> */
+static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, int64_t M, float *dst,
+                  int64_t stride) {
+    const char *d = (const char *)w->data + e * w->data_stride;
+    const int64_t K = w->k, KB = K / 8;
+    if (w->format == QW_F32) {
+        block_f32((const float *)d + b * K * 4, xs, M, KB, dst, stride);
+    } else if (w->format == QW_BF16) {
+        block_bf16((const uint16_t *)d + b * K * 4, xs, M, KB, dst, stride);
+    } else {
+        const int64_t NG = K / w->group;
+        const float *s = w->scales + e * w->scale_stride + b * NG * 4;
+        if (w->format == QW_Q8) {
+            block_q8((const int8_t *)d + b * K * 4, s, w->group / 8, xs, M, KB, dst, stride);
+        } else {
+            const uint8_t *z = w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
+            block_q4((const uint8_t *)d + b * K * 2, s, z, w->group / 32, xs, M, KB, dst, stride);
+        }
+    }
+}
+
+/* out = silu(gate) * up over n */
+static void swiglu(const float *gate, const float *up, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
+ * 2048-token MoE layer when the buffers were malloc'd per call). Kept until the thread ends. */
+static float *scratch(int which, int64_t n) {
+    static __thread float *buf[3] = {NULL, NULL, NULL};
+    static __thread int64_t cap[3] = {0, 0, 0};
+    if (n > cap[which]) {
+        free(buf[which]);
+        cap[which] = n;
+        buf[which] = malloc(sizeof(float) * n);
+    }
+    return buf[which];
+}
+
+#define LINEAR_TILE 96
+#define MOE_TILE 48
+
+/* Rows go in tiles of LINEAR_TILE, whose inputs stay in L2 while every block passes. */
+void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M) {
+    const int64_t N = w->n, K = w->k;
+    const float **xs = malloc(sizeof(float *) * (M > 0 ? M : 1));
+    for (int64_t i = 0; i < M; i++) xs[i] = x + i * K;
+    for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {
+        const int64_t mt = M - m0 < LINEAR_TILE ? M - m0 : LINEAR_TILE;
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int64_t b = 0; b < N / 4; b++) block(w, e, b, xs + m0, mt, y + m0 * N + b * 4, N);
+    }
+    free(xs);
+}
+
+/* The (token, expert) pairs are counting-sorted by expert so each hit expert runs once over all its tokens. */
+void qwen35_experts(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k,
+                    const qw_t *gate_up, const qw_t *down, float *out) {
+    const int64_t P = Tn * k, E = gate_up->count, H = gate_up->k, I = down->k;
+    int64_t *start = calloc(E + 1, sizeof(int64_t)), *fill = malloc(sizeof(int64_t) * (E + 1));
+    int64_t *pair_token = malloc(sizeof(int64_t) * P);
+    float *pair_weight = malloc(sizeof(float) * P);
+    float *hbuf = scratch(0, P * 2 * I), *abuf = scratch(1, P * I), *dbuf = scratch(2, P * H);
+    int64_t *token_pairs = malloc(sizeof(int64_t) * P);  /* token t's pairs: token_pairs[t * k : t * k + k] */
+    const float **xs = malloc(sizeof(float *) * P), **as = malloc(sizeof(float *) * P);
+    for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t e = 0; e <= E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t q = fill[ids[p]]++;
+        pair_token[q] = p / k;
+        pair_weight[q] = weights[p];
+        token_pairs[p] = q;
+    }
+    /* work units: an expert's tokens in tiles of up to MOE_TILE rows (their inputs stay in L2 while the expert's
+     * blocks pass), each unit against every block of the expert's weight */
+    const int64_t cap = P / MOE_TILE + E + 1;
+    int64_t nu = 0, *ustart = malloc(sizeof(int64_t) * cap), *ulen = malloc(sizeof(int64_t) * cap);
+    int64_t *uexp = malloc(sizeof(int64_t) * cap);
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r = start[e]; r < start[e + 1]; r += MOE_TILE) {
+            ustart[nu] = r;
+            ulen[nu] = start[e + 1] - r < MOE_TILE ? start[e + 1] - r : MOE_TILE;
+            uexp[nu++] = e;
+        }
+    for (int64_t p = 0; p < P; p++) {
+        xs[p] = x + pair_token[p] * H;
+        as[p] = abuf + p * I;
+    }
+    const int64_t nb1 = 2 * I / 4, nb2 = H / 4;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < nu * nb1; item++) {
+            const int64_t u = item / nb1, b = item % nb1, p0 = ustart[u];
+            block(gate_up, uexp[u], b, xs + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) swiglu(hbuf + p * 2 * I, hbuf + p * 2 * I + I, abuf + p * I, I);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < nu * nb2; item++) {
+            const int64_t u = item / nb2, b = item % nb2, p0 = ustart[u];
+            block(down, uexp[u], b, as + p0, ulen[u], dbuf + p0 * H + b * 4, H);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < Tn; t++) /* in expert order, as the pairs were sorted */
+        for (int64_t e = 0, j = 0; j < k; j++) {
+            int64_t q = -1;
+            for (int64_t i = 0; i < k; i++) /* this token's pair with the j-th smallest expert id */
+                if (token_pairs[t * k + i] >= 0 && (q < 0 || token_pairs[t * k + i] < q)) q = token_pairs[t * k + i], e = i;
+            token_pairs[t * k + e] = -1;
+            float *o = out + t * H;
+            const float wgt = pair_weight[q], *d = dbuf + q * H;
+            for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];
+        }
+    free(start); free(fill); free(pair_token); free(pair_weight); free(ustart); free(ulen); free(uexp);
+    free(token_pairs); free(xs); free(as);
+}
+
+/* A float weight of the former entry points as a qw_t: count matrices [n, k]. */
+static qw_t float_weight(int64_t format, const void *data, int64_t count, int64_t n, int64_t k) {
+    qw_t w = {format, n, k, 0, count, data, NULL, NULL, n * k * (format == QW_F32 ? 4 : 2), 0, 0};
+    return w;
+}
+
+void qwen35_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+    const qw_t q = float_weight(QW_BF16, w, 1, N, K);
+    qwen35_matmul(x, &q, 0, y, M);
+}
+void qwen35_linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+    const qw_t q = float_weight(QW_F32, w, 1, N, K);
+    qwen35_matmul(x, &q, 0, y, M);
+}
+
+/* x [T, H]; ids, weights [T, k]; gate_up [E][2I packed over H], down [E][H packed over I]; adds into out [T, H] */
+#define DEFINE_MOE(NAME, T, FORMAT)                                                                               \
+    void NAME(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k, int64_t E,      \
+              const T *gate_up, const T *down, float *out, int64_t H, int64_t I) {                           \
+        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
+        qwen35_experts(x, ids, weights, Tn, k, &gu, &dn, out);                                               \
+    }
+DEFINE_MOE(qwen35_moe_bf16, uint16_t, QW_BF16)
+DEFINE_MOE(qwen35_moe_f32, float, QW_F32)
+
+/* Softmax over E router logits, top-k (ties to the lower id), optionally renormalised: ids, weights [T, k].
+ * Reference: ops/moe.route_logits. */
+static void route(const float *logits, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm,
+                  int64_t *ids, float *weights) {
+    float *p = malloc(sizeof(float) * E);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float *l = logits + t * stride;
+        float mx = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best];
+            total += p[best];
+            p[best] = -1.0f;
+        }
+        if (renorm)
+            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= total;
+    }
+    free(p);
+}
+
+/* The whole sparse-MoE block of a decode step, from its fused input projection. x [T, H] (the block's input);
+ * proj [T, stride]: [router logits (E) | shared-expert gate (1) | shared gate_proj (Is) | shared up_proj (Is)];
+ * experts as in qwen35_experts; shared_down [H, Is]. out [T, H] = routed + sigmoid(shared gate) * shared.
+ * Reference: layers/mlp.SparseMoeBlock.forward. */
+static void moe_block(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t k, int64_t renorm,
+                      const qw_t *gate_up, const qw_t *down, const qw_t *shared_down, float *out) {
+    const int64_t E = gate_up->count, H = down->n, Is = shared_down->k;
+    int64_t *ids = malloc(sizeof(int64_t) * Tn * k);
+    float *wts = malloc(sizeof(float) * Tn * k), *act = malloc(sizeof(float) * Tn * Is);
+    float *sh = malloc(sizeof(float) * Tn * H);
+    const float **as = malloc(sizeof(float *) * Tn);
+    route(proj, stride, Tn, E, k, renorm, ids, wts);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float *g = proj + t * stride + E + 1, *u = g + Is;
+        swiglu(g, u, act + t * Is, Is);
+        as[t] = act + t * Is;
+    }
+    memset(out, 0, sizeof(float) * Tn * H);
+    qwen35_experts(x, ids, wts, Tn, k, gate_up, down, out);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < H / 4; b++) block(shared_down, 0, b, as, Tn, sh + b * 4, H);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float gate = 1.0f / (1.0f + expf(-proj[t * stride + E]));
+        for (int64_t h = 0; h < H; h++) out[t * H + h] = out[t * H + h] + gate * sh[t * H + h];
+    }
+    free(ids); free(wts); free(act); free(sh); free(as);
+}
+
+#define DEFINE_MOE_BLOCK(NAME, T, FORMAT)                                                                         \
+    void NAME(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm, \
+              const T *gate_up, const T *down, const T *shared_down, float *out, int64_t H, int64_t I,        \
+              int64_t Is) {                                                                                  \
+        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
+        const qw_t sd = float_weight(FORMAT, shared_down, 1, H, Is);                                         \
+        moe_block(x, proj, stride, Tn, k, renorm, &gu, &dn, &sd, out);                                       \
+    }
+DEFINE_MOE_BLOCK(qwen35_moe_block_bf16, uint16_t, QW_BF16)
+DEFINE_MOE_BLOCK(qwen35_moe_block_f32, float, QW_F32)
