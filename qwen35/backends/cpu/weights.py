@@ -69,22 +69,25 @@ class PackedWeight:
         self._face = None
         if isinstance(w, QuantizedWeight):
             *lead, n, k = w.shape
-            group = w.group
-            if group % 32 and group != k:
+            group, step = w.group, 32 if w.bits == 8 else 64
+            kp, np_ = -(-k // step) * step, -(-n // 4) * 4
+            if group % 32 and group != k or kp != k and group not in (k, 32):
                 raise ValueError(f"int{w.bits} weight of shape {list(w.shape)} quantized in groups of {group} "
-                                 f"columns: the CPU kernels need groups of a multiple of 32 columns (or one per row)")
-            kp = -(-k // 32) * 32 if group == k else k
-            np_ = -(-n // 4) * 4
-            self.format, self.n, self.k, self.group = ("int8" if w.bits == 8 else "int4"), n, k, kp // (k // group)
+                                 f"columns: the CPU kernels need groups of a multiple of 32 columns (or one per row)"
+                                 + ("" if group % 32 else f", and {step}-column multiples or groups of 32"))
+            extra = 0 if group == k else (kp - k) // group  # whole groups of padding columns (scale 0)
+            self.format, self.n, self.k = ("int8" if w.bits == 8 else "int4"), n, k
+            self.group = kp if group == k else group
             q = w.q if w.bits == 8 else torch.stack([w.q & 0x0F, w.q >> 4], dim=-1).flatten(-2)
             q = F.pad(q, (0, kp - k, 0, np_ - n))  # padding: zero rows (scale 0 below), columns that meet zero inputs
             if w.bits == 8:
                 self.data = _blocks(q, 8)
-            else:
-                halves = q.reshape(*lead, np_, kp // 32, 2, 16)  # byte j: columns j (low nibble) and 16 + j
-                self.data = _blocks((halves[..., 0, :] | (halves[..., 1, :] << 4)).flatten(-2), 16)
-            self.scales = _per_group(F.pad(w.scales.float(), (0, 0, 0, np_ - n)))
-            self.zeros = None if w.zeros is None else _per_group(F.pad(w.zeros, (0, 0, 0, np_ - n), value=8))
+            else:  # 64 columns a row in 8 lanes of 32 bits: lane l, nibble j = column 8j + l
+                nib = q.reshape(*lead, np_, kp // 64, 4, 2, 8)  # [..., chunk, byte b, nibble of the byte, lane]
+                lanes = (nib[..., 0, :] | (nib[..., 1, :] << 4)).transpose(-1, -2)  # [..., chunk, lane, byte]
+                self.data = _blocks(lanes.flatten(-3), 32)
+            self.scales = _per_group(F.pad(w.scales.float(), (0, extra, 0, np_ - n)))
+            self.zeros = None if w.zeros is None else _per_group(F.pad(w.zeros, (0, extra, 0, np_ - n), value=8))
             return self
         if not w.is_floating_point():
             raise ValueError(f"cannot pack a {w.dtype} tensor as a float weight (quantize it to a QuantizedWeight)")
@@ -103,6 +106,12 @@ class PackedWeight:
         """(rows, columns) as packed"""
         nb, kb, _, cols = self.data.shape[-4:]
         return nb * 4, kb * cols * (2 if self.format == "int4" else 1)
+
+    @staticmethod
+    def _nibbles(d: torch.Tensor) -> torch.Tensor:
+        """int4 rows [..., 32 bytes] -> their 64 columns [..., 64] int16, in order"""
+        d = d.to(torch.int16).unflatten(-1, (8, 4))  # [..., lane, byte]
+        return torch.stack([d & 0x0F, d >> 4], dim=-1).flatten(-2).transpose(-1, -2).flatten(-2)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -138,9 +147,7 @@ class PackedWeight:
         """The stored integers as packed, [..., np, kp] int16 (zero points not subtracted)."""
         if self.format == "int8":
             return _unblock(self.data).to(torch.int16)
-        d = self.data.to(torch.int16)
-        q = torch.cat([d & 0x0F, d >> 4], dim=-1)  # [..., np/4, kp/32, 4, 32]: the 32 columns in order
-        return _unblock(q)
+        return _unblock(self._nibbles(self.data))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this represents, [..., n, k] (the reference every kernel is tested against)."""
@@ -169,8 +176,7 @@ class PackedWeight:
         if self.format == "int8":
             q = d.flatten(-2).to(torch.int16)
         else:
-            d = d.to(torch.int16)
-            q = torch.cat([d & 0x0F, d >> 4], dim=-1).flatten(-2)
+            q = self._nibbles(d).flatten(-2)
             z = 8 if self.zeros is None else self.zeros[blk, :, r].to(torch.int16).repeat_interleave(self.group, -1)
             q = q - z
         return (q.float() * self.scales[blk, :, r].repeat_interleave(self.group, -1))[..., :self.k]

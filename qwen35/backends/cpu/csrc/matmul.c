@@ -158,101 +158,227 @@ static const float *widen_f32(const float *wb, int64_t KB) { (void)KB; return wb
 DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512, widen_bf16)
 DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
 
-/* 8 int8 weights dequantized: float(q) * s, as the reference */
-static inline __m256 q8x8(const int8_t *p, __m256 s) {
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), s);
+/* Quantized blocks. Both formats sum per group of columns: the 4 rows' integers (int4: before their zero point is
+ * taken off) times an input, in lanes over the group's steps of 8, reduce4 into A; then per row
+ * T = fma(s, A - z * X, T) from T = 0, X the input's sum over the group (int4 only). Every path does exactly this
+ * arithmetic, so a row's result does not depend on the batch; it differs from dequantize-then-matmul by fp32
+ * rounding only (the integers are exact in fp32; scales and zero points are applied once per group).
+ * int4 is unpacked without shuffles: a row's 64 columns are 8 nibbles in each of 8 lanes (lane l, nibble j:
+ * column 8j + l), and nibble j masked in place is q * 2^(4j), exact as a float; the kernels multiply it with the
+ * input scaled by 2^(-4j) beforehand (exact too), so and + convert + fma is all a step costs. The top nibble is
+ * shifted down instead (a mask there would set the sign bit) and its input is not scaled. */
+
+static inline __m128 zeros4(const uint8_t *z) {
+    int32_t v;
+    memcpy(&v, z, 4);
+    return _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
 }
 
-/* An int8 block (scales sc [k/group][4], GS = group / 8 steps per group): as DEFINE_BLOCK. */
+/* the end of a group: T = fma(s, A - z X, T) for 4 rows (z NULL: no zero point) */
+static inline __m128 group_end(__m128 T, __m128 A, const float *s, const uint8_t *z, const float *X) {
+    if (z) A = _mm_fnmadd_ps(zeros4(z), _mm_set1_ps(*X), A);
+    return _mm_fmadd_ps(_mm_loadu_ps(s), A, T);
+}
+
+/* A widened quantized block wf [KB][4][8] (the integers as floats) against any number of inputs, 3 at a time;
+ * sc, zp: the block's [groups][4] scales and zero points (group g's at zp + g * zstride; zp NULL: none); gs[i]:
+ * input i's group sums. */
+static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, int64_t zstride, int64_t GS,
+                         const float *const *xs, const float *const *gs, int64_t M, int64_t KB, float *dst,
+                         int64_t stride) {
+    for (int64_t m = 0; m < M; m += 3) {
+        const int64_t n = M - m < 3 ? M - m : 3, i1 = m + (n > 1), i2 = m + n - 1;
+        const float *x0 = xs[m], *x1 = xs[i1], *x2 = xs[i2];
+        __m128 T0 = _mm_setzero_ps(), T1 = T0, T2 = T0;
+        for (int64_t g = 0; g < KB / GS; g++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
+                const float *p = wf + kb * 32;
+                const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
+                             v2 = _mm256_loadu_ps(x2 + kb * 8);
+                __m256 w = _mm256_load_ps(p);
+                FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
+                w = _mm256_load_ps(p + 8);
+                FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
+                w = _mm256_load_ps(p + 16);
+                FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
+                w = _mm256_load_ps(p + 24);
+                FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+            }
+            const uint8_t *z = zp ? zp + g * zstride : NULL;
+            T0 = group_end(T0, reduce4(a0, a1, a2, a3), sc + g * 4, z, zp ? gs[m] + g : NULL);
+            T1 = group_end(T1, reduce4(b0, b1, b2, b3), sc + g * 4, z, zp ? gs[i1] + g : NULL);
+            T2 = group_end(T2, reduce4(c0, c1, c2, c3), sc + g * 4, z, zp ? gs[i2] + g : NULL);
+        }
+        _mm_storeu_ps(dst + m * stride, T0);
+        if (n > 1) _mm_storeu_ps(dst + i1 * stride, T1);
+        if (n > 2) _mm_storeu_ps(dst + i2 * stride, T2);
+    }
+}
+
+static inline __m256 q8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* An int8 block (layout [KB][4][8], scales sc [groups][4], GS = group / 8 steps per group): as DEFINE_BLOCK. */
 static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float *const *xs, int64_t M, int64_t KB,
                      float *dst, int64_t stride) {
-    if (M <= 2) {
-        const float *x0 = xs[0], *x1 = xs[M - 1];
+    if (M > 2) {
+        float *wf = block_buffer(KB * 32);
+        for (int64_t i = 0; i < KB * 4; i++) {
+            if (i % 8 == 0) _mm_prefetch((const char *)(wb + i * 8) + 1024, _MM_HINT_T0);
+            _mm256_store_ps(wf + i * 8, q8x8(wb + i * 8));
+        }
+        grouped_rows(wf, sc, NULL, 0, GS, xs, NULL, M, KB, dst, stride);
+        return;
+    }
+    const float *x0 = xs[0], *x1 = xs[M - 1];
+    __m128 T0 = _mm_setzero_ps(), T1 = T0;
+    for (int64_t g = 0; g < KB / GS; g++) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-        for (int64_t g = 0; g < KB / GS; g++) {
-            const __m256 s0 = _mm256_set1_ps(sc[g * 4]), s1 = _mm256_set1_ps(sc[g * 4 + 1]),
-                         s2 = _mm256_set1_ps(sc[g * 4 + 2]), s3 = _mm256_set1_ps(sc[g * 4 + 3]);
-            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
-                const int8_t *p = wb + kb * 32;
-                _mm_prefetch((const char *)p + 512, _MM_HINT_NTA);
-                __m256 w0 = q8x8(p, s0), w1 = q8x8(p + 8, s1), w2 = q8x8(p + 16, s2), w3 = q8x8(p + 24, s3);
-                __m256 v = _mm256_loadu_ps(x0 + kb * 8);
-                FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);
-                if (M == 2) {
-                    v = _mm256_loadu_ps(x1 + kb * 8);
-                    FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);
-                }
-            }
-        }
-        _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
-        if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c0, c1, c2, c3));
-        return;
-    }
-    float *wf = block_buffer(KB * 32);
-    for (int64_t g = 0; g < KB / GS; g++)
-        for (int64_t r = 0; r < 4; r++) {
-            const __m256 s = _mm256_set1_ps(sc[g * 4 + r]);
-            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++)
-                _mm256_store_ps(wf + kb * 32 + r * 8, q8x8(wb + kb * 32 + r * 8, s));
-        }
-    many_rows(wf, xs, M, KB, dst, stride, (const char *)(wb + KB * 32));
-}
-
-/* 32 int4 weights of one row (16 bytes, layout above) dequantized: w[j] = columns 8j..8j+7 */
-static inline void q4x32(const uint8_t *p, __m128i z, __m256 s, __m256 *w) {
-    const __m128i m = _mm_set1_epi8(0x0F), b = _mm_loadu_si128((const __m128i *)p);
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m), z), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m), z);
-    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s);
-    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo))), s);
-    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s);
-    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi))), s);
-}
-
-/* An int4 block (scales sc and zero points zp [k/group][4], zp NULL meaning 8; GC = group / 32 chunks per group):
- * as DEFINE_BLOCK. Few rows: a row's 32 columns at a time, each accumulator still summing over k in order. */
-static void block_q4(const uint8_t *wb, const float *sc, const uint8_t *zp, int64_t GC, const float *const *xs,
-                     int64_t M, int64_t KB, float *dst, int64_t stride) {
-    const int64_t KC = KB / 4;
-    if (M <= 2) {
-        const float *x0 = xs[0], *x1 = xs[M - 1];
-        __m256 a[4], c[4], w[4];
-        for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
-        for (int64_t kc = 0; kc < KC; kc++) {
-            const uint8_t *p = wb + kc * 64;
-            const int64_t g = kc / GC;
+        for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
+            const int8_t *p = wb + kb * 32;
             _mm_prefetch((const char *)p + 512, _MM_HINT_NTA);
-            const __m256 v0 = _mm256_loadu_ps(x0 + kc * 32), v1 = _mm256_loadu_ps(x0 + kc * 32 + 8),
-                         v2 = _mm256_loadu_ps(x0 + kc * 32 + 16), v3 = _mm256_loadu_ps(x0 + kc * 32 + 24);
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) {
-                q4x32(p + r * 16, _mm_set1_epi8((char)(zp ? zp[g * 4 + r] : 8)), _mm256_set1_ps(sc[g * 4 + r]), w);
-                FMA(a[r], w[0], v0); FMA(a[r], w[1], v1); FMA(a[r], w[2], v2); FMA(a[r], w[3], v3);
-                if (M == 2) {
-                    const float *x = x1 + kc * 32;
-                    FMA(c[r], w[0], _mm256_loadu_ps(x)); FMA(c[r], w[1], _mm256_loadu_ps(x + 8));
-                    FMA(c[r], w[2], _mm256_loadu_ps(x + 16)); FMA(c[r], w[3], _mm256_loadu_ps(x + 24));
-                }
+            const __m256 w0 = q8x8(p), w1 = q8x8(p + 8), w2 = q8x8(p + 16), w3 = q8x8(p + 24);
+            __m256 v = _mm256_loadu_ps(x0 + kb * 8);
+            FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);
+            if (M == 2) {
+                v = _mm256_loadu_ps(x1 + kb * 8);
+                FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);
             }
         }
-        _mm_storeu_ps(dst, reduce4(a[0], a[1], a[2], a[3]));
-        if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c[0], c[1], c[2], c[3]));
-        return;
+        T0 = group_end(T0, reduce4(a0, a1, a2, a3), sc + g * 4, NULL, NULL);
+        if (M == 2) T1 = group_end(T1, reduce4(c0, c1, c2, c3), sc + g * 4, NULL, NULL);
     }
-    float *wf = block_buffer(KB * 32);
-    __m256 w[4];
-    for (int64_t kc = 0; kc < KC; kc++) {
-        const int64_t g = kc / GC;
-        for (int r = 0; r < 4; r++) {
-            q4x32(wb + kc * 64 + r * 16, _mm_set1_epi8((char)(zp ? zp[g * 4 + r] : 8)), _mm256_set1_ps(sc[g * 4 + r]), w);
-            for (int j = 0; j < 4; j++) _mm256_store_ps(wf + (kc * 4 + j) * 32 + r * 8, w[j]);
-        }
-    }
-    many_rows(wf, xs, M, KB, dst, stride, (const char *)(wb + KB * 16));
+    _mm_storeu_ps(dst, T0);
+    if (M == 2) _mm_storeu_ps(dst + stride, T1);
 }
 
-/* Block b of matrix e of w against M inputs: dst[i * stride + r] = <xs[i], row 4b + r> */
-static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, int64_t M, float *dst,
-                  int64_t stride) {
+/* Steps j of a row's 64-column chunk v as floats q * 2^(4j) (j = 7: q) */
+static inline __m256 q4_step(__m256i v, int j) {
+    return _mm256_cvtepi32_ps(j == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(v, _mm256_set1_epi32((int)(0xFu << (4 * j)))));
+}
+
+/* Steps j0..j1-1 of the 4 rows' 64-column chunk at p against one or two prepared inputs (y0, y1 at the chunk) */
+static inline __attribute__((always_inline)) void q4_steps(const uint8_t *p, const float *y0, const float *y1,
+                                                           int two, int j0, int j1, __m256 *a, __m256 *c) {
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32)),
+                  v2 = _mm256_loadu_si256((const __m256i *)(p + 64)), v3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+#pragma GCC unroll 8
+    for (int j = j0; j < j1; j++) {
+        const __m256 xa = _mm256_loadu_ps(y0 + 8 * j), xb = two ? _mm256_loadu_ps(y1 + 8 * j) : xa;
+        __m256 w = q4_step(v0, j);
+        FMA(a[0], w, xa);
+        if (two) FMA(c[0], w, xb);
+        w = q4_step(v1, j);
+        FMA(a[1], w, xa);
+        if (two) FMA(c[1], w, xb);
+        w = q4_step(v2, j);
+        FMA(a[2], w, xa);
+        if (two) FMA(c[2], w, xb);
+        w = q4_step(v3, j);
+        FMA(a[3], w, xa);
+        if (two) FMA(c[3], w, xb);
+    }
+}
+
+/* The few-row path of an int4 block, one or two inputs: groups of a multiple of 64 columns go a chunk at a time,
+ * other groups half a chunk at a time. */
+static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, const float *sc, const uint8_t *zp,
+                                                         int64_t GU, const float *const *xs, const float *const *gs,
+                                                         int two, int64_t NG, float *dst, int64_t stride) {
+    static const uint8_t eights[4] = {8, 8, 8, 8};
+    const float *x0 = xs[0], *x1 = xs[two];
+    __m128 T0 = _mm_setzero_ps(), T1 = T0;
+    for (int64_t g = 0; g < NG; g++) {
+        __m256 a[4], c[4];
+        for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+        if (GU % 2 == 0) {
+            for (int64_t ch = g * GU / 2; ch < (g + 1) * GU / 2; ch++) {
+                const uint8_t *p = wb + ch * 128;
+                _mm_prefetch((const char *)p + 1024, _MM_HINT_NTA);
+                _mm_prefetch((const char *)p + 1024 + 64, _MM_HINT_NTA);
+                q4_steps(p, x0 + ch * 64, x1 + ch * 64, two, 0, 8, a, c);
+            }
+        } else {  /* an odd number of 32-column units: half chunks */
+            for (int64_t u = g * GU; u < (g + 1) * GU; u++) {
+                const uint8_t *p = wb + (u >> 1) * 128;
+                const float *y0 = x0 + (u >> 1) * 64, *y1 = x1 + (u >> 1) * 64;
+                _mm_prefetch((const char *)p + 1024 + (u & 1) * 64, _MM_HINT_NTA);
+                if (u & 1) q4_steps(p, y0, y1, two, 4, 8, a, c);
+                else q4_steps(p, y0, y1, two, 0, 4, a, c);
+            }
+        }
+        const uint8_t *z = zp ? zp + g * 4 : eights;
+        T0 = group_end(T0, reduce4(a[0], a[1], a[2], a[3]), sc + g * 4, z, gs[0] + g);
+        if (two) T1 = group_end(T1, reduce4(c[0], c[1], c[2], c[3]), sc + g * 4, z, gs[1] + g);
+    }
+    _mm_storeu_ps(dst, T0);
+    if (two) _mm_storeu_ps(dst + stride, T1);
+}
+
+/* An int4 block (layout [KB/8][4][8 lanes of 8 nibbles], scales sc and zero points zp [groups][4], zp NULL meaning
+ * 8; GU = group / 32 units per group); xs: the inputs prepared by prepare_q4, gs their group sums. */
+static void block_q4(const uint8_t *wb, const float *sc, const uint8_t *zp, int64_t GU, const float *const *xs,
+                     const float *const *gs, int64_t M, int64_t KB, float *dst, int64_t stride) {
+    static const uint8_t eights[4] = {8, 8, 8, 8};
+    const int64_t NG = KB / 4 / GU;
+    if (M > 2) {
+        float *wf = block_buffer(KB * 32);
+        for (int64_t ch = 0; ch < KB / 8; ch++) {
+            const uint8_t *p = wb + ch * 128;
+            _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + 1024 + 64, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + r * 32));
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) _mm256_store_ps(wf + (ch * 8 + j) * 32 + r * 8, q4_step(v, j));
+            }
+        }
+        grouped_rows(wf, sc, zp ? zp : eights, zp ? 4 : 0, GU * 4, xs, gs, M, KB, dst, stride);
+        return;
+    }
+    if (M == 2) q4_few(wb, sc, zp, GU, xs, gs, 1, NG, dst, stride);
+    else q4_few(wb, sc, zp, GU, xs, gs, 0, NG, dst, stride);
+}
+
+/* An input row for int4 blocks: xp = x with step j of each 64-column chunk scaled by 2^(-4j) (j < 7; exact), xg its
+ * sums over each group of columns (lanes over the group's steps, then a fixed horizontal order). */
+static void prepare_q4(const float *x, int64_t K, int64_t group, float *xp, float *xg) {
+    for (int64_t kb = 0; kb < K / 8; kb++) {
+        const int j = kb % 8;
+        const __m256 s = _mm256_set1_ps(j == 7 ? 1.0f : ldexpf(1.0f, -4 * j));
+        _mm256_storeu_ps(xp + kb * 8, _mm256_mul_ps(_mm256_loadu_ps(x + kb * 8), s));
+    }
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_hadd_ps(h, h);
+        xg[g] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+    }
+}
+
+/* Inputs as a block reads them: xs[i] = rows (int4: prepared into xp, with group sums in xg; gs[i] points there). */
+static void prepare(const qw_t *w, const float *const *rows, int64_t M, float *xp, float *xg, const float **xs,
+                    const float **gs) {
+    const int64_t K = w->k, G = w->group ? K / w->group : 0;
+#pragma omp parallel for schedule(static) if (M > 8)
+    for (int64_t i = 0; i < M; i++) {
+        if (w->format == QW_Q4) {
+            prepare_q4(rows[i], K, w->group, xp + i * K, xg + i * G);
+            xs[i] = xp + i * K;
+            gs[i] = xg + i * G;
+        } else {
+            xs[i] = rows[i];
+        }
+    }
+}
+
+/* Block b of matrix e of w against M inputs (prepared): dst[i * stride + r] = <xs[i], row 4b + r> */
+static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, const float *const *gs, int64_t M,
+                  float *dst, int64_t stride) {
     const char *d = (const char *)w->data + e * w->data_stride;
     const int64_t K = w->k, KB = K / 8;
     if (w->format == QW_F32) {
@@ -266,7 +392,7 @@ static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, i
             block_q8((const int8_t *)d + b * K * 4, s, w->group / 8, xs, M, KB, dst, stride);
         } else {
             const uint8_t *z = w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
-            block_q4((const uint8_t *)d + b * K * 2, s, z, w->group / 32, xs, M, KB, dst, stride);
+            block_q4((const uint8_t *)d + b * K * 2, s, z, w->group / 32, xs, gs, M, KB, dst, stride);
         }
     }
 }
@@ -282,8 +408,8 @@ static void swiglu(const float *gate, const float *up, float *out, int64_t n) {
 /* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
  * 2048-token MoE layer when the buffers were malloc'd per call). Kept until the thread ends. */
 static float *scratch(int which, int64_t n) {
-    static __thread float *buf[3] = {NULL, NULL, NULL};
-    static __thread int64_t cap[3] = {0, 0, 0};
+    static __thread float *buf[7] = {NULL};
+    static __thread int64_t cap[7] = {0};
     if (n > cap[which]) {
         free(buf[which]);
         cap[which] = n;
@@ -297,15 +423,17 @@ static float *scratch(int which, int64_t n) {
 
 /* Rows go in tiles of LINEAR_TILE, whose inputs stay in L2 while every block passes. */
 void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M) {
-    const int64_t N = w->n, K = w->k;
-    const float **xs = malloc(sizeof(float *) * (M > 0 ? M : 1));
-    for (int64_t i = 0; i < M; i++) xs[i] = x + i * K;
+    const int64_t N = w->n, K = w->k, q4 = w->format == QW_Q4;
+    const float **rows = malloc(sizeof(float *) * (M > 0 ? M : 1) * 3), **xs = rows + M, **gs = xs + M;
+    float *xp = q4 ? scratch(3, M * K) : NULL, *xg = q4 ? scratch(4, M * (K / w->group)) : NULL;
+    for (int64_t i = 0; i < M; i++) rows[i] = x + i * K;
+    prepare(w, rows, M, xp, xg, xs, gs);
     for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {
         const int64_t mt = M - m0 < LINEAR_TILE ? M - m0 : LINEAR_TILE;
 #pragma omp parallel for schedule(dynamic, 16)
-        for (int64_t b = 0; b < N / 4; b++) block(w, e, b, xs + m0, mt, y + m0 * N + b * 4, N);
+        for (int64_t b = 0; b < N / 4; b++) block(w, e, b, xs + m0, gs + m0, mt, y + m0 * N + b * 4, N);
     }
-    free(xs);
+    free(rows);
 }
 
 /* The (token, expert) pairs are counting-sorted by expert so each hit expert runs once over all its tokens. */
@@ -317,7 +445,7 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
     float *pair_weight = malloc(sizeof(float) * P);
     float *hbuf = scratch(0, P * 2 * I), *abuf = scratch(1, P * I), *dbuf = scratch(2, P * H);
     int64_t *token_pairs = malloc(sizeof(int64_t) * P);  /* token t's pairs: token_pairs[t * k : t * k + k] */
-    const float **xs = malloc(sizeof(float *) * P), **as = malloc(sizeof(float *) * P);
+    const float **xs = malloc(sizeof(float *) * P * 4), **as = xs + P, **gs1 = as + P, **gs2 = gs1 + P;
     for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
     for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
     for (int64_t e = 0; e <= E; e++) fill[e] = start[e];
@@ -342,20 +470,35 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
         xs[p] = x + pair_token[p] * H;
         as[p] = abuf + p * I;
     }
+    const int64_t G1 = gate_up->group ? H / gate_up->group : 0, G2 = down->group ? I / down->group : 0;
+    float *ap = NULL, *ag = NULL;
+    if (gate_up->format == QW_Q4)  /* each pair's input prepared (pairs of one token share the row) */
+        prepare(gate_up, xs, P, scratch(3, P * H), scratch(4, P * G1), xs, gs1);
+    if (down->format == QW_Q4) {
+        ap = scratch(5, P * I);
+        ag = scratch(6, P * G2);
+    }
     const int64_t nb1 = 2 * I / 4, nb2 = H / 4;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nu * nb1; item++) {
             const int64_t u = item / nb1, b = item % nb1, p0 = ustart[u];
-            block(gate_up, uexp[u], b, xs + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
+            block(gate_up, uexp[u], b, xs + p0, gs1 + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
         }
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < P; p++) swiglu(hbuf + p * 2 * I, hbuf + p * 2 * I + I, abuf + p * I, I);
+        for (int64_t p = 0; p < P; p++) {
+            swiglu(hbuf + p * 2 * I, hbuf + p * 2 * I + I, abuf + p * I, I);
+            if (ap) {
+                prepare_q4(abuf + p * I, I, down->group, ap + p * I, ag + p * G2);
+                as[p] = ap + p * I;
+                gs2[p] = ag + p * G2;
+            }
+        }
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nu * nb2; item++) {
             const int64_t u = item / nb2, b = item % nb2, p0 = ustart[u];
-            block(down, uexp[u], b, as + p0, ulen[u], dbuf + p0 * H + b * 4, H);
+            block(down, uexp[u], b, as + p0, gs2 + p0, ulen[u], dbuf + p0 * H + b * 4, H);
         }
     }
 #pragma omp parallel for schedule(static)
@@ -370,7 +513,7 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
             for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];
         }
     free(start); free(fill); free(pair_token); free(pair_weight); free(ustart); free(ulen); free(uexp);
-    free(token_pairs); free(xs); free(as);
+    free(token_pairs); free(xs);
 }
 
 /* A float weight of the former entry points as a qw_t: count matrices [n, k]. */
@@ -435,7 +578,7 @@ static void moe_block(const float *x, const float *proj, int64_t stride, int64_t
     int64_t *ids = malloc(sizeof(int64_t) * Tn * k);
     float *wts = malloc(sizeof(float) * Tn * k), *act = malloc(sizeof(float) * Tn * Is);
     float *sh = malloc(sizeof(float) * Tn * H);
-    const float **as = malloc(sizeof(float *) * Tn);
+    const float **as = malloc(sizeof(float *) * Tn * 2), **gs = as + Tn;
     route(proj, stride, Tn, E, k, renorm, ids, wts);
     for (int64_t t = 0; t < Tn; t++) {
         const float *g = proj + t * stride + E + 1, *u = g + Is;
@@ -444,13 +587,19 @@ static void moe_block(const float *x, const float *proj, int64_t stride, int64_t
     }
     memset(out, 0, sizeof(float) * Tn * H);
     qwen35_experts(x, ids, wts, Tn, k, gate_up, down, out);
+    float *xp = NULL, *xg = NULL;
+    if (shared_down->format == QW_Q4) {
+        xp = malloc(sizeof(float) * Tn * Is);
+        xg = malloc(sizeof(float) * Tn * (Is / shared_down->group));
+    }
+    prepare(shared_down, as, Tn, xp, xg, as, gs);
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < H / 4; b++) block(shared_down, 0, b, as, Tn, sh + b * 4, H);
+    for (int64_t b = 0; b < H / 4; b++) block(shared_down, 0, b, as, gs, Tn, sh + b * 4, H);
     for (int64_t t = 0; t < Tn; t++) {
         const float gate = 1.0f / (1.0f + expf(-proj[t * stride + E]));
         for (int64_t h = 0; h < H; h++) out[t * H + h] = out[t * H + h] + gate * sh[t * H + h];
     }
-    free(ids); free(wts); free(act); free(sh); free(as);
+    free(ids); free(wts); free(act); free(sh); free(as); free(xp); free(xg);
 }
 
 #define DEFINE_MOE_BLOCK(NAME, T, FORMAT)                                                                         \
