@@ -61,7 +61,7 @@ def assert_rounding_close(got, x, w):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 17, 100, 300])
-@pytest.mark.parametrize("N,K", [(5, 64), (37, 256), (12, 128)])
+@pytest.mark.parametrize("N,K", [(5, 64), (37, 256)])
 def test_matches_the_dequantized_weight(fmt, M, N, K):
     w = packed(fmt, N, K, seed=N + K)
     x = rand(M, K, seed=M)

@@ -2,12 +2,13 @@
 two products over them: `linear` (one matrix) and `experts` (routed experts), with their references beside them.
 
 A `PackedWeight` holds a weight [..., n, k] (leading dims: experts) in the layout csrc/matmul.c streams: one
-contiguous stream per block of 4 output rows (float and int8: [n/4][k/8][4][8]; int4: [n/4][k/32][4][16] bytes,
-byte j of a row's 16 holding columns j and 16 + j), scales and zero points as [n/4][k/group][4] beside it. Rows are
-padded to a multiple of 4, columns to 8 (float) or to the group (int8/int4 with one group per row); other int8/int4
-group sizes must be a multiple of 32. `face` is the weight as the C struct `qw_t` (csrc/weights.h) that every
-kernel takes. Quantized products equal `dequantize()` followed by the fp32 kernel bit for bit (the kernels
-dequantize exactly as quant.py does), and a row's result never depends on the other rows of its call.
+contiguous stream per block of 4 output rows (float and int8: [n/4][k/8][4][8]; int4: [n/4][k/64][4][32 bytes], a
+row's 64 columns as 8 nibbles in each of 8 32-bit lanes, nibble j of lane l holding column 8j + l), scales and zero
+points as [n/4][k/group][4] beside it. Rows are padded to a multiple of 4; columns to 8 (float), or 32 (int8) / 64
+(int4) where the weight has one group per row or (int4) groups of 32; int8/int4 groups must be a multiple of 32.
+`face` is the weight as the C struct `qw_t` (csrc/weights.h) that every kernel takes. Quantized products equal
+`dequantize()` followed by a matmul up to fp32 rounding, and a row's result never depends on the other rows of its
+call.
 """
 
 from __future__ import annotations

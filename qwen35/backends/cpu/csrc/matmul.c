@@ -5,9 +5,9 @@
  * rows (row-major rows are 4 streams per block and reach ~60% of the read bandwidth on the machines we measured;
  * one stream ~85-90%); n % 4 == 0 (the packer pads rows):
  *   fp32 / bf16: [n/4][k/8][4][8], k % 8 == 0: the 8-wide chunks of the block's 4 rows side by side;
- *   int8:        [n/4][k/8][4][8] int8 values, as the float formats;
- *   int4:        [n/4][k/32][4][16] bytes: 32 columns of a row in 16 bytes, byte j holding column j (low nibble)
- *                and column 16 + j (high nibble), so one and + one shift split a row's 32 columns in order;
+ *   int8:        [n/4][k/8][4][8] int8, as the float formats (k % 32 == 0);
+ *   int4:        [n/4][k/64][4][8 lanes of 32 bits], k % 64 == 0: a row's 64 columns in 8 lanes, nibble j of lane
+ *                l (bits 4j..4j+3) holding column 8j + l;
  *   scales (int8/int4): fp32 [n/4][k/group][4]; zero points (int4): uint8 [n/4][k/group][4], NULL meaning 8.
  * A quantized weight is w = (q - z) * s (int8: z = 0), group a multiple of 32 dividing k.
  *
@@ -15,12 +15,19 @@
  *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
  *   M > 2:  the block widened to fp32 once into a thread buffer (L1), then 3 inputs at a time against its 4 rows
  *           (12 accumulators): FMA throughput bounds it; the next block is prefetched meanwhile.
- * Quantized weights are dequantized in registers exactly as the reference does (float(q - z) * s, one rounding),
- * then multiplied like fp32 weights: the result is bit for bit the fp32 kernel's on the dequantized weight. The
- * alternative (activations quantized to int8 per 32 columns, integer dot products: llama.cpp's) does fewer
- * vector ops per byte but is not equal to dequantize-then-matmul up to fp32 rounding, so it is not used.
- * Every path sums an output in the same order (per lane over k in steps of 8, then one fixed horizontal sum), so a
- * row's result is bit for bit the same whatever rows share its call: outputs do not depend on the batch.
+ * Every path sums an output in the same order (per lane over k in steps of 8, then one fixed horizontal sum; for
+ * quantized weights per group, see below), so a row's result is bit for bit the same whatever rows share its call:
+ * outputs do not depend on the batch.
+ *
+ * Quantized weights: the integers are converted to fp32 exactly and summed against the inputs per group; scale and
+ * zero point are applied once per group (T += s * (A - z * sum of the group's inputs)). So the result is the exact
+ * product of dequantize() up to fp32 rounding (tests/backends/test_matmul.py: within 16 eps of |x| @ |w|^T; F.linear
+ * measures 1-4 eps there). One step of 8 int4 weights costs an and, a convert and an fma (per input): no shuffles,
+ * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
+ * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
+ * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
+ * Measured (benchmarks/matmul_bench.py, 2-core Zen 3 VM, see docs/benchmarks.md): MEASURED.
+ *
  * qwen35_matmul spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM may
  * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
  * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
@@ -161,12 +168,9 @@ DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
 /* Quantized blocks. Both formats sum per group of columns: the 4 rows' integers (int4: before their zero point is
  * taken off) times an input, in lanes over the group's steps of 8, reduce4 into A; then per row
  * T = fma(s, A - z * X, T) from T = 0, X the input's sum over the group (int4 only). Every path does exactly this
- * arithmetic, so a row's result does not depend on the batch; it differs from dequantize-then-matmul by fp32
- * rounding only (the integers are exact in fp32; scales and zero points are applied once per group).
- * int4 is unpacked without shuffles: a row's 64 columns are 8 nibbles in each of 8 lanes (lane l, nibble j:
- * column 8j + l), and nibble j masked in place is q * 2^(4j), exact as a float; the kernels multiply it with the
- * input scaled by 2^(-4j) beforehand (exact too), so and + convert + fma is all a step costs. The top nibble is
- * shifted down instead (a mask there would set the sign bit) and its input is not scaled. */
+ * arithmetic. int4 nibble j (< 7) is used masked in place, q * 2^(4j), against the input scaled by 2^(-4j)
+ * (prepare_q4): the same products as q * x, bit for bit. The top nibble is shifted down instead (a mask there would
+ * set the sign bit) and its input is not scaled. */
 
 static inline __m128 zeros4(const uint8_t *z) {
     int32_t v;
@@ -364,15 +368,15 @@ static void prepare_q4(const float *x, int64_t K, int64_t group, float *xp, floa
 static void prepare(const qw_t *w, const float *const *rows, int64_t M, float *xp, float *xg, const float **xs,
                     const float **gs) {
     const int64_t K = w->k, G = w->group ? K / w->group : 0;
+    if (w->format != QW_Q4) {
+        for (int64_t i = 0; i < M; i++) xs[i] = rows[i];
+        return;
+    }
 #pragma omp parallel for schedule(static) if (M > 8)
     for (int64_t i = 0; i < M; i++) {
-        if (w->format == QW_Q4) {
-            prepare_q4(rows[i], K, w->group, xp + i * K, xg + i * G);
-            xs[i] = xp + i * K;
-            gs[i] = xg + i * G;
-        } else {
-            xs[i] = rows[i];
-        }
+        prepare_q4(rows[i], K, w->group, xp + i * K, xg + i * G);
+        xs[i] = xp + i * K;
+        gs[i] = xg + i * G;
     }
 }
 
