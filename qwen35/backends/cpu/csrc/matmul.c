@@ -476,8 +476,16 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
     }
     const int64_t G1 = gate_up->group ? H / gate_up->group : 0, G2 = down->group ? I / down->group : 0;
     float *ap = NULL, *ag = NULL;
-    if (gate_up->format == QW_Q4)  /* each pair's input prepared (pairs of one token share the row) */
-        prepare(gate_up, xs, P, scratch(3, P * H), scratch(4, P * G1), xs, gs1);
+    if (gate_up->format == QW_Q4) {  /* each token's input prepared once; its pairs point there */
+        const float **rows = malloc(sizeof(float *) * Tn * 2), **gts = rows + Tn;
+        for (int64_t t = 0; t < Tn; t++) rows[t] = x + t * H;
+        prepare(gate_up, rows, Tn, scratch(3, Tn * H), scratch(4, Tn * G1), rows, gts);
+        for (int64_t p = 0; p < P; p++) {
+            xs[p] = rows[pair_token[p]];
+            gs1[p] = gts[pair_token[p]];
+        }
+        free(rows);
+    }
     if (down->format == QW_Q4) {
         ap = scratch(5, P * I);
         ag = scratch(6, P * G2);
