@@ -193,7 +193,10 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
     for (int64_t m = 0; m < M; m += 3) {
         const int64_t n = M - m < 3 ? M - m : 3, i1 = m + (n > 1), i2 = m + n - 1;
         const float *x0 = xs[m], *x1 = xs[i1], *x2 = xs[i2];
-        __m128 T0 = _mm_setzero_ps(), T1 = T0, T2 = T0;
+        /* T lives in dst between groups (12 accumulators leave no registers for it); the last rows of a short
+         * tile are computed twice into a scratch T */
+        float spare[8];
+        float *t0 = dst + m * stride, *t1 = n > 1 ? dst + i1 * stride : spare, *t2 = n > 2 ? dst + i2 * stride : spare + 4;
         for (int64_t g = 0; g < KB / GS; g++) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
@@ -211,13 +214,14 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
                 FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
             }
             const uint8_t *z = zp ? zp + g * zstride : NULL;
-            T0 = group_end(T0, reduce4(a0, a1, a2, a3), sc + g * 4, z, zp ? gs[m] + g : NULL);
-            T1 = group_end(T1, reduce4(b0, b1, b2, b3), sc + g * 4, z, zp ? gs[i1] + g : NULL);
-            T2 = group_end(T2, reduce4(c0, c1, c2, c3), sc + g * 4, z, zp ? gs[i2] + g : NULL);
+            const __m128 zero = _mm_setzero_ps();
+            _mm_storeu_ps(t0, group_end(g ? _mm_loadu_ps(t0) : zero, reduce4(a0, a1, a2, a3), sc + g * 4, z,
+                                        zp ? gs[m] + g : NULL));
+            _mm_storeu_ps(t1, group_end(g ? _mm_loadu_ps(t1) : zero, reduce4(b0, b1, b2, b3), sc + g * 4, z,
+                                        zp ? gs[i1] + g : NULL));
+            _mm_storeu_ps(t2, group_end(g ? _mm_loadu_ps(t2) : zero, reduce4(c0, c1, c2, c3), sc + g * 4, z,
+                                        zp ? gs[i2] + g : NULL));
         }
-        _mm_storeu_ps(dst + m * stride, T0);
-        if (n > 1) _mm_storeu_ps(dst + i1 * stride, T1);
-        if (n > 2) _mm_storeu_ps(dst + i2 * stride, T2);
     }
 }
 
