@@ -37,6 +37,14 @@ def bandwidth() -> float:
     return t.numel() * 4 / best / 1e9
 
 
+def clone(p: PackedWeight) -> PackedWeight:
+    out = p[None][0]  # a view; then its own storage
+    out.data = p.data.clone()
+    out.scales = None if p.scales is None else p.scales.clone()
+    out.zeros = None if p.zeros is None else p.zeros.clone()
+    return out
+
+
 def timed(copies: list[PackedWeight], x: torch.Tensor, y: torch.Tensor, calls: int) -> float:
     fn = _matmul()
     faces = [ctypes.byref(c.face) for c in copies]
@@ -62,8 +70,7 @@ def main():
         n, k = map(int, shape.split("x"))
         w = torch.randn(n, k)
         packed = {f: PackedWeight.pack(FORMATS[f](w)) for f in args.formats}
-        copies = {f: [p] + [PackedWeight.pack(FORMATS[f](w)) for _ in range(-(-(256 << 20) // p.nbytes) - 1)]
-                  for f, p in packed.items()}
+        copies = {f: [p] + [clone(p) for _ in range(-(-(256 << 20) // p.nbytes) - 1)] for f, p in packed.items()}
         for M in args.rows:
             x, y = torch.randn(M, k), torch.empty(M, n)
             calls = max(2, int(2e8 // (packed["bf16"].nbytes if "bf16" in packed else n * k * 2) // max(1, M // 16)))

@@ -196,7 +196,8 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
         /* T lives in dst between groups (12 accumulators leave no registers for it); the last rows of a short
          * tile are computed twice into a scratch T */
         float spare[8];
-        float *t0 = dst + m * stride, *t1 = n > 1 ? dst + i1 * stride : spare, *t2 = n > 2 ? dst + i2 * stride : spare + 4;
+        float *t0 = dst + m * stride, *t1 = n > 1 ? dst + i1 * stride : spare;
+        float *t2 = n > 2 ? dst + i2 * stride : spare + 4;
         for (int64_t g = 0; g < KB / GS; g++) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
@@ -265,14 +266,17 @@ static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float 
 
 /* Steps j of a row's 64-column chunk v as floats q * 2^(4j) (j = 7: q) */
 static inline __m256 q4_step(__m256i v, int j) {
-    return _mm256_cvtepi32_ps(j == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(v, _mm256_set1_epi32((int)(0xFu << (4 * j)))));
+    const __m256i q = j == 7 ? _mm256_srli_epi32(v, 28)
+                             : _mm256_and_si256(v, _mm256_set1_epi32((int)(0xFu << (4 * j))));
+    return _mm256_cvtepi32_ps(q);
 }
 
 /* Steps j0..j1-1 of the 4 rows' 64-column chunk at p against one or two prepared inputs (y0, y1 at the chunk) */
 static inline __attribute__((always_inline)) void q4_steps(const uint8_t *p, const float *y0, const float *y1,
                                                            int two, int j0, int j1, __m256 *a, __m256 *c) {
-    const __m256i v0 = _mm256_loadu_si256((const __m256i *)p), v1 = _mm256_loadu_si256((const __m256i *)(p + 32)),
-                  v2 = _mm256_loadu_si256((const __m256i *)(p + 64)), v3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+    const __m256i *q = (const __m256i *)p;
+    const __m256i v0 = _mm256_loadu_si256(q), v1 = _mm256_loadu_si256(q + 1), v2 = _mm256_loadu_si256(q + 2),
+                  v3 = _mm256_loadu_si256(q + 3);
 #pragma GCC unroll 8
     for (int j = j0; j < j1; j++) {
         const __m256 xa = _mm256_loadu_ps(y0 + 8 * j), xb = two ? _mm256_loadu_ps(y1 + 8 * j) : xa;
