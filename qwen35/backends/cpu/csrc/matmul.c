@@ -166,22 +166,27 @@ DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512, widen_bf16)
 DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
 
 /* Quantized blocks. Both formats sum per group of columns: the 4 rows' integers (int4: before their zero point is
- * taken off) times an input, in lanes over the group's steps of 8, reduce4 into A; then per row
- * T = fma(s, A - z * X, T) from T = 0, X the input's sum over the group (int4 only). Every path does exactly this
- * arithmetic. int4 nibble j (< 7) is used masked in place, q * 2^(4j), against the input scaled by 2^(-4j)
+ * taken off) times an input, in lanes over the group's steps of 8 (A); then per row and lane
+ * T = fma(s, A - z * X, T) from T = 0, X the input's sums over the group by lane (int4 only). Every path does exactly this
+ * arithmetic (lane-wise until one reduce4 at the end). int4 nibble j (< 7) is used masked in place, q * 2^(4j), against the input scaled by 2^(-4j)
  * (prepare_q4): the same products as q * x, bit for bit. The top nibble is shifted down instead (a mask there would
  * set the sign bit) and its input is not scaled. */
 
-static inline __m128 zeros4(const uint8_t *z) {
-    int32_t v;
-    memcpy(&v, z, 4);
-    return _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
-}
-
-/* the end of a group: T = fma(s, A - z X, T) for 4 rows (z NULL: no zero point) */
-static inline __m128 group_end(__m128 T, __m128 A, const float *s, const uint8_t *z, const float *X) {
-    if (z) A = _mm_fnmadd_ps(zeros4(z), _mm_set1_ps(*X), A);
-    return _mm_fmadd_ps(_mm_loadu_ps(s), A, T);
+/* The end of a group for one input against the block's 4 rows, lane-wise: T[r] += s_r * (A_r - z_r * X), X the
+ * input's group sums by lane (z NULL: no zero point). */
+static inline void group_end(__m256 *T, __m256 a0, __m256 a1, __m256 a2, __m256 a3, const float *s,
+                             const uint8_t *z, const float *X) {
+    if (z) {
+        const __m256 x = _mm256_loadu_ps(X);
+        a0 = _mm256_fnmadd_ps(_mm256_set1_ps(z[0]), x, a0);
+        a1 = _mm256_fnmadd_ps(_mm256_set1_ps(z[1]), x, a1);
+        a2 = _mm256_fnmadd_ps(_mm256_set1_ps(z[2]), x, a2);
+        a3 = _mm256_fnmadd_ps(_mm256_set1_ps(z[3]), x, a3);
+    }
+    T[0] = _mm256_fmadd_ps(_mm256_set1_ps(s[0]), a0, T[0]);
+    T[1] = _mm256_fmadd_ps(_mm256_set1_ps(s[1]), a1, T[1]);
+    T[2] = _mm256_fmadd_ps(_mm256_set1_ps(s[2]), a2, T[2]);
+    T[3] = _mm256_fmadd_ps(_mm256_set1_ps(s[3]), a3, T[3]);
 }
 
 /* A widened quantized block wf [KB][4][8] (the integers as floats) against any number of inputs, 3 at a time;
@@ -193,11 +198,8 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
     for (int64_t m = 0; m < M; m += 3) {
         const int64_t n = M - m < 3 ? M - m : 3, i1 = m + (n > 1), i2 = m + n - 1;
         const float *x0 = xs[m], *x1 = xs[i1], *x2 = xs[i2];
-        /* T lives in dst between groups (12 accumulators leave no registers for it); the last rows of a short
-         * tile are computed twice into a scratch T */
-        float spare[8];
-        float *t0 = dst + m * stride, *t1 = n > 1 ? dst + i1 * stride : spare;
-        float *t2 = n > 2 ? dst + i2 * stride : spare + 4;
+        __m256 T[12];
+        for (int i = 0; i < 12; i++) T[i] = _mm256_setzero_ps();
         for (int64_t g = 0; g < KB / GS; g++) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
@@ -215,14 +217,13 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
                 FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
             }
             const uint8_t *z = zp ? zp + g * zstride : NULL;
-            const __m128 zero = _mm_setzero_ps();
-            _mm_storeu_ps(t0, group_end(g ? _mm_loadu_ps(t0) : zero, reduce4(a0, a1, a2, a3), sc + g * 4, z,
-                                        zp ? gs[m] + g : NULL));
-            _mm_storeu_ps(t1, group_end(g ? _mm_loadu_ps(t1) : zero, reduce4(b0, b1, b2, b3), sc + g * 4, z,
-                                        zp ? gs[i1] + g : NULL));
-            _mm_storeu_ps(t2, group_end(g ? _mm_loadu_ps(t2) : zero, reduce4(c0, c1, c2, c3), sc + g * 4, z,
-                                        zp ? gs[i2] + g : NULL));
+            group_end(T, a0, a1, a2, a3, sc + g * 4, z, zp ? gs[m] + g * 8 : NULL);
+            group_end(T + 4, b0, b1, b2, b3, sc + g * 4, z, zp ? gs[i1] + g * 8 : NULL);
+            group_end(T + 8, c0, c1, c2, c3, sc + g * 4, z, zp ? gs[i2] + g * 8 : NULL);
         }
+        _mm_storeu_ps(dst + m * stride, reduce4(T[0], T[1], T[2], T[3]));
+        if (n > 1) _mm_storeu_ps(dst + i1 * stride, reduce4(T[4], T[5], T[6], T[7]));
+        if (n > 2) _mm_storeu_ps(dst + i2 * stride, reduce4(T[8], T[9], T[10], T[11]));
     }
 }
 
@@ -243,7 +244,8 @@ static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float 
         return;
     }
     const float *x0 = xs[0], *x1 = xs[M - 1];
-    __m128 T0 = _mm_setzero_ps(), T1 = T0;
+    __m256 T[8];
+    for (int i = 0; i < 8; i++) T[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < KB / GS; g++) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
@@ -257,11 +259,11 @@ static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float 
                 FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);
             }
         }
-        T0 = group_end(T0, reduce4(a0, a1, a2, a3), sc + g * 4, NULL, NULL);
-        if (M == 2) T1 = group_end(T1, reduce4(c0, c1, c2, c3), sc + g * 4, NULL, NULL);
+        group_end(T, a0, a1, a2, a3, sc + g * 4, NULL, NULL);
+        if (M == 2) group_end(T + 4, c0, c1, c2, c3, sc + g * 4, NULL, NULL);
     }
-    _mm_storeu_ps(dst, T0);
-    if (M == 2) _mm_storeu_ps(dst + stride, T1);
+    _mm_storeu_ps(dst, reduce4(T[0], T[1], T[2], T[3]));
+    if (M == 2) _mm_storeu_ps(dst + stride, reduce4(T[4], T[5], T[6], T[7]));
 }
 
 /* Steps j of a row's 64-column chunk v as floats q * 2^(4j) (j = 7: q) */
@@ -302,7 +304,8 @@ static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, cons
                                                          int two, int64_t NG, float *dst, int64_t stride) {
     static const uint8_t eights[4] = {8, 8, 8, 8};
     const float *x0 = xs[0], *x1 = xs[two];
-    __m128 T0 = _mm_setzero_ps(), T1 = T0;
+    __m256 T[8];
+    for (int i = 0; i < 8; i++) T[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < NG; g++) {
         __m256 a[4], c[4];
         for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
@@ -323,11 +326,11 @@ static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, cons
             }
         }
         const uint8_t *z = zp ? zp + g * 4 : eights;
-        T0 = group_end(T0, reduce4(a[0], a[1], a[2], a[3]), sc + g * 4, z, gs[0] + g);
-        if (two) T1 = group_end(T1, reduce4(c[0], c[1], c[2], c[3]), sc + g * 4, z, gs[1] + g);
+        group_end(T, a[0], a[1], a[2], a[3], sc + g * 4, z, gs[0] + g * 8);
+        if (two) group_end(T + 4, c[0], c[1], c[2], c[3], sc + g * 4, z, gs[1] + g * 8);
     }
-    _mm_storeu_ps(dst, T0);
-    if (two) _mm_storeu_ps(dst + stride, T1);
+    _mm_storeu_ps(dst, reduce4(T[0], T[1], T[2], T[3]));
+    if (two) _mm_storeu_ps(dst + stride, reduce4(T[4], T[5], T[6], T[7]));
 }
 
 /* An int4 block (layout [KB/8][4][8 lanes of 8 nibbles], scales sc and zero points zp [groups][4], zp NULL meaning
@@ -356,7 +359,7 @@ static void block_q4(const uint8_t *wb, const float *sc, const uint8_t *zp, int6
 }
 
 /* An input row for int4 blocks: xp = x with step j of each 64-column chunk scaled by 2^(-4j) (j < 7; exact), xg its
- * sums over each group of columns (lanes over the group's steps, then a fixed horizontal order). */
+ * sums over each group of columns by lane (8 floats a group). */
 static void prepare_q4(const float *x, int64_t K, int64_t group, float *xp, float *xg) {
     for (int64_t kb = 0; kb < K / 8; kb++) {
         const int j = kb % 8;
@@ -366,16 +369,14 @@ static void prepare_q4(const float *x, int64_t K, int64_t group, float *xp, floa
     for (int64_t g = 0; g < K / group; g++) {
         __m256 a = _mm256_setzero_ps();
         for (int64_t i = g * group; i < (g + 1) * group; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        h = _mm_hadd_ps(h, h);
-        xg[g] = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+        _mm256_storeu_ps(xg + g * 8, a);
     }
 }
 
 /* Inputs as a block reads them: xs[i] = rows (int4: prepared into xp, with group sums in xg; gs[i] points there). */
 static void prepare(const qw_t *w, const float *const *rows, int64_t M, float *xp, float *xg, const float **xs,
                     const float **gs) {
-    const int64_t K = w->k, G = w->group ? K / w->group : 0;
+    const int64_t K = w->k, G = w->group ? K / w->group * 8 : 0;
     if (w->format != QW_Q4) {
         for (int64_t i = 0; i < M; i++) xs[i] = rows[i];
         return;
@@ -437,7 +438,7 @@ static float *scratch(int which, int64_t n) {
 void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M) {
     const int64_t N = w->n, K = w->k, q4 = w->format == QW_Q4;
     const float **rows = malloc(sizeof(float *) * (M > 0 ? M : 1) * 3), **xs = rows + M, **gs = xs + M;
-    float *xp = q4 ? scratch(3, M * K) : NULL, *xg = q4 ? scratch(4, M * (K / w->group)) : NULL;
+    float *xp = q4 ? scratch(3, M * K) : NULL, *xg = q4 ? scratch(4, M * (K / w->group) * 8) : NULL;
     for (int64_t i = 0; i < M; i++) rows[i] = x + i * K;
     prepare(w, rows, M, xp, xg, xs, gs);
     for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {
@@ -482,7 +483,8 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
         xs[p] = x + pair_token[p] * H;
         as[p] = abuf + p * I;
     }
-    const int64_t G1 = gate_up->group ? H / gate_up->group : 0, G2 = down->group ? I / down->group : 0;
+    /* group sums: 8 floats a group */
+    const int64_t G1 = gate_up->group ? H / gate_up->group * 8 : 0, G2 = down->group ? I / down->group * 8 : 0;
     float *ap = NULL, *ag = NULL;
     if (gate_up->format == QW_Q4) {  /* each token's input prepared once; its pairs point there */
         const float **rows = malloc(sizeof(float *) * Tn * 2), **gts = rows + Tn;
@@ -610,7 +612,7 @@ static void moe_block(const float *x, const float *proj, int64_t stride, int64_t
     float *xp = NULL, *xg = NULL;
     if (shared_down->format == QW_Q4) {
         xp = malloc(sizeof(float) * Tn * Is);
-        xg = malloc(sizeof(float) * Tn * (Is / shared_down->group));
+        xg = malloc(sizeof(float) * Tn * (Is / shared_down->group) * 8);
     }
     prepare(shared_down, as, Tn, xp, xg, as, gs);
 #pragma omp parallel for schedule(static)
