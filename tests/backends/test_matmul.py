@@ -70,10 +70,11 @@ def test_matches_the_dequantized_weight(fmt, M, N, K):
     assert_rounding_close(got, x, w.dequantize())
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-row", "int4-row"])
-@pytest.mark.parametrize("K", [14, 100])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-row", "int4-row", "int4-g32"])
+@pytest.mark.parametrize("K", [14, 96, 100])
 def test_padded_columns(fmt, K):
-    """Columns that are no multiple of the kernel's step (8 float, 32 quantized with one group per row)."""
+    """Columns that are no multiple of the kernel's step (8 float; 32 int8, 64 int4 with one group per row or, int4,
+    groups of 32)."""
     w, x = packed(fmt, 6, K, seed=K), rand(5, K, seed=1)
     assert_rounding_close(linear(x, w), x, w.dequantize())
     assert_rounding_close(matmul_ref(x, w), x, w.dequantize())
@@ -144,6 +145,9 @@ def test_embedding_rows_from_a_packed_head(fmt):
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="groups of 16 columns"):
         PackedWeight.pack(quantize(rand(8, 64, seed=0), 4, 16))
+    with pytest.raises(ValueError, match=r"rows of 288 columns \(not a multiple of 64\) need groups of 32"):
+        PackedWeight.pack(quantize(rand(8, 288, seed=0), 4, 96))
+    assert PackedWeight.pack(quantize(rand(8, 288, seed=0), 4, 32)).dequantize().shape == (8, 288)
     with pytest.raises(ValueError, match="torch.int64"):
         PackedWeight.pack(torch.ones(4, 8, dtype=torch.int64))
     w = packed("int8-g32", 8, 64)

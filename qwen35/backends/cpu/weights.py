@@ -72,10 +72,12 @@ class PackedWeight:
             *lead, n, k = w.shape
             group, step = w.group, 32 if w.bits == 8 else 64
             kp, np_ = -(-k // step) * step, -(-n // 4) * 4
-            if group % 32 and group != k or kp != k and group not in (k, 32):
-                raise ValueError(f"int{w.bits} weight of shape {list(w.shape)} quantized in groups of {group} "
-                                 f"columns: the CPU kernels need groups of a multiple of 32 columns (or one per row)"
-                                 + ("" if group % 32 else f", and {step}-column multiples or groups of 32"))
+            what = f"int{w.bits} weight of shape {list(w.shape)} quantized in groups of {group} columns"
+            if group % 32 and group != k:
+                raise ValueError(f"{what}: the CPU kernels need groups of a multiple of 32 columns (or one per row)")
+            if kp != k and group not in (k, 32):
+                raise ValueError(f"{what}: rows of {k} columns (not a multiple of {step}) need groups of 32 columns "
+                                 f"or one group per row")
             extra = 0 if group == k else (kp - k) // group  # whole groups of padding columns (scale 0)
             self.format, self.n, self.k = ("int8" if w.bits == 8 else "int4"), n, k
             self.group = kp if group == k else group
@@ -90,6 +92,7 @@ class PackedWeight:
             self.scales = _per_group(F.pad(w.scales.float(), (0, extra, 0, np_ - n)))
             self.zeros = None if w.zeros is None else _per_group(F.pad(w.zeros, (0, extra, 0, np_ - n), value=8))
             return self
+        w = w.detach()
         if not w.is_floating_point():
             raise ValueError(f"cannot pack a {w.dtype} tensor as a float weight (quantize it to a QuantizedWeight)")
         if w.dtype not in (torch.bfloat16, torch.float32):
