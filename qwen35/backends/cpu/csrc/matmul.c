@@ -236,9 +236,13 @@ static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float 
                      float *dst, int64_t stride) {
     if (M > 2) {
         float *wf = block_buffer(KB * 32);
-        for (int64_t i = 0; i < KB * 4; i++) {
-            if (i % 8 == 0) _mm_prefetch((const char *)(wb + i * 8) + 1024, _MM_HINT_T0);
-            _mm256_store_ps(wf + i * 8, q8x8(wb + i * 8));
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const int8_t *p = wb + kb * 32;
+            if (kb % 2 == 0) _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
+            _mm256_store_ps(wf + kb * 32, q8x8(p));
+            _mm256_store_ps(wf + kb * 32 + 8, q8x8(p + 8));
+            _mm256_store_ps(wf + kb * 32 + 16, q8x8(p + 16));
+            _mm256_store_ps(wf + kb * 32 + 24, q8x8(p + 24));
         }
         grouped_rows(wf, sc, NULL, 0, GS, xs, NULL, M, KB, dst, stride);
         return;
