@@ -277,28 +277,44 @@ static inline __m256 q4_step(__m256i v, int j) {
     return _mm256_cvtepi32_ps(q);
 }
 
-/* Steps j0..j1-1 of the 4 rows' 64-column chunk at p against one or two prepared inputs (y0, y1 at the chunk) */
+/* Steps j0..j1-1 of the 4 rows' 64-column chunk at p against one prepared input (y0 at the chunk), or, two, of
+ * rows 2h and 2h + 1 against two inputs (register pressure: 4 accumulators a pass either way) */
 static inline __attribute__((always_inline)) void q4_steps(const uint8_t *p, const float *y0, const float *y1,
-                                                           int two, int j0, int j1, __m256 *a, __m256 *c) {
+                                                           int two, int h, int j0, int j1, __m256 *a, __m256 *c) {
     const __m256i *q = (const __m256i *)p;
-    const __m256i v0 = _mm256_loadu_si256(q), v1 = _mm256_loadu_si256(q + 1), v2 = _mm256_loadu_si256(q + 2),
-                  v3 = _mm256_loadu_si256(q + 3);
+    if (!two) {
+        const __m256i v0 = _mm256_loadu_si256(q), v1 = _mm256_loadu_si256(q + 1), v2 = _mm256_loadu_si256(q + 2),
+                      v3 = _mm256_loadu_si256(q + 3);
+#pragma GCC unroll 8
+        for (int j = j0; j < j1; j++) {
+            const __m256 x = _mm256_loadu_ps(y0 + 8 * j);
+            FMA(a[0], q4_step(v0, j), x);
+            FMA(a[1], q4_step(v1, j), x);
+            FMA(a[2], q4_step(v2, j), x);
+            FMA(a[3], q4_step(v3, j), x);
+        }
+        return;
+    }
+    const __m256i v0 = _mm256_loadu_si256(q + 2 * h), v1 = _mm256_loadu_si256(q + 2 * h + 1);
+    __m256 a0 = a[2 * h], a1 = a[2 * h + 1], c0 = c[2 * h], c1 = c[2 * h + 1];
 #pragma GCC unroll 8
     for (int j = j0; j < j1; j++) {
-        const __m256 xa = _mm256_loadu_ps(y0 + 8 * j), xb = two ? _mm256_loadu_ps(y1 + 8 * j) : xa;
+        const __m256 xa = _mm256_loadu_ps(y0 + 8 * j), xb = _mm256_loadu_ps(y1 + 8 * j);
         __m256 w = q4_step(v0, j);
-        FMA(a[0], w, xa);
-        if (two) FMA(c[0], w, xb);
+        FMA(a0, w, xa);
+        FMA(c0, w, xb);
         w = q4_step(v1, j);
-        FMA(a[1], w, xa);
-        if (two) FMA(c[1], w, xb);
-        w = q4_step(v2, j);
-        FMA(a[2], w, xa);
-        if (two) FMA(c[2], w, xb);
-        w = q4_step(v3, j);
-        FMA(a[3], w, xa);
-        if (two) FMA(c[3], w, xb);
+        FMA(a1, w, xa);
+        FMA(c1, w, xb);
     }
+    a[2 * h] = a0, a[2 * h + 1] = a1, c[2 * h] = c0, c[2 * h + 1] = c1;
+}
+
+/* q4_steps over the whole block (both row pairs when two) */
+static inline __attribute__((always_inline)) void q4_chunk(const uint8_t *p, const float *y0, const float *y1,
+                                                           int two, int j0, int j1, __m256 *a, __m256 *c) {
+    q4_steps(p, y0, y1, two, 0, j0, j1, a, c);
+    if (two) q4_steps(p, y0, y1, two, 1, j0, j1, a, c);
 }
 
 /* The few-row path of an int4 block, one or two inputs: groups of a multiple of 64 columns go a chunk at a time,
@@ -318,15 +334,15 @@ static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, cons
                 const uint8_t *p = wb + ch * 128;
                 _mm_prefetch((const char *)p + 1024, _MM_HINT_NTA);
                 _mm_prefetch((const char *)p + 1024 + 64, _MM_HINT_NTA);
-                q4_steps(p, x0 + ch * 64, x1 + ch * 64, two, 0, 8, a, c);
+                q4_chunk(p, x0 + ch * 64, x1 + ch * 64, two, 0, 8, a, c);
             }
         } else {  /* an odd number of 32-column units: half chunks */
             for (int64_t u = g * GU; u < (g + 1) * GU; u++) {
                 const uint8_t *p = wb + (u >> 1) * 128;
                 const float *y0 = x0 + (u >> 1) * 64, *y1 = x1 + (u >> 1) * 64;
                 _mm_prefetch((const char *)p + 1024 + (u & 1) * 64, _MM_HINT_NTA);
-                if (u & 1) q4_steps(p, y0, y1, two, 4, 8, a, c);
-                else q4_steps(p, y0, y1, two, 0, 4, a, c);
+                if (u & 1) q4_chunk(p, y0, y1, two, 4, 8, a, c);
+                else q4_chunk(p, y0, y1, two, 0, 4, a, c);
             }
         }
         const uint8_t *z = zp ? zp + g * 4 : eights;
