@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen35.cli_types import device, int_list, positive_int
+from qwen35.cli_types import add_quantization_flags, device, int_list, positive_int, quantization_kwargs
 
 DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
              "and nothing else")
@@ -55,7 +55,10 @@ def cmd_forward(args) -> int:
     if not all(0 <= t < vocab for t in ids):
         raise ValueError(f"--token-ids must be in 0..{vocab - 1}, got {ids}")
     t0 = time.time()
-    model, config, report = load_model(path, dtype=args.dtype, device=args.device)
+    q = quantization_kwargs(args)
+    model, config, report = load_model(path, dtype=args.dtype, device=args.device, quantization=q["quantization"],
+                                       lm_head_quantization=q["lm_head_quantization"],
+                                       group_size=q["quantization_group_size"])
     print(f"Loaded {config.model_type}: {report.num_tensors} tensors, {report.num_bytes / 1e6:.1f} MB "
           f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else ""))
     model = decoder_for(model, args.device) or model  # as the engine runs it
@@ -98,6 +101,7 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     p.add_argument("--language-model-only", action="store_true",
                    help="load a multimodal checkpoint without its vision tower (text only)")
+    add_quantization_flags(p)
 
 
 def _add_sampling_flags(p, skip=()) -> None:
@@ -120,7 +124,7 @@ def _make_llm(args):
               file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
-               language_model_only=args.language_model_only)
+               language_model_only=args.language_model_only, **quantization_kwargs(args))
 
 
 def _sampling_params(args, **overrides):
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--token-ids", type=int_list, help="comma-separated prompt token ids (default 1..64)")
+    add_quantization_flags(p)
     p.set_defaults(func=cmd_forward)
 
     p = gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")

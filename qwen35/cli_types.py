@@ -71,3 +71,21 @@ def api_key(value: str) -> str:
     from qwen35.serve.middleware import check_api_key
 
     return _checked(check_api_key, value)
+
+
+def add_quantization_flags(p) -> None:
+    """The weight-format flags every command that loads a model takes (LLM(quantization=...) and friends)."""
+    p.add_argument("--quantization", "-q", choices=["int8", "int4", "none"], default=None,
+                   help="int8 / int4: quantize a float checkpoint's decoder weights while loading; none: dequantize a "
+                        "quantized (FP8, GPTQ) checkpoint; default: the checkpoint's own format (FP8 runs as int8, "
+                        "GPTQ as int4)")
+    p.add_argument("--lm-head-quantization", choices=["auto", "int8", "int4", "none"], default="auto",
+                   help="the LM head's format (auto: int8 when the model is quantized)")
+    p.add_argument("--quantization-group-size", type=positive_int, default=None, metavar="N",
+                   help="columns per scale when quantizing (a multiple of 32; default: int8 one scale per output "
+                        "row, int4 32)")
+
+
+def quantization_kwargs(args) -> dict:
+    return dict(quantization=args.quantization, lm_head_quantization=args.lm_head_quantization,
+                quantization_group_size=args.quantization_group_size)

@@ -107,7 +107,8 @@ class LLM:
                  limit_mm_per_prompt: dict[str, int] | None = None, allowed_local_media_path: str | Path | None = None,
                  allow_remote_media: bool = False, allowed_media_domains: Sequence[str] | None = None,
                  media_fetch_timeout: float = 10.0, language_model_only: bool = False,
-                 native_kernels: bool | None = None):
+                 native_kernels: bool | None = None, quantization: str | None = None,
+                 lm_head_quantization: str = "auto", quantization_group_size: int | None = None):
         """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
         allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
         besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
@@ -115,7 +116,11 @@ class LLM:
         fetch within media_fetch_timeout seconds. language_model_only:
         load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: run the
         text decoder on the native CPU kernels (default: for bf16/fp16 and quantized weights on CPU; see
-        backends.cpu.wanted)."""
+        backends.cpu.wanted). quantization: "int8" / "int4" quantize a float checkpoint's decoder weights while
+        loading (round to nearest; int8 one scale per output row, int4 groups of quantization_group_size = 32
+        columns with zero points), "none" dequantizes a quantized checkpoint; default (None): the checkpoint's own
+        format (float stays float, FP8 block checkpoints run as int8, GPTQ-Int4 as int4). lm_head_quantization:
+        "auto" (int8 when the model is quantized), "int8", "int4", "none"."""
         check_device(device)
         if model is None:
             from qwen35.demo import demo_checkpoint
@@ -123,7 +128,10 @@ class LLM:
             model = demo_checkpoint()
         self.model_path = Path(model)
         self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
-                                                                     vision=not language_model_only)
+                                                                     vision=not language_model_only,
+                                                                     quantization=quantization,
+                                                                     lm_head_quantization=lm_head_quantization,
+                                                                     group_size=quantization_group_size)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)

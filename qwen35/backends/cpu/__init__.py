@@ -8,6 +8,7 @@ import torch
 
 from qwen35.backends.cpu import library
 from qwen35.backends.cpu.decoder import CpuDecoder, pack_linears
+from qwen35.layers.quant import QuantExperts, QuantLinear
 
 
 def wanted(model, device, native_kernels: bool | None) -> bool:
@@ -16,7 +17,7 @@ def wanted(model, device, native_kernels: bool | None) -> bool:
     if torch.device(device).type != "cpu" or native_kernels is False:
         return False
     if native_kernels is None and model.dtype == torch.float32 \
-            and not any(hasattr(m, "quantized") for m in model.modules()):
+            and not any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
         return False
     return library.available()
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.backends.cpu import layers as L
-from qwen35.backends.cpu.packed import PackedWeight, experts, linear
+from qwen35.backends.cpu.weights import PackedWeight, experts, linear
+from qwen35.layers.quant import QuantLinear
 from qwen35.models.batch import ForwardBatch
 from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.gated_delta import gated_delta_rule
@@ -38,8 +39,7 @@ logger = logging.getLogger(__name__)
 
 def _source(module):
     """A linear module's weight as a float tensor or a QuantizedWeight (layers.quant.QuantLinear)."""
-    q = getattr(module, "quantized", None)
-    return q if isinstance(q, QuantizedWeight) else module.weight.data
+    return module.quantized if isinstance(module, QuantLinear) else module.weight.data
 
 
 def _cat(parts: list) -> torch.Tensor | QuantizedWeight:
@@ -135,7 +135,7 @@ class _Attention:
         self.qkv = _pack([_source(m.q_proj), _source(m.k_proj), _source(m.v_proj)])
         self.out = _pack([_source(m.o_proj)])
         self.bias = None
-        if m.q_proj.bias is not None:
+        if getattr(m.q_proj, "bias", None) is not None:
             self.bias = torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]).float()
             self.out_bias = m.o_proj.bias.float()
         _release(m.q_proj, m.k_proj, m.v_proj, m.o_proj)
@@ -244,11 +244,10 @@ class _Mlp:
 
 
 def _expert_sources(experts_module):
-    """(gate_up [E, 2I, H], down [E, H, I]) of an Experts or layers.quant.QuantExperts module."""
-    q = getattr(experts_module, "quantized", None)
-    if q is not None:
-        return q
-    return experts_module.gate_up_proj.data, experts_module.down_proj.data
+    """(gate_up [E, 2I, H], down [E, H, I]) of an Experts or layers.quant.QuantExperts module (float tensors or
+    QuantizedWeights)."""
+    gu, down = experts_module.gate_up_proj, experts_module.down_proj
+    return (gu, down) if isinstance(gu, QuantizedWeight) else (gu.data, down.data)
 
 
 class CpuDecoder:
@@ -267,7 +266,7 @@ class CpuDecoder:
                 ffn = _Mlp(layer.mlp, layer.post_attention_layernorm)
             self.layers.append((layer, mixer, ffn))
         self.head = PackedWeight.pack(_source(model.lm_head))
-        self.tied = self.cfg.tie_word_embeddings and not hasattr(model.lm_head, "quantized")
+        self.tied = self.cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)
         if self.tied:  # the embedding reads its rows from the packed head
             _release(text.embed_tokens)
         _release(model.lm_head)

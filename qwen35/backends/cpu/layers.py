@@ -15,15 +15,9 @@ import ctypes
 import torch
 
 from qwen35.backends.cpu import library
+from qwen35.backends.cpu.weights import QW
 
 c_i64, c_f32, c_ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-class QW(ctypes.Structure):
-    """csrc/weights.h qw_t: one packed weight (or a stack of expert weights) in any format."""
-    _fields_ = [("format", c_i64), ("n", c_i64), ("k", c_i64), ("group", c_i64), ("count", c_i64), ("data", c_ptr),
-                ("scales", c_ptr), ("zeros", c_ptr), ("data_stride", c_i64), ("scale_stride", c_i64),
-                ("zero_stride", c_i64)]
 
 
 class Step(ctypes.Structure):

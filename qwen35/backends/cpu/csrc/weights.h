@@ -1,3 +1,4 @@
+/* One description of a packed weight for every native matmul (layouts: matmul.c's header comment). */
 #pragma once
 #include <stdint.h>
 enum { QW_F32 = 0, QW_BF16 = 1, QW_Q8 = 2, QW_Q4 = 3 };

@@ -1,0 +1,656 @@
+/* Matmuls against packed weights on x86-64 with AVX2 + FMA, fp32 accumulation, for every weight format behind
+ * one description (weights.h: qw_t): fp32, bf16, int8 and int4.
+ *
+ * Layouts (made by qwen35/backends/cpu/weights.py). Every format stores one contiguous stream per block of 4 output
+ * rows (row-major rows are 4 streams per block and reach ~60% of the read bandwidth on the machines we measured;
+ * one stream ~85-90%); n % 4 == 0 (the packer pads rows):
+ *   fp32 / bf16: [n/4][k/8][4][8], k % 8 == 0: the 8-wide chunks of the block's 4 rows side by side;
+ *   int8:        [n/4][k/8][4][8] int8, as the float formats (k % 32 == 0);
+ *   int4:        [n/4][k/64][4][8 lanes of 32 bits], k % 64 == 0: a row's 64 columns in 8 lanes, nibble j of lane
+ *                l (bits 4j..4j+3) holding column 8j + l;
+ *   scales (int8/int4): fp32 [n/4][k/group][4]; zero points (int4): uint8 [n/4][k/group][4], NULL meaning 8.
+ * A quantized weight is w = (q - z) * s (int8: z = 0), group a multiple of 32 dividing k.
+ *
+ * `block` computes one block against M input rows given by pointers:
+ *   M <= 2: the block's 4 rows against both inputs in one pass (8 accumulators): weight bytes bound it;
+ *   M > 2:  the block widened to fp32 once into a thread buffer (L1), then 3 inputs at a time against its 4 rows
+ *           (12 accumulators): FMA throughput bounds it; the next block is prefetched meanwhile.
+ * Every path sums an output in the same order (per lane over k in steps of 8, then one fixed horizontal sum; for
+ * quantized weights per group, see below), so a row's result is bit for bit the same whatever rows share its call:
+ * outputs do not depend on the batch.
+ *
+ * Quantized weights: the integers are converted to fp32 exactly and summed against the inputs per group; scale and
+ * zero point are applied once per group (T += s * (A - z * sum of the group's inputs)). So the result is the exact
+ * product of dequantize() up to fp32 rounding (tests/backends/test_matmul.py: within 16 eps of |x| @ |w|^T; F.linear
+ * measures 1-4 eps there). One step of 8 int4 weights costs an and, a convert and an fma (per input): no shuffles,
+ * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
+ * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
+ * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
+ * Measured (benchmarks/matmul_bench.py, 2-core Zen 3 VM, see docs/benchmarks.md): MEASURED.
+ *
+ * qwen35_matmul spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM may
+ * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
+ * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
+ * SiLU(gate) * up, down), and nothing touches the experts nobody chose; this serves a prompt's experts too.
+ * The qwen35_linear_* / qwen35_moe_* entry points are the float-only signatures of before, kept as wrappers.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+#include "weights.h"
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+#define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
+
+/* The 8 lanes of 4 accumulators summed into the 4 outputs, in one fixed order that every path uses: an output's
+ * value must not depend on how many rows were multiplied with it (batch invariance). */
+static inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* Many inputs (M > 2): the 4-row block, widened to fp32 once (it stays in L1), against 3 inputs at a time: 12
+ * accumulators, 4 weight loads + 3 input loads per 12 FMAs, so FMA throughput bounds it. */
+static void rows4x3(const float *wf, const float *x0, const float *x1, const float *x2, int64_t KB, float *dst,
+                    int64_t stride, const char *next) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const float *p = wf + kb * 32;
+        if (next) _mm_prefetch(next + kb * 64, _MM_HINT_T1);  /* bf16 blocks: the next block, one line per step */
+        const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
+                     v2 = _mm256_loadu_ps(x2 + kb * 8);
+        __m256 w = _mm256_loadu_ps(p);
+        FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
+        w = _mm256_loadu_ps(p + 8);
+        FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
+        w = _mm256_loadu_ps(p + 16);
+        FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
+        w = _mm256_loadu_ps(p + 24);
+        FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+    }
+    _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
+    _mm_storeu_ps(dst + stride, reduce4(b0, b1, b2, b3));
+    _mm_storeu_ps(dst + 2 * stride, reduce4(c0, c1, c2, c3));
+}
+
+/* the last 1 or 2 inputs (n) */
+static void rows4x2(const float *wf, const float *x0, const float *x1, int64_t n, int64_t KB, float *dst,
+                    int64_t stride) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const float *p = wf + kb * 32;
+        const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8);
+        __m256 w = _mm256_loadu_ps(p);
+        FMA(a0, w, v0); FMA(b0, w, v1);
+        w = _mm256_loadu_ps(p + 8);
+        FMA(a1, w, v0); FMA(b1, w, v1);
+        w = _mm256_loadu_ps(p + 16);
+        FMA(a2, w, v0); FMA(b2, w, v1);
+        w = _mm256_loadu_ps(p + 24);
+        FMA(a3, w, v0); FMA(b3, w, v1);
+    }
+    _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
+    if (n == 2) _mm_storeu_ps(dst + stride, reduce4(b0, b1, b2, b3));
+}
+
+/* The block's inputs after the first two (or all of them): the widened block against 3 inputs at a time. */
+static void many_rows(const float *wf, const float *const *xs, int64_t M, int64_t KB, float *dst, int64_t stride,
+                      const char *next) {
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3)
+        rows4x3(wf, xs[m], xs[m + 1], xs[m + 2], KB, dst + m * stride, stride, m == 0 ? next : NULL);
+    if (m < M) rows4x2(wf, xs[m], xs[M - 1], M - m, KB, dst + m * stride, stride);
+}
+
+/* This thread's buffer for a widened block (kept between calls). */
+static float *block_buffer(int64_t n) {
+    static __thread float *buf = NULL;
+    static __thread int64_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        cap = n;
+        buf = aligned_alloc(32, sizeof(float) * cap);
+    }
+    return buf;
+}
+
+/* dst[i * stride + r] = <x_i, row r of block wb> for i < M, r < 4 */
+#define DEFINE_BLOCK(NAME, T, LOAD, PREFETCH, WIDEN)                                                              \
+    static void NAME(const T *wb, const float *const *xs, int64_t M, int64_t KB, float *dst, int64_t stride) {  \
+        if (M <= 2) {                                                                                        \
+            const float *x0 = xs[0], *x1 = xs[M - 1];                                                        \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;   \
+            for (int64_t kb = 0; kb < KB; kb++) {                                                            \
+                const T *p = wb + kb * 32;                                                                   \
+                _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_NTA);                                       \
+                __m256 w0 = LOAD(p), w1 = LOAD(p + 8), w2 = LOAD(p + 16), w3 = LOAD(p + 24);                 \
+                __m256 v = _mm256_loadu_ps(x0 + kb * 8);                                                     \
+                FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);                              \
+                if (M == 2) {                                                                                \
+                    v = _mm256_loadu_ps(x1 + kb * 8);                                                        \
+                    FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);                          \
+                }                                                                                            \
+            }                                                                                                \
+            _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));                                                     \
+            if (M == 2) _mm_storeu_ps(dst + stride, reduce4(c0, c1, c2, c3));                                \
+            return;                                                                                          \
+        }                                                                                                    \
+        many_rows(WIDEN(wb, KB), xs, M, KB, dst, stride, sizeof(T) == 2 ? (const char *)(wb + KB * 32) : NULL); \
+    }
+
+/* A bf16 block widened into this thread's buffer; fp32 blocks are used where they lie. */
+static const float *widen_bf16(const uint16_t *wb, int64_t KB) {
+    float *buf = block_buffer(KB * 32);
+    for (int64_t i = 0; i < KB * 4; i += 4) {
+        _mm_prefetch((const char *)(wb + i * 8) + 1024, _MM_HINT_T0);
+        _mm256_store_ps(buf + i * 8, load_bf16(wb + i * 8));
+        _mm256_store_ps(buf + i * 8 + 8, load_bf16(wb + i * 8 + 8));
+        _mm256_store_ps(buf + i * 8 + 16, load_bf16(wb + i * 8 + 16));
+        _mm256_store_ps(buf + i * 8 + 24, load_bf16(wb + i * 8 + 24));
+    }
+    return buf;
+}
+static const float *widen_f32(const float *wb, int64_t KB) { (void)KB; return wb; }
+
+DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512, widen_bf16)
+DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
+
+/* Quantized blocks. Both formats sum per group of columns: the 4 rows' integers (int4: before their zero point is
+ * taken off) times an input, in lanes over the group's steps of 8 (A); then per row and lane
+ * T = fma(s, A - z * X, T) from T = 0, X the input's sums over the group by lane (int4 only). Every path does exactly this
+ * arithmetic (lane-wise until one reduce4 at the end). int4 nibble j (< 7) is used masked in place, q * 2^(4j), against the input scaled by 2^(-4j)
+ * (prepare_q4): the same products as q * x, bit for bit. The top nibble is shifted down instead (a mask there would
+ * set the sign bit) and its input is not scaled. */
+
+/* The end of a group for one input against the block's 4 rows, lane-wise: T[r] += s_r * (A_r - z_r * X), X the
+ * input's group sums by lane (z NULL: no zero point). */
+static inline void group_end(__m256 *T, __m256 a0, __m256 a1, __m256 a2, __m256 a3, const float *s,
+                             const uint8_t *z, const float *X) {
+    if (z) {
+        const __m256 x = _mm256_loadu_ps(X);
+        a0 = _mm256_fnmadd_ps(_mm256_set1_ps(z[0]), x, a0);
+        a1 = _mm256_fnmadd_ps(_mm256_set1_ps(z[1]), x, a1);
+        a2 = _mm256_fnmadd_ps(_mm256_set1_ps(z[2]), x, a2);
+        a3 = _mm256_fnmadd_ps(_mm256_set1_ps(z[3]), x, a3);
+    }
+    T[0] = _mm256_fmadd_ps(_mm256_set1_ps(s[0]), a0, T[0]);
+    T[1] = _mm256_fmadd_ps(_mm256_set1_ps(s[1]), a1, T[1]);
+    T[2] = _mm256_fmadd_ps(_mm256_set1_ps(s[2]), a2, T[2]);
+    T[3] = _mm256_fmadd_ps(_mm256_set1_ps(s[3]), a3, T[3]);
+}
+
+/* A widened quantized block wf [KB][4][8] (the integers as floats) against any number of inputs, 3 at a time;
+ * sc, zp: the block's [groups][4] scales and zero points (group g's at zp + g * zstride; zp NULL: none); gs[i]:
+ * input i's group sums. */
+static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, int64_t zstride, int64_t GS,
+                         const float *const *xs, const float *const *gs, int64_t M, int64_t KB, float *dst,
+                         int64_t stride) {
+    for (int64_t m = 0; m < M; m += 3) {
+        const int64_t n = M - m < 3 ? M - m : 3, i1 = m + (n > 1), i2 = m + n - 1;
+        const float *x0 = xs[m], *x1 = xs[i1], *x2 = xs[i2];
+        __m256 T[12];
+        for (int i = 0; i < 12; i++) T[i] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < KB / GS; g++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+            for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
+                const float *p = wf + kb * 32;
+                const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
+                             v2 = _mm256_loadu_ps(x2 + kb * 8);
+                __m256 w = _mm256_load_ps(p);
+                FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
+                w = _mm256_load_ps(p + 8);
+                FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
+                w = _mm256_load_ps(p + 16);
+                FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
+                w = _mm256_load_ps(p + 24);
+                FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+            }
+            const uint8_t *z = zp ? zp + g * zstride : NULL;
+            group_end(T, a0, a1, a2, a3, sc + g * 4, z, zp ? gs[m] + g * 8 : NULL);
+            group_end(T + 4, b0, b1, b2, b3, sc + g * 4, z, zp ? gs[i1] + g * 8 : NULL);
+            group_end(T + 8, c0, c1, c2, c3, sc + g * 4, z, zp ? gs[i2] + g * 8 : NULL);
+        }
+        _mm_storeu_ps(dst + m * stride, reduce4(T[0], T[1], T[2], T[3]));
+        if (n > 1) _mm_storeu_ps(dst + i1 * stride, reduce4(T[4], T[5], T[6], T[7]));
+        if (n > 2) _mm_storeu_ps(dst + i2 * stride, reduce4(T[8], T[9], T[10], T[11]));
+    }
+}
+
+static inline __m256 q8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* An int8 block (layout [KB][4][8], scales sc [groups][4], GS = group / 8 steps per group): as DEFINE_BLOCK. */
+static void block_q8(const int8_t *wb, const float *sc, int64_t GS, const float *const *xs, int64_t M, int64_t KB,
+                     float *dst, int64_t stride) {
+    if (M > 2) {
+        float *wf = block_buffer(KB * 32);
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const int8_t *p = wb + kb * 32;
+            if (kb % 2 == 0) _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
+            _mm256_store_ps(wf + kb * 32, q8x8(p));
+            _mm256_store_ps(wf + kb * 32 + 8, q8x8(p + 8));
+            _mm256_store_ps(wf + kb * 32 + 16, q8x8(p + 16));
+            _mm256_store_ps(wf + kb * 32 + 24, q8x8(p + 24));
+        }
+        grouped_rows(wf, sc, NULL, 0, GS, xs, NULL, M, KB, dst, stride);
+        return;
+    }
+    const float *x0 = xs[0], *x1 = xs[M - 1];
+    __m256 T[8];
+    for (int i = 0; i < 8; i++) T[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < KB / GS; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
+            const int8_t *p = wb + kb * 32;
+            _mm_prefetch((const char *)p + 512, _MM_HINT_NTA);
+            const __m256 w0 = q8x8(p), w1 = q8x8(p + 8), w2 = q8x8(p + 16), w3 = q8x8(p + 24);
+            __m256 v = _mm256_loadu_ps(x0 + kb * 8);
+            FMA(a0, w0, v); FMA(a1, w1, v); FMA(a2, w2, v); FMA(a3, w3, v);
+            if (M == 2) {
+                v = _mm256_loadu_ps(x1 + kb * 8);
+                FMA(c0, w0, v); FMA(c1, w1, v); FMA(c2, w2, v); FMA(c3, w3, v);
+            }
+        }
+        group_end(T, a0, a1, a2, a3, sc + g * 4, NULL, NULL);
+        if (M == 2) group_end(T + 4, c0, c1, c2, c3, sc + g * 4, NULL, NULL);
+    }
+    _mm_storeu_ps(dst, reduce4(T[0], T[1], T[2], T[3]));
+    if (M == 2) _mm_storeu_ps(dst + stride, reduce4(T[4], T[5], T[6], T[7]));
+}
+
+/* Steps j of a row's 64-column chunk v as floats q * 2^(4j) (j = 7: q) */
+static inline __m256 q4_step(__m256i v, int j) {
+    const __m256i q = j == 7 ? _mm256_srli_epi32(v, 28)
+                             : _mm256_and_si256(v, _mm256_set1_epi32((int)(0xFu << (4 * j))));
+    return _mm256_cvtepi32_ps(q);
+}
+
+/* Steps j0..j1-1 of the 4 rows' 64-column chunk at p against one prepared input (y0 at the chunk), or, two, of
+ * rows 2h and 2h + 1 against two inputs (register pressure: 4 accumulators a pass either way) */
+static inline __attribute__((always_inline)) void q4_steps(const uint8_t *p, const float *y0, const float *y1,
+                                                           int two, int h, int j0, int j1, __m256 *a, __m256 *c) {
+    const __m256i *q = (const __m256i *)p;
+    if (!two) {
+        const __m256i v0 = _mm256_loadu_si256(q), v1 = _mm256_loadu_si256(q + 1), v2 = _mm256_loadu_si256(q + 2),
+                      v3 = _mm256_loadu_si256(q + 3);
+#pragma GCC unroll 8
+        for (int j = j0; j < j1; j++) {
+            const __m256 x = _mm256_loadu_ps(y0 + 8 * j);
+            FMA(a[0], q4_step(v0, j), x);
+            FMA(a[1], q4_step(v1, j), x);
+            FMA(a[2], q4_step(v2, j), x);
+            FMA(a[3], q4_step(v3, j), x);
+        }
+        return;
+    }
+    const __m256i v0 = _mm256_loadu_si256(q + 2 * h), v1 = _mm256_loadu_si256(q + 2 * h + 1);
+    __m256 a0 = a[2 * h], a1 = a[2 * h + 1], c0 = c[2 * h], c1 = c[2 * h + 1];
+#pragma GCC unroll 8
+    for (int j = j0; j < j1; j++) {
+        const __m256 xa = _mm256_loadu_ps(y0 + 8 * j), xb = _mm256_loadu_ps(y1 + 8 * j);
+        __m256 w = q4_step(v0, j);
+        FMA(a0, w, xa);
+        FMA(c0, w, xb);
+        w = q4_step(v1, j);
+        FMA(a1, w, xa);
+        FMA(c1, w, xb);
+    }
+    a[2 * h] = a0, a[2 * h + 1] = a1, c[2 * h] = c0, c[2 * h + 1] = c1;
+}
+
+/* q4_steps over the whole block (both row pairs when two) */
+static inline __attribute__((always_inline)) void q4_chunk(const uint8_t *p, const float *y0, const float *y1,
+                                                           int two, int j0, int j1, __m256 *a, __m256 *c) {
+    q4_steps(p, y0, y1, two, 0, j0, j1, a, c);
+    if (two) q4_steps(p, y0, y1, two, 1, j0, j1, a, c);
+}
+
+/* The few-row path of an int4 block, one or two inputs: groups of a multiple of 64 columns go a chunk at a time,
+ * other groups half a chunk at a time. */
+static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, const float *sc, const uint8_t *zp,
+                                                         int64_t GU, const float *const *xs, const float *const *gs,
+                                                         int two, int64_t NG, float *dst, int64_t stride) {
+    static const uint8_t eights[4] = {8, 8, 8, 8};
+    const float *x0 = xs[0], *x1 = xs[two];
+    __m256 T[8];
+    for (int i = 0; i < 8; i++) T[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < NG; g++) {
+        __m256 a[4], c[4];
+        for (int r = 0; r < 4; r++) a[r] = c[r] = _mm256_setzero_ps();
+        if (GU % 2 == 0) {
+            for (int64_t ch = g * GU / 2; ch < (g + 1) * GU / 2; ch++) {
+                const uint8_t *p = wb + ch * 128;
+                _mm_prefetch((const char *)p + 1024, _MM_HINT_NTA);
+                _mm_prefetch((const char *)p + 1024 + 64, _MM_HINT_NTA);
+                q4_chunk(p, x0 + ch * 64, x1 + ch * 64, two, 0, 8, a, c);
+            }
+        } else {  /* an odd number of 32-column units: half chunks */
+            for (int64_t u = g * GU; u < (g + 1) * GU; u++) {
+                const uint8_t *p = wb + (u >> 1) * 128;
+                const float *y0 = x0 + (u >> 1) * 64, *y1 = x1 + (u >> 1) * 64;
+                _mm_prefetch((const char *)p + 1024 + (u & 1) * 64, _MM_HINT_NTA);
+                if (u & 1) q4_chunk(p, y0, y1, two, 4, 8, a, c);
+                else q4_chunk(p, y0, y1, two, 0, 4, a, c);
+            }
+        }
+        const uint8_t *z = zp ? zp + g * 4 : eights;
+        group_end(T, a[0], a[1], a[2], a[3], sc + g * 4, z, gs[0] + g * 8);
+        if (two) group_end(T + 4, c[0], c[1], c[2], c[3], sc + g * 4, z, gs[1] + g * 8);
+    }
+    _mm_storeu_ps(dst, reduce4(T[0], T[1], T[2], T[3]));
+    if (two) _mm_storeu_ps(dst + stride, reduce4(T[4], T[5], T[6], T[7]));
+}
+
+/* An int4 block (layout [KB/8][4][8 lanes of 8 nibbles], scales sc and zero points zp [groups][4], zp NULL meaning
+ * 8; GU = group / 32 units per group); xs: the inputs prepared by prepare_q4, gs their group sums. */
+static void block_q4(const uint8_t *wb, const float *sc, const uint8_t *zp, int64_t GU, const float *const *xs,
+                     const float *const *gs, int64_t M, int64_t KB, float *dst, int64_t stride) {
+    static const uint8_t eights[4] = {8, 8, 8, 8};
+    const int64_t NG = KB / 4 / GU;
+    if (M > 2) {
+        float *wf = block_buffer(KB * 32);
+        for (int64_t ch = 0; ch < KB / 8; ch++) {
+            const uint8_t *p = wb + ch * 128;
+            _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + 1024 + 64, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + r * 32));
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) _mm256_store_ps(wf + (ch * 8 + j) * 32 + r * 8, q4_step(v, j));
+            }
+        }
+        grouped_rows(wf, sc, zp ? zp : eights, zp ? 4 : 0, GU * 4, xs, gs, M, KB, dst, stride);
+        return;
+    }
+    if (M == 2) q4_few(wb, sc, zp, GU, xs, gs, 1, NG, dst, stride);
+    else q4_few(wb, sc, zp, GU, xs, gs, 0, NG, dst, stride);
+}
+
+/* An input row for int4 blocks: xp = x with step j of each 64-column chunk scaled by 2^(-4j) (j < 7; exact), xg its
+ * sums over each group of columns by lane (8 floats a group). */
+static void prepare_q4(const float *x, int64_t K, int64_t group, float *xp, float *xg) {
+    for (int64_t kb = 0; kb < K / 8; kb++) {
+        const int j = kb % 8;
+        const __m256 s = _mm256_set1_ps(j == 7 ? 1.0f : ldexpf(1.0f, -4 * j));
+        _mm256_storeu_ps(xp + kb * 8, _mm256_mul_ps(_mm256_loadu_ps(x + kb * 8), s));
+    }
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+        _mm256_storeu_ps(xg + g * 8, a);
+    }
+}
+
+/* Inputs as a block reads them: xs[i] = rows (int4: prepared into xp, with group sums in xg; gs[i] points there). */
+static void prepare(const qw_t *w, const float *const *rows, int64_t M, float *xp, float *xg, const float **xs,
+                    const float **gs) {
+    const int64_t K = w->k, G = w->group ? K / w->group * 8 : 0;
+    if (w->format != QW_Q4) {
+        for (int64_t i = 0; i < M; i++) xs[i] = rows[i];
+        return;
+    }
+#pragma omp parallel for schedule(static) if (M > 8)
+    for (int64_t i = 0; i < M; i++) {
+        prepare_q4(rows[i], K, w->group, xp + i * K, xg + i * G);
+        xs[i] = xp + i * K;
+        gs[i] = xg + i * G;
+    }
+}
+
+/* Block b of matrix e of w against M inputs (prepared): dst[i * stride + r] = <xs[i], row 4b + r> */
+static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, const float *const *gs, int64_t M,
+                  float *dst, int64_t stride) {
+    const char *d = (const char *)w->data + e * w->data_stride;
+    const int64_t K = w->k, KB = K / 8;
+    if (w->format == QW_F32) {
+        block_f32((const float *)d + b * K * 4, xs, M, KB, dst, stride);
+    } else if (w->format == QW_BF16) {
+        block_bf16((const uint16_t *)d + b * K * 4, xs, M, KB, dst, stride);
+    } else {
+        const int64_t NG = K / w->group;
+        const float *s = w->scales + e * w->scale_stride + b * NG * 4;
+        if (w->format == QW_Q8) {
+            block_q8((const int8_t *)d + b * K * 4, s, w->group / 8, xs, M, KB, dst, stride);
+        } else {
+            const uint8_t *z = w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
+            block_q4((const uint8_t *)d + b * K * 2, s, z, w->group / 32, xs, gs, M, KB, dst, stride);
+        }
+    }
+}
+
+/* out = silu(gate) * up over n */
+static void swiglu(const float *gate, const float *up, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
+ * 2048-token MoE layer when the buffers were malloc'd per call). Kept until the thread ends. */
+static float *scratch(int which, int64_t n) {
+    static __thread float *buf[7] = {NULL};
+    static __thread int64_t cap[7] = {0};
+    if (n > cap[which]) {
+        free(buf[which]);
+        cap[which] = n;
+        buf[which] = malloc(sizeof(float) * n);
+    }
+    return buf[which];
+}
+
+#define LINEAR_TILE 96
+#define MOE_TILE 48
+
+/* Rows go in tiles of LINEAR_TILE, whose inputs stay in L2 while every block passes. */
+void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M) {
+    const int64_t N = w->n, K = w->k, q4 = w->format == QW_Q4;
+    const float **rows = malloc(sizeof(float *) * (M > 0 ? M : 1) * 3), **xs = rows + M, **gs = xs + M;
+    float *xp = q4 ? scratch(3, M * K) : NULL, *xg = q4 ? scratch(4, M * (K / w->group) * 8) : NULL;
+    for (int64_t i = 0; i < M; i++) rows[i] = x + i * K;
+    prepare(w, rows, M, xp, xg, xs, gs);
+    for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {
+        const int64_t mt = M - m0 < LINEAR_TILE ? M - m0 : LINEAR_TILE;
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int64_t b = 0; b < N / 4; b++) block(w, e, b, xs + m0, gs + m0, mt, y + m0 * N + b * 4, N);
+    }
+    free(rows);
+}
+
+/* The (token, expert) pairs are counting-sorted by expert so each hit expert runs once over all its tokens. */
+void qwen35_experts(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k,
+                    const qw_t *gate_up, const qw_t *down, float *out) {
+    const int64_t P = Tn * k, E = gate_up->count, H = gate_up->k, I = down->k;
+    int64_t *start = calloc(E + 1, sizeof(int64_t)), *fill = malloc(sizeof(int64_t) * (E + 1));
+    int64_t *pair_token = malloc(sizeof(int64_t) * P);
+    float *pair_weight = malloc(sizeof(float) * P);
+    float *hbuf = scratch(0, P * 2 * I), *abuf = scratch(1, P * I), *dbuf = scratch(2, P * H);
+    int64_t *token_pairs = malloc(sizeof(int64_t) * P);  /* token t's pairs: token_pairs[t * k : t * k + k] */
+    const float **xs = malloc(sizeof(float *) * P * 4), **as = xs + P, **gs1 = as + P, **gs2 = gs1 + P;
+    for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t e = 0; e <= E; e++) fill[e] = start[e];
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t q = fill[ids[p]]++;
+        pair_token[q] = p / k;
+        pair_weight[q] = weights[p];
+        token_pairs[p] = q;
+    }
+    /* work units: an expert's tokens in tiles of up to MOE_TILE rows (their inputs stay in L2 while the expert's
+     * blocks pass), each unit against every block of the expert's weight */
+    const int64_t cap = P / MOE_TILE + E + 1;
+    int64_t nu = 0, *ustart = malloc(sizeof(int64_t) * cap), *ulen = malloc(sizeof(int64_t) * cap);
+    int64_t *uexp = malloc(sizeof(int64_t) * cap);
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r = start[e]; r < start[e + 1]; r += MOE_TILE) {
+            ustart[nu] = r;
+            ulen[nu] = start[e + 1] - r < MOE_TILE ? start[e + 1] - r : MOE_TILE;
+            uexp[nu++] = e;
+        }
+    for (int64_t p = 0; p < P; p++) {
+        xs[p] = x + pair_token[p] * H;
+        as[p] = abuf + p * I;
+    }
+    /* group sums: 8 floats a group */
+    const int64_t G1 = gate_up->group ? H / gate_up->group * 8 : 0, G2 = down->group ? I / down->group * 8 : 0;
+    float *ap = NULL, *ag = NULL;
+    if (gate_up->format == QW_Q4) {  /* each token's input prepared once; its pairs point there */
+        const float **rows = malloc(sizeof(float *) * Tn * 2), **gts = rows + Tn;
+        for (int64_t t = 0; t < Tn; t++) rows[t] = x + t * H;
+        prepare(gate_up, rows, Tn, scratch(3, Tn * H), scratch(4, Tn * G1), rows, gts);
+        for (int64_t p = 0; p < P; p++) {
+            xs[p] = rows[pair_token[p]];
+            gs1[p] = gts[pair_token[p]];
+        }
+        free(rows);
+    }
+    if (down->format == QW_Q4) {
+        ap = scratch(5, P * I);
+        ag = scratch(6, P * G2);
+    }
+    const int64_t nb1 = 2 * I / 4, nb2 = H / 4;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < nu * nb1; item++) {
+            const int64_t u = item / nb1, b = item % nb1, p0 = ustart[u];
+            block(gate_up, uexp[u], b, xs + p0, gs1 + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) {
+            swiglu(hbuf + p * 2 * I, hbuf + p * 2 * I + I, abuf + p * I, I);
+            if (ap) {
+                prepare_q4(abuf + p * I, I, down->group, ap + p * I, ag + p * G2);
+                as[p] = ap + p * I;
+                gs2[p] = ag + p * G2;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < nu * nb2; item++) {
+            const int64_t u = item / nb2, b = item % nb2, p0 = ustart[u];
+            block(down, uexp[u], b, as + p0, gs2 + p0, ulen[u], dbuf + p0 * H + b * 4, H);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < Tn; t++) /* in expert order, as the pairs were sorted */
+        for (int64_t e = 0, j = 0; j < k; j++) {
+            int64_t q = -1;
+            for (int64_t i = 0; i < k; i++) /* this token's pair with the j-th smallest expert id */
+                if (token_pairs[t * k + i] >= 0 && (q < 0 || token_pairs[t * k + i] < q)) q = token_pairs[t * k + i], e = i;
+            token_pairs[t * k + e] = -1;
+            float *o = out + t * H;
+            const float wgt = pair_weight[q], *d = dbuf + q * H;
+            for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];
+        }
+    free(start); free(fill); free(pair_token); free(pair_weight); free(ustart); free(ulen); free(uexp);
+    free(token_pairs); free(xs);
+}
+
+/* A float weight of the former entry points as a qw_t: count matrices [n, k]. */
+static qw_t float_weight(int64_t format, const void *data, int64_t count, int64_t n, int64_t k) {
+    qw_t w = {format, n, k, 0, count, data, NULL, NULL, n * k * (format == QW_F32 ? 4 : 2), 0, 0};
+    return w;
+}
+
+void qwen35_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+    const qw_t q = float_weight(QW_BF16, w, 1, N, K);
+    qwen35_matmul(x, &q, 0, y, M);
+}
+void qwen35_linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+    const qw_t q = float_weight(QW_F32, w, 1, N, K);
+    qwen35_matmul(x, &q, 0, y, M);
+}
+
+/* x [T, H]; ids, weights [T, k]; gate_up [E][2I packed over H], down [E][H packed over I]; adds into out [T, H] */
+#define DEFINE_MOE(NAME, T, FORMAT)                                                                               \
+    void NAME(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k, int64_t E,      \
+              const T *gate_up, const T *down, float *out, int64_t H, int64_t I) {                           \
+        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
+        qwen35_experts(x, ids, weights, Tn, k, &gu, &dn, out);                                               \
+    }
+DEFINE_MOE(qwen35_moe_bf16, uint16_t, QW_BF16)
+DEFINE_MOE(qwen35_moe_f32, float, QW_F32)
+
+/* Softmax over E router logits, top-k (ties to the lower id), optionally renormalised: ids, weights [T, k].
+ * Reference: ops/moe.route_logits. */
+static void route(const float *logits, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm,
+                  int64_t *ids, float *weights) {
+    float *p = malloc(sizeof(float) * E);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float *l = logits + t * stride;
+        float mx = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best];
+            total += p[best];
+            p[best] = -1.0f;
+        }
+        if (renorm)
+            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= total;
+    }
+    free(p);
+}
+
+/* The whole sparse-MoE block of a decode step, from its fused input projection. x [T, H] (the block's input);
+ * proj [T, stride]: [router logits (E) | shared-expert gate (1) | shared gate_proj (Is) | shared up_proj (Is)];
+ * experts as in qwen35_experts; shared_down [H, Is]. out [T, H] = routed + sigmoid(shared gate) * shared.
+ * Reference: layers/mlp.SparseMoeBlock.forward. */
+static void moe_block(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t k, int64_t renorm,
+                      const qw_t *gate_up, const qw_t *down, const qw_t *shared_down, float *out) {
+    const int64_t E = gate_up->count, H = down->n, Is = shared_down->k;
+    int64_t *ids = malloc(sizeof(int64_t) * Tn * k);
+    float *wts = malloc(sizeof(float) * Tn * k), *act = malloc(sizeof(float) * Tn * Is);
+    float *sh = malloc(sizeof(float) * Tn * H);
+    const float **as = malloc(sizeof(float *) * Tn * 2), **gs = as + Tn;
+    route(proj, stride, Tn, E, k, renorm, ids, wts);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float *g = proj + t * stride + E + 1, *u = g + Is;
+        swiglu(g, u, act + t * Is, Is);
+        as[t] = act + t * Is;
+    }
+    memset(out, 0, sizeof(float) * Tn * H);
+    qwen35_experts(x, ids, wts, Tn, k, gate_up, down, out);
+    float *xp = NULL, *xg = NULL;
+    if (shared_down->format == QW_Q4) {
+        xp = malloc(sizeof(float) * Tn * Is);
+        xg = malloc(sizeof(float) * Tn * (Is / shared_down->group) * 8);
+    }
+    prepare(shared_down, as, Tn, xp, xg, as, gs);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < H / 4; b++) block(shared_down, 0, b, as, gs, Tn, sh + b * 4, H);
+    for (int64_t t = 0; t < Tn; t++) {
+        const float gate = 1.0f / (1.0f + expf(-proj[t * stride + E]));
+        for (int64_t h = 0; h < H; h++) out[t * H + h] = out[t * H + h] + gate * sh[t * H + h];
+    }
+    free(ids); free(wts); free(act); free(sh); free(as); free(xp); free(xg);
+}
+
+#define DEFINE_MOE_BLOCK(NAME, T, FORMAT)                                                                         \
+    void NAME(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm, \
+              const T *gate_up, const T *down, const T *shared_down, float *out, int64_t H, int64_t I,        \
+              int64_t Is) {                                                                                  \
+        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
+        const qw_t sd = float_weight(FORMAT, shared_down, 1, H, Is);                                         \
+        moe_block(x, proj, stride, Tn, k, renorm, &gu, &dn, &sd, out);                                       \
+    }
+DEFINE_MOE_BLOCK(qwen35_moe_block_bf16, uint16_t, QW_BF16)
+DEFINE_MOE_BLOCK(qwen35_moe_block_f32, float, QW_F32)
