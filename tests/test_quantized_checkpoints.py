@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwen35.backends.cpu import CpuDecoder, library
 from qwen35.config import ConfigError
 from qwen35.layers.quant import QuantExperts, QuantLinear
 from qwen35.models.batch import ForwardBatch, SeqChunk
@@ -399,3 +400,19 @@ def test_gptq_errors_name_the_tensor(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=rf"missing tensor {Q}\.qzeros"):
         load_model(gptq_dir)
     shutil.rmtree(gptq_dir)
+
+
+@pytest.mark.skipif(not library.available(), reason="native kernels unavailable (no C compiler/AVX2)")
+@pytest.mark.parametrize("fmt, kind", [("fp8", "moe"), ("gptq", "dense"), ("gptq", "next")])
+def test_released_formats_run_on_the_cpu_backend(checkpoint, tmp_path, fmt, kind):
+    """FP8 (as int8) and GPTQ-Int4 checkpoints through the CPU backend's kernels: the same logits as the reference
+    model on the same quantized weights, up to fp32 summation order."""
+    if fmt == "fp8":
+        path, _ = fp8_checkpoint(checkpoint, tmp_path, kind, (32, 32))
+    else:
+        path, _ = gptq_checkpoint(checkpoint, tmp_path, kind, 32 if kind == "dense" else 128, sym=False)
+    ref = load_model(path, dtype="float32")[0]
+    dec = CpuDecoder(load_model(path, dtype="float32")[0])
+    assert dec.layers[3][1].qkv.format == ("int8" if fmt == "fp8" else "int4")
+    for ours, theirs in zip(our_logits(dec, PROMPTS), our_logits(ref, PROMPTS)):
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()

@@ -88,3 +88,27 @@ def test_runner_picks_the_backend(checkpoint):
     assert isinstance(decoder_for(load_model(path, dtype="float32")[0], "cpu", True), CpuDecoder)
     assert decoder_for(load_model(path, dtype="bfloat16")[0], "cpu", False) is None
     assert decoder_for(load_model(path, dtype="bfloat16")[0], "meta") is None
+
+
+@pytest.mark.parametrize("kind", ["moe_vl", "dense", "next"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_decoder_matches_the_quantized_reference(checkpoint, kind, quantization):
+    """A model quantized at load time, run by the decoder (int8/int4 kernels, every fused decode layer) equals the
+    reference model on the same quantized weights (QuantLinear: dequantize, then F.linear) up to fp32 summation
+    order, prefill and decode steps alike; decode steps stay batch invariant. Sizes that the int4 layout (64 columns)
+    and the fused layers (no padded inputs) take whole."""
+    path, _ = checkpoint(kind, linear_value_head_dim=32, intermediate_size=128, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=64)
+    ref = load_model(path, dtype="float32", quantization=quantization)[0]
+    dec = CpuDecoder(load_model(path, dtype="float32", quantization=quantization)[0])
+    assert dec.fused and dec.layers[0][1].in_qkvz.format == quantization
+    prompts = [torch.randint(0, 150, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (17, 5)]
+    cuts = [list(range(3, 17)), list(range(1, 5))]
+    for a, b in zip(run_pieces(ref, prompts, cuts), run_pieces(dec, prompts, cuts)):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
+    g = torch.Generator().manual_seed(0)  # decode steps only (one token per sequence from the first)
+    prompts = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (6, 2, 4)]
+    cuts = [list(range(1, len(p))) for p in prompts]
+    together = run_pieces(dec, prompts, cuts)
+    for p, c, logits in zip(prompts, cuts, together):
+        assert torch.equal(run_pieces(dec, [p], [c])[0], logits), len(p)

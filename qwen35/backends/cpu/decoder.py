@@ -42,8 +42,8 @@ def _source(module):
     return module.quantized if isinstance(module, QuantLinear) else module.weight.data
 
 
-def _cat(parts: list) -> torch.Tensor | QuantizedWeight:
-    """Row-wise concatenation of weights of one input; mixed formats are brought to the first float dtype (or fp32)."""
+def _cat(parts: list, dtype: torch.dtype) -> torch.Tensor | QuantizedWeight:
+    """Row-wise concatenation of weights of one input; mixed formats are brought to the model's dtype."""
     if len(parts) == 1:
         return parts[0]
     qs = [p for p in parts if isinstance(p, QuantizedWeight)]
@@ -52,12 +52,19 @@ def _cat(parts: list) -> torch.Tensor | QuantizedWeight:
         return QuantizedWeight(q0.bits, q0.group, torch.cat([q.q for q in qs], -2),
                                torch.cat([q.scales for q in qs], -2),
                                None if q0.zeros is None else torch.cat([q.zeros for q in qs], -2))
-    dtype = next((p.dtype for p in parts if isinstance(p, torch.Tensor)), torch.float32)
     return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedWeight) else p.to(dtype) for p in parts], -2)
 
 
-def _pack(parts: list) -> PackedWeight:
-    return PackedWeight.pack(_cat(parts))
+def _pack(parts: list, dtype: torch.dtype) -> PackedWeight:
+    """The parts packed as one weight; a quantized one whose groups the kernels cannot take runs in `dtype`."""
+    w = _cat(parts, dtype)
+    if isinstance(w, QuantizedWeight):
+        try:
+            return PackedWeight.pack(w)
+        except ValueError as e:
+            logger.warning("qwen35: %s; this weight runs in %s instead", e, dtype)
+            w = w.dequantize(dtype)
+    return PackedWeight.pack(w)
 
 
 def _release(*modules: nn.Module) -> None:
@@ -83,9 +90,9 @@ def _w1(norm) -> torch.Tensor:
 class _GatedDeltaNet:
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
-        self.in_qkvz = _pack([_source(m.in_proj_qkv), _source(m.in_proj_z)])
-        self.in_ba = _pack([_source(m.in_proj_b), _source(m.in_proj_a)])
-        self.out = _pack([_source(m.out_proj)])
+        self.in_qkvz = _pack([_source(m.in_proj_qkv), _source(m.in_proj_z)], norm.weight.dtype)
+        self.in_ba = _pack([_source(m.in_proj_b), _source(m.in_proj_a)], norm.weight.dtype)
+        self.out = _pack([_source(m.out_proj)], norm.weight.dtype)
         _release(m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a, m.out_proj)
         self.conv_w = m.conv1d.weight[:, 0, :].float().contiguous()
         self.small = dict(A_log=m.A_log.float().contiguous(), dt_bias=m.dt_bias.float().contiguous(),
@@ -132,8 +139,8 @@ class _GatedDeltaNet:
 class _Attention:
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
-        self.qkv = _pack([_source(m.q_proj), _source(m.k_proj), _source(m.v_proj)])
-        self.out = _pack([_source(m.o_proj)])
+        self.qkv = _pack([_source(m.q_proj), _source(m.k_proj), _source(m.v_proj)], norm.weight.dtype)
+        self.out = _pack([_source(m.o_proj)], norm.weight.dtype)
         self.bias = None
         if getattr(m.q_proj, "bias", None) is not None:
             self.bias = torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]).float()
@@ -179,12 +186,12 @@ class _Attention:
 class _SparseMoe:
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
-        self.router = _pack([_source(m.gate), _source(m.shared_expert_gate)])
+        self.router = _pack([_source(m.gate), _source(m.shared_expert_gate)], norm.weight.dtype)
         se = m.shared_expert
-        self.shared_gate_up = _pack([_source(se.gate_proj), _source(se.up_proj)])
-        self.shared_down = _pack([_source(se.down_proj)])
+        self.shared_gate_up = _pack([_source(se.gate_proj), _source(se.up_proj)], norm.weight.dtype)
+        self.shared_down = _pack([_source(se.down_proj)], norm.weight.dtype)
         gu, down = _expert_sources(m.experts)
-        self.gate_up, self.down = PackedWeight.pack(gu), PackedWeight.pack(down)
+        self.gate_up, self.down = _pack([gu], norm.weight.dtype), _pack([down], norm.weight.dtype)
         _release(m.gate, m.shared_expert_gate, se, m.experts)
         self.E = gu.shape[0]
         self.small = dict(norm_w1=_w1(norm))
@@ -226,8 +233,8 @@ class _SparseMoe:
 class _Mlp:
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
-        self.gate_up = _pack([_source(m.gate_proj), _source(m.up_proj)])
-        self.down = _pack([_source(m.down_proj)])
+        self.gate_up = _pack([_source(m.gate_proj), _source(m.up_proj)], norm.weight.dtype)
+        self.down = _pack([_source(m.down_proj)], norm.weight.dtype)
         _release(m)
         self.small = dict(norm_w1=_w1(norm))
 
@@ -265,7 +272,7 @@ class CpuDecoder:
             else:
                 ffn = _Mlp(layer.mlp, layer.post_attention_layernorm)
             self.layers.append((layer, mixer, ffn))
-        self.head = PackedWeight.pack(_source(model.lm_head))
+        self.head = _pack([_source(model.lm_head)], model.dtype)
         self.tied = self.cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)
         if self.tied:  # the embedding reads its rows from the packed head
             _release(text.embed_tokens)
