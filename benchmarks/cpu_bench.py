@@ -465,7 +465,7 @@ def print_table(results: list[dict], limits: dict, targets: list[dict]) -> None:
     if targets:
         print("\nissue 14 targets (set for bench-moe):")
         for t in targets:
-            print(f"  {t['geometry']:14} {t['format']:5} {t['target']:40} {t['value']:6.2f} (target {t['need']:.2f}) "
+            print(f"  {t['geometry']:14} {t['format']:5} {t['target']:40} {t['value']:7.3f} (target {t['need']:.2f}) "
                   f"{'met' if t['met'] else 'MISSED'}")
 
 
