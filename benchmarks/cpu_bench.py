@@ -26,7 +26,7 @@ the distinct ones the step's requests hit under uniform routing, the small fp32 
 recurrent state read and written, K/V read); prefill / matmul bound (2 FLOPs per active weight per token + causal
 attention, at the best matmul peak of any dtype). The issue-14 targets for int8/int4 (set on bench-moe) are checked
 at the end. Greedy decoding, ignore-eos. `--quick` runs a 4-layer toy MoE (`tiny-moe`) with short prompts and no
-transformers: a check of the script in seconds, not a measurement.
+transformers: a check of the script (a minute or two), not a measurement.
 """
 
 from __future__ import annotations
@@ -520,7 +520,7 @@ def main() -> int:
     ap.add_argument("--chart")
     ap.add_argument("--checkpoints", help="folder to keep the random checkpoints in (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="tiny-moe, short prompts, no transformers: checks this "
-                    "script in seconds (its figures measure nothing)")
+                    "script in a minute or two (its figures measure nothing)")
     ap.add_argument("--worker", choices=["qwen35", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--format", help=argparse.SUPPRESS)
