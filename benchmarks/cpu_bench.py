@@ -475,8 +475,12 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results):
+    cols = min(4, len(results))
+    rows_ = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, results):
         keys = list(r["rows"])
         xs = range(len(keys))
         w = 0.27
