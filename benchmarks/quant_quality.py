@@ -61,7 +61,7 @@ FORMATS = {
     "bf16-control": {},  # a second bf16 load: a control (KL 0, agreement 100%), not in the default list
 }
 DEFAULT_FORMATS = [f for f in FORMATS if f != "bf16-control"]
-TARGET_TOP1 = {8: 0.99, 4: 0.95}
+TARGET_TOP1 = {"int8": 0.99, "int4": 0.95}
 ROWS = 256  # logits rows per block: the vocabulary-wide tensors of a block stay ~250 MB at 248k tokens
 
 
@@ -184,8 +184,7 @@ def evaluate(name: str, path: Path, seqs: list[list[int]], note: str, formats: l
         print(f"[{name}] {fmt}: mean KL {r['mean_kl']:.3g}, top-1 {100 * r['top1_agreement']:.2f}%, perplexity "
               f"{r['perplexity']:.3f} ({r['seconds']:.0f} s; {quantized})", file=sys.stderr, flush=True)
     for fmt, r in rows.items():
-        bits = FORMATS.get(fmt, {}).get("quantization")
-        target = TARGET_TOP1.get({"int8": 8, "int4": 4}.get(bits))
+        target = TARGET_TOP1.get(FORMATS.get(fmt, {}).get("quantization"))
         r["target_top1"] = target
         r["meets_target"] = None if target is None else r["top1_agreement"] >= target
     return {"model": name, "checkpoint": str(path), "data": note, "sequences": len(seqs),
