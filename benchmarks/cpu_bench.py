@@ -1,13 +1,16 @@
 """CPU performance of qwen35 against transformers and against the machine's limits, on random-weight checkpoints of
 two geometries (`bench-moe`, a 1.46B-total / 0.5B-active Qwen3.5-MoE; `qwen3.5-0.8b`, the released 0.8B text
-model), in bfloat16 and float32.
+model), in bfloat16 and float32, and in the quantized weight formats (int8, int4: bf16 weights quantized at load).
 
     pip install -e '.[bench]'
     python benchmarks/cpu_bench.py [--geometry bench-moe qwen3.5-0.8b] [--dtype bfloat16 float32]
-                                   [--hf bench-moe:bfloat16 ... | all] [--out benchmarks/results/cpu.json]
-                                   [--chart docs/cpu-benchmarks.png] [--checkpoints DIR]
+                                   [--quantization bf16 int8 int4] [--hf bench-moe:bfloat16 ... | all]
+                                   [--out benchmarks/results/cpu.json] [--chart docs/cpu-benchmarks.png]
+                                   [--checkpoints DIR] [--quick]
 
-Per geometry and dtype, each system runs in its own process (so peak RSS is its own):
+Per geometry, dtype and format (the bfloat16 rows run each `--quantization` format, by default bf16, int8 and int4
+for the MoE geometries and bf16 alone for the dense one; the float32 rows run fp32 weights), each system runs in its
+own process (so peak RSS is its own):
   - batch 1: a 512-token prompt, 128 new tokens (transformers: 32, its per-token rate is steady): time to first
     token (= prefill tokens/s at 512) and decode tokens/s after it;
   - prefill tokens/s at 2048 prompt tokens (time to the first token);
@@ -17,9 +20,13 @@ Per geometry and dtype, each system runs in its own process (so peak RSS is its 
 The machine is measured in the same run: read bandwidth (a sum over 1 GiB, taken again right before and right after
 every decode measurement, whose mean is that run's bandwidth, because it moves by +-30% on a shared VM; the probe's
 buffer is left out of the peak RSS) and fp32/bf16 matmul peak (2048^3 products). Printed ratios:
-qwen35 / transformers; decode / bandwidth bound (bytes of weights and state one step touches / bandwidth; with 16
-requests, the distinct experts they hit); prefill / matmul bound (2 FLOPs per active weight per token + causal
-attention, at the best matmul peak of any dtype). Greedy decoding, ignore-eos.
+qwen35 / transformers; each format / bf16; decode / bandwidth bound (bytes one step moves / bandwidth: every packed
+weight of the CPU decoder as it holds it, int8/int4 with their scales and zero points, routed experts counted for
+the distinct ones the step's requests hit under uniform routing, the small fp32 parameters, the embedding rows,
+recurrent state read and written, K/V read); prefill / matmul bound (2 FLOPs per active weight per token + causal
+attention, at the best matmul peak of any dtype). The issue-14 targets for int8/int4 (set on bench-moe) are checked
+at the end. Greedy decoding, ignore-eos. `--quick` runs a 4-layer toy MoE (`tiny-moe`) with short prompts and no
+transformers: a check of the script (a minute or two), not a measurement.
 """
 
 from __future__ import annotations
@@ -51,10 +58,24 @@ BENCH_MOE = {
                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
 }
 
+# --quick: bench-moe's layout at toy sizes
+TINY_MOE = dict(BENCH_MOE, vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+                linear_value_head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                shared_expert_intermediate_size=128,
+                rope_parameters=dict(BENCH_MOE["rope_parameters"], mrope_section=[3, 3, 2]))
+# Prompt lengths and new tokens of the runs (--quick: SIZES_QUICK); 16 concurrent requests either way.
+SIZES = {"prompt": 512, "new": 128, "long_prompt": 2048, "prompt_16": 128, "new_16": 64, "hf_new": 32, "hf_new_16": 16}
+SIZES_QUICK = {"prompt": 64, "new": 16, "long_prompt": 128, "prompt_16": 32, "new_16": 8, "hf_new": 8, "hf_new_16": 4}
+CONCURRENT = 16
+FLOAT_FORMATS = {"bfloat16": "bf16", "float32": "fp32"}  # the unquantized format of each dtype
+
 
 def geometry(name: str) -> dict:
     if name == "bench-moe":
         return dict(BENCH_MOE)
+    if name == "tiny-moe":
+        return dict(TINY_MOE)
     from qwen35.presets import preset
 
     cfg = dict(preset(name)["text_config"])
@@ -131,72 +152,143 @@ def machine_limits(trials: int = 5) -> dict:
     return {"read_bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": peaks}
 
 
-# ---------------------------------------------------------------------------------------------- analytic bounds
+# ---------------------------------------------------------------------------------------------- bounds
 
-def per_token_bytes(cfg, dtype_bytes: int, context: int, batch: int = 1) -> dict:
-    """Bytes one decode step of `batch` requests moves: every weight it multiplies (routed experts: the distinct
-    ones the batch hits, expected under uniform routing), recurrent state read and written, K/V read."""
+def active_params(cfg) -> float:
+    """Weights one token multiplies (routed experts: top-k of them; the LM head included)."""
     t = cfg.text
-    H, L = t.hidden_size, t.num_hidden_layers
-    lin = t.num_linear_attention_layers
-    full = t.num_full_attention_layers
+    H = t.hidden_size
     gdn = H * (t.conv_dim + t.value_dim + 2 * t.linear_num_value_heads) + t.value_dim * H
     attn = H * (2 * t.num_attention_heads * t.head_dim + 2 * t.num_key_value_heads * t.head_dim) \
         + t.num_attention_heads * t.head_dim * H
     if t.num_experts:
         E, k = t.num_experts, t.num_experts_per_tok
-        distinct = E * (1 - (1 - k / E) ** batch)
-        ffn = 3 * H * t.moe_intermediate_size * distinct + 3 * H * t.shared_expert_intermediate_size + (E + 1) * H
-        ffn_all_layers = ffn * L
+        ffn = 3 * H * t.moe_intermediate_size * k + 3 * H * t.shared_expert_intermediate_size + (E + 1) * H
     else:
-        ffn_all_layers = 3 * H * t.intermediate_size * L
-    head = t.vocab_size * H
-    weights = (gdn * lin + attn * full + ffn_all_layers + head) * dtype_bytes
-    state = batch * lin * (2 * t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
-                           + 2 * t.conv_dim * (t.linear_conv_kernel_dim - 1) * dtype_bytes)
-    kv = batch * full * context * 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
-    return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
+        ffn = 3 * H * t.intermediate_size
+    return (gdn * t.num_linear_attention_layers + attn * t.num_full_attention_layers
+            + ffn * t.num_hidden_layers + t.vocab_size * H)
 
 
 def prefill_flops(cfg, tokens: int) -> float:
     t = cfg.text
-    b = per_token_bytes(cfg, 1, 0)
-    active = b["weights"] - t.vocab_size * t.hidden_size  # the LM head runs for the last token only
+    active = active_params(cfg) - t.vocab_size * t.hidden_size  # the LM head runs for the last token only
     attention = t.num_full_attention_layers * 2 * t.num_attention_heads * t.head_dim * tokens * tokens  # causal
     return 2 * active * tokens + 2 * t.vocab_size * t.hidden_size + attention
 
 
+def _is_packed(v) -> bool:
+    return hasattr(type(v), "face")  # a packed weight: the kernels read it through its face
+
+
+def _nbytes(v) -> int:
+    """Bytes a packed weight (data, scales, zero points) or a tensor holds."""
+    if _is_packed(v):
+        n = getattr(v, "nbytes", None)
+        return n if isinstance(n, int) else v.data.numel() * v.data.element_size()  # float packs: data only
+    return 0 if v.is_meta else v.numel() * v.element_size()
+
+
+def _held(obj) -> list:
+    """The packed weights and tensors a part of the decoder holds (attributes, and dicts of small tensors)."""
+    out = []
+    for v in vars(obj).values():
+        if _is_packed(v) or isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, dict):
+            out += [t for t in v.values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _parts(decoder) -> list:
+    return [decoder] + [part for _, mixer, ffn in decoder.layers for part in (mixer, ffn)]
+
+
+def _key(v) -> int:
+    return (v.data if _is_packed(v) else v).data_ptr()
+
+
+def decoder_weight_bytes(decoder) -> int:
+    """Bytes of weights a CpuDecoder holds: its packed weights as packed (int8/int4 with scales and zero points),
+    its fp32 copies of small parameters, and whatever the model still holds (embedding, norms, ...; the matrices
+    the decoder packed are on the meta device)."""
+    seen, total = set(), 0
+    items = [v for part in _parts(decoder) for v in _held(part)]
+    items += list(decoder.model.parameters()) + list(decoder.model.buffers())
+    for v in items:
+        if (_is_packed(v) or not v.is_meta) and _key(v) not in seen:
+            seen.add(_key(v))
+            total += _nbytes(v)
+    return total
+
+
+def step_bytes(decoder, cache, batch: int, context: int) -> dict:
+    """Bytes one decode step of `batch` requests with `context` tokens each moves on the CPU decoder: every weight
+    it holds as held (a stacked expert weight for the distinct experts the batch hits, expected under uniform
+    routing), the embedding rows of the new tokens, recurrent state read and written, K/V read."""
+    weights = 0.0
+    for part in _parts(decoder):
+        E = getattr(part, "E", None)
+        hit = 1.0 if E is None else 1 - (1 - part.m.top_k / E) ** batch  # fraction of the experts hit
+        for v in _held(part):
+            weights += _nbytes(v) * (hit if _is_packed(v) and len(v.shape) == 3 else 1)
+    emb = decoder.model.model.embed_tokens.weight
+    row = _nbytes(decoder.head) / decoder.head.shape[0] if emb.is_meta else emb[0].numel() * emb.element_size()
+    weights += batch * row
+    state = 2 * batch * sum(pool[0].numel() * pool[0].element_size() for pools in (cache.conv, cache.ssm)
+                            for pool in pools.values())
+    kv = batch * context * sum(pool[0, 0].numel() * pool.element_size() for pools in (cache.k, cache.v)
+                               for pool in pools.values())
+    return {"weights": weights, "state": state, "kv": kv, "total": weights + state + kv}
+
+
 # ---------------------------------------------------------------------------------------------- workers
 
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def prompts(n: int, length: int, seed: int, vocab_size: int = 248320) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 200_000, (length,), generator=g).tolist() for _ in range(n)]
+    return [torch.randint(0, min(200_000, vocab_size), (length,), generator=g).tolist() for _ in range(n)]
 
 
 def peak_rss_mb() -> float:
     return PEAK.peak_mb()
 
 
-def worker_qwen35(path: str, dtype: str) -> dict:
+def worker_qwen35(path: str, dtype: str, fmt: str, sizes: dict) -> dict:
     from qwen35 import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    # native_kernels=True: the fast CPU configuration for every dtype (bf16 gets it by default; fp32 by default
-    # stays on PyTorch's matmuls, the mode that matches transformers to 1e-4)
-    llm = LLM(path, dtype=dtype, max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=2048,
-              skip_tokenizer_init=True, native_kernels=True)
-    out = {"load_s": time.perf_counter() - t0}
-    llm.generate(prompts(1, 64, 0), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    # native_kernels=True: the fast CPU configuration for every dtype (bf16 and quantized weights get it by default;
+    # fp32 by default stays on PyTorch's matmuls, the mode that matches transformers to 1e-4)
+    quant = {} if fmt in FLOAT_FORMATS.values() else {"quantization": fmt}
+    try:
+        llm = LLM(path, dtype=dtype, max_model_len=4096, max_num_seqs=CONCURRENT, max_num_batched_tokens=2048,
+                  skip_tokenizer_init=True, native_kernels=True, **quant)
+    except TypeError as e:
+        if quant and "quantization" in str(e):
+            raise SystemExit(f"format {fmt}: this checkout's LLM() takes no quantization= ({e})") from None
+        raise
+    decoder, cache = llm.engine.runner.decoder, llm.engine.cache
+    if not hasattr(decoder, "layers"):
+        raise SystemExit("the CPU backend is not in use (native kernels unavailable here?): nothing to measure")
+    vocab = llm.model_config.text.vocab_size
+    out = {"load_s": time.perf_counter() - t0, "format": fmt, "load_report": str(getattr(llm.load_report,
+                                                                                          "quantization", ""))}
+    S = sizes
+    llm.generate(prompts(1, 64, 0, vocab), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     out["bw_1_before_GBps"] = read_bandwidth()
-    out["ttft_512_s"], out["decode_1_tok_s"] = _qwen35_run(llm, prompts(1, 512, 7), 128)
+    out[f"ttft_{S['prompt']}_s"], out["decode_1_tok_s"] = _qwen35_run(llm, prompts(1, S["prompt"], 7, vocab),
+                                                                      S["new"])
     out["bw_1_after_GBps"] = read_bandwidth()
-    out["ttft_2048_s"], _ = _qwen35_run(llm, prompts(1, 2048, 9), 1)
+    out[f"ttft_{S['long_prompt']}_s"], _ = _qwen35_run(llm, prompts(1, S["long_prompt"], 9, vocab), 1)
     out["bw_16_before_GBps"] = read_bandwidth()
-    _, out["decode_16_tok_s"] = _qwen35_run(llm, prompts(16, 128, 8), 64)
+    _, out["decode_16_tok_s"] = _qwen35_run(llm, prompts(CONCURRENT, S["prompt_16"], 8, vocab), S["new_16"])
     out["bw_16_after_GBps"] = read_bandwidth()
     out["peak_rss_mb"] = peak_rss_mb()
-    out["weights_mb"] = _weight_bytes(llm.model) / 2**20
-    out["cache_mb"] = _cache_bytes(llm.engine.cache) / 2**20
+    out["weights_mb"] = decoder_weight_bytes(decoder) / 2**20
+    out["cache_mb"] = _cache_bytes(cache) / 2**20
+    # the mean context of each decode run's steps
+    out["bytes_1"] = step_bytes(decoder, cache, 1, S["prompt"] + S["new"] // 2)
+    out["bytes_16"] = step_bytes(decoder, cache, CONCURRENT, S["prompt_16"] + S["new_16"] // 2)
     return out
 
 
@@ -216,30 +308,14 @@ def _qwen35_run(llm, batch_prompts, new_tokens: int) -> tuple[float, float]:
     return t_first - t0, rate
 
 
-def _weight_bytes(model) -> int:
-    from qwen35.ops.linear import Packed
-
-    seen, total = set(), 0
-    for m in model.modules():
-        for v in list(vars(m).get("_parameters", {}).values()) + [x for x in vars(m).values() if isinstance(x, Packed)]:
-            if v is None:
-                continue
-            t = v.data if isinstance(v, Packed) else v
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
-
-
 def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for pool in (cache.k, cache.v, cache.conv, cache.ssm)
                for t in pool.values())
 
 
-HF_NEW_TOKENS = (32, 16)  # batch 1, batch 16: transformers decodes at a steady rate; fewer tokens, same rate
-
-
-def worker_hf(path: str, dtype: str) -> dict:
+def worker_hf(path: str, dtype: str, sizes: dict) -> dict:
+    """As worker_qwen35, with fewer new tokens (sizes["hf_new"], ["hf_new_16"]): transformers decodes at a steady
+    rate."""
     import transformers as tf
     from transformers.generation.streamers import BaseStreamer
 
@@ -269,82 +345,128 @@ def worker_hf(path: str, dtype: str) -> dict:
         rate = len(batch) * (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
         return steps[0] - t, rate
 
-    run(prompts(1, 64, 0), 4)  # warm-up
+    S, vocab = sizes, model.config.vocab_size
+    run(prompts(1, 64, 0, vocab), 4)  # warm-up
     out["bw_1_before_GBps"] = read_bandwidth()
-    out["ttft_512_s"], out["decode_1_tok_s"] = run(prompts(1, 512, 7), HF_NEW_TOKENS[0])
+    out[f"ttft_{S['prompt']}_s"], out["decode_1_tok_s"] = run(prompts(1, S["prompt"], 7, vocab), S["hf_new"])
     out["bw_1_after_GBps"] = read_bandwidth()
-    out["ttft_2048_s"], _ = run(prompts(1, 2048, 9), 1)
+    out[f"ttft_{S['long_prompt']}_s"], _ = run(prompts(1, S["long_prompt"], 9, vocab), 1)
     out["bw_16_before_GBps"] = read_bandwidth()
-    _, out["decode_16_tok_s"] = run(prompts(16, 128, 8), HF_NEW_TOKENS[1])
+    _, out["decode_16_tok_s"] = run(prompts(CONCURRENT, S["prompt_16"], 8, vocab), S["hf_new_16"])
     out["bw_16_after_GBps"] = read_bandwidth()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-def run_worker(system: str, path: Path, dtype: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--dtype", dtype]
+def run_worker(system: str, path: Path, dtype: str, fmt: str, quick: bool) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--path", str(path), "--dtype", dtype, "--format", fmt] \
+        + ["--quick"] * quick
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{system} worker failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for L in (512, 2048):
-        out[f"prefill_{L}_tok_s"] = L / out[f"ttft_{L}_s"]
+    for key in [k for k in out if k.startswith("ttft_")]:
+        L = int(key.split("_")[1])
+        out[f"prefill_{L}_tok_s"] = L / out[key]
     for n in (1, 16):  # the bandwidth during a decode run: the mean of the probes right before and right after it
         out[f"bw_{n}_GBps"] = (out[f"bw_{n}_before_GBps"] + out[f"bw_{n}_after_GBps"]) / 2
     return out
 
 
-def summarize(name: str, cfg, dtype: str, limits: dict, q: dict, hf: dict | None) -> dict:
-    """Rates against their bounds. Decode bounds use the bandwidth each system measured around its decode run (the
-    mean of the probes right before and after it); prefill bounds the best matmul peak of any dtype (bf16 weights
-    are multiplied in fp32 here)."""
-    nbytes = 2 if dtype == "bfloat16" else 4
+def summarize(name: str, cfg, dtype: str, fmt: str, limits: dict, sizes: dict, q: dict, hf: dict | None) -> dict:
+    """Rates against their bounds. Decode bounds divide the bandwidth each system measured around its decode run
+    (the mean of the probes right before and after it) by the bytes qwen35's decoder moves per step in this format
+    (transformers in the same dtype holds the same weights); prefill bounds use the best matmul peak of any dtype
+    (bf16 and quantized weights are multiplied in fp32 here)."""
     peak = max(limits["matmul_GFLOPs"].values()) * 1e9
-    b1 = per_token_bytes(cfg, nbytes, context=512 + 64)
-    b16 = per_token_bytes(cfg, nbytes, context=128 + 32, batch=16)
+    b1, b16 = q["bytes_1"], q["bytes_16"]
 
     def bound(key, run):
         if key == "decode_1_tok_s":
             return run["bw_1_GBps"] * 1e9 / b1["total"]
         if key == "decode_16_tok_s":
-            return 16 * run["bw_16_GBps"] * 1e9 / b16["total"]
+            return CONCURRENT * run["bw_16_GBps"] * 1e9 / b16["total"]
         L = int(key.split("_")[1])
         return L * peak / prefill_flops(cfg, L)
 
     rows = {}
-    for key in ("prefill_512_tok_s", "prefill_2048_tok_s", "decode_1_tok_s", "decode_16_tok_s"):
+    keys = [f"prefill_{sizes['prompt']}_tok_s", f"prefill_{sizes['long_prompt']}_tok_s", "decode_1_tok_s",
+            "decode_16_tok_s"]
+    for key in keys:
         rows[key] = {"qwen35": q[key], "bound": bound(key, q), "of_bound": q[key] / bound(key, q)}
         if hf:
             rows[key].update(transformers=hf[key], speedup=q[key] / hf[key], hf_of_bound=hf[key] / bound(key, hf))
     # compute roofline of the 16-request step: 2 FLOPs per active weight per token at the best matmul peak
-    flops16 = 16 * 2 * (b1["weights"] / nbytes)
-    rows["decode_16_tok_s"]["compute_bound"] = 16 * peak / flops16
+    rows["decode_16_tok_s"]["compute_bound"] = peak / (2 * active_params(cfg))
     rss_budget = q["weights_mb"] + q["cache_mb"]
-    return {"geometry": name, "dtype": dtype, "rows": rows, "qwen35": q, "transformers": hf,
+    return {"geometry": name, "dtype": dtype, "format": fmt, "rows": rows, "qwen35": q, "transformers": hf,
             "bytes_per_token_batch1": b1, "bytes_per_step_batch16": b16,
             "rss_over_weights_plus_cache": q["peak_rss_mb"] / rss_budget,
             "decode16_over_decode1": q["decode_16_tok_s"] / q["decode_1_tok_s"]}
 
 
-def print_table(results: list[dict], limits: dict) -> None:
+def compare_formats(results: list[dict]) -> None:
+    """Each quantized row's rates over its geometry's bf16 row (`vs_bf16` in its rows)."""
+    base = {r["geometry"]: r for r in results if r["format"] == "bf16"}
+    for r in results:
+        b = base.get(r["geometry"])
+        if r["format"] in ("int8", "int4") and b:
+            for key, row in r["rows"].items():
+                row["vs_bf16"] = row["qwen35"] / b["rows"][key]["qwen35"]
+
+
+# issue 14's targets for the quantized formats (set on bench-moe): batch-1 decode at this share of its bandwidth
+# bound and this many times bf16's rate
+DECODE_TARGETS = {"int8": (0.80, 1.8), "int4": (0.70, 3.0)}
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """Each int8/int4 row against issue 14's targets: [{geometry, format, target, value, met}]."""
+    out = []
+    for r in results:
+        if r["format"] not in DECODE_TARGETS or "vs_bf16" not in r["rows"]["decode_1_tok_s"]:
+            continue
+        rows, (share, speedup) = r["rows"], DECODE_TARGETS[r["format"]]
+        checks = [(f"batch-1 decode >= {share:.0%} of its bound", rows["decode_1_tok_s"]["of_bound"], share),
+                  (f"batch-1 decode >= {speedup}x bf16", rows["decode_1_tok_s"]["vs_bf16"], speedup),
+                  ("16-concurrent >= bf16", rows["decode_16_tok_s"]["vs_bf16"], 1.0),
+                  ("16-concurrent >= 3x its batch 1", r["decode16_over_decode1"], 3.0)]
+        checks += [(f"{key.split('_tok')[0].replace('_', ' ')} >= bf16", rows[key]["vs_bf16"], 1.0)
+                   for key in rows if key.startswith("prefill_")]
+        out += [{"geometry": r["geometry"], "format": r["format"], "target": what, "value": value, "need": need,
+                 "met": value >= need} for what, value, need in checks]
+        rss = r["rss_over_weights_plus_cache"]  # the one target with an upper limit
+        out.append({"geometry": r["geometry"], "format": r["format"], "target": "peak RSS <= 1.15x (weights + cache)",
+                    "value": rss, "need": 1.15, "met": rss <= 1.15})
+    return out
+
+
+def print_table(results: list[dict], limits: dict, targets: list[dict]) -> None:
     print(f"\nmachine: read bandwidth {limits['read_bandwidth_GBps']:.1f} GB/s, matmul fp32 "
           f"{limits['matmul_GFLOPs']['float32']:.0f} / bf16 {limits['matmul_GFLOPs']['bfloat16']:.0f} GFLOP/s")
-    head = f"{'geometry':14} {'dtype':9} {'metric':19} {'qwen35':>9} {'HF':>9} {'q/HF':>6} {'bound':>9} {'q/bound':>8}"
+    head = f"{'geometry':14} {'dtype':9} {'format':6} {'metric':19} {'qwen35':>9} {'HF':>9} {'q/HF':>6} " \
+           f"{'vs bf16':>7} {'bound':>9} {'q/bound':>8}"
     print(head + "\n" + "-" * len(head))
     for r in results:
         for key, row in r["rows"].items():
-            if key.startswith("ttft"):
-                continue
             hf = row.get("transformers")
             hf_text = "-" if hf is None else f"{hf:.1f}"
             speedup = "" if hf is None else f"{row['speedup']:.2f}x"
-            print(f"{r['geometry']:14} {r['dtype']:9} {key:19} {row['qwen35']:9.1f} {hf_text:>9} {speedup:>6} "
-                  f"{row['bound']:9.1f} {100 * row['of_bound']:7.0f}%")
+            vs = f"{row['vs_bf16']:.2f}x" if "vs_bf16" in row else ""
+            print(f"{r['geometry']:14} {r['dtype']:9} {r['format']:6} {key:19} {row['qwen35']:9.1f} {hf_text:>9} "
+                  f"{speedup:>6} {vs:>7} {row['bound']:9.1f} {100 * row['of_bound']:7.0f}%")
         q = r["qwen35"]
-        print(f"{'':25} TTFT@512 {1e3 * q['ttft_512_s']:.0f} ms; peak RSS {q['peak_rss_mb']:.0f} MB = "
+        ttft = next(k for k in q if k.startswith("ttft_"))
+        print(f"{'':32} TTFT@{ttft.split('_')[1]} {1e3 * q[ttft]:.0f} ms; peak RSS {q['peak_rss_mb']:.0f} MB = "
               f"{r['rss_over_weights_plus_cache']:.2f} x (weights {q['weights_mb']:.0f} + cache {q['cache_mb']:.0f} MB)"
-              f"; 16-concurrent / batch-1 {r['decode16_over_decode1']:.1f}x; 16-concurrent compute roofline "
-              f"{r['rows']['decode_16_tok_s']['compute_bound']:.0f} tok/s")
+              f"; {CONCURRENT}-concurrent / batch-1 {r['decode16_over_decode1']:.1f}x; {CONCURRENT}-concurrent "
+              f"compute roofline {r['rows']['decode_16_tok_s']['compute_bound']:.0f} tok/s; batch-1 step moves "
+              f"{r['bytes_per_token_batch1']['total'] / 2**20:.0f} MiB")
+    if targets:
+        print("\nissue 14 targets (set for bench-moe):")
+        for t in targets:
+            print(f"  {t['geometry']:14} {t['format']:5} {t['target']:40} {t['value']:7.3f} (target {t['need']:.2f}) "
+                  f"{'met' if t['met'] else 'MISSED'}")
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -353,51 +475,83 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["prefill_512_tok_s", "prefill_2048_tok_s", "decode_1_tok_s", "decode_16_tok_s"]
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results):
+    cols = min(4, len(results))
+    rows_ = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, results):
+        keys = list(r["rows"])
         xs = range(len(keys))
         w = 0.27
         ax.bar([x - w for x in xs], [100 * r["rows"][k]["of_bound"] for k in keys], w, label="qwen35")
         if r["transformers"]:
             ax.bar(list(xs), [100 * r["rows"][k]["hf_of_bound"] for k in keys], w, label="transformers")
         ax.axhline(100, color="k", lw=0.8, ls="--", label="machine limit")
-        ax.set_xticks(list(xs), ["prefill\n512", "prefill\n2048", "decode\nbatch 1", "decode\n16 conc."])
+        ax.set_xticks(list(xs), [f"prefill\n{k.split('_')[1]}" if k.startswith("prefill") else
+                                 f"decode\n{'batch 1' if k == 'decode_1_tok_s' else f'{CONCURRENT} conc.'}"
+                                 for k in keys])
         ax.set_ylabel("% of the machine's limit")
-        ax.set_title(f"{r['geometry']} {r['dtype']}")
+        ax.set_title(f"{r['geometry']} {r['dtype']}" + (f" {r['format']}" if r["format"] in ("int8", "int4") else ""))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def formats_for(name: str, dtype: str, asked: list[str] | None) -> list[str]:
+    """The weight formats a (geometry, dtype) runs: float32 only as fp32; bfloat16 the --quantization list, by
+    default bf16, int8 and int4 for MoE geometries and bf16 alone for dense ones."""
+    if dtype != "bfloat16":
+        return [FLOAT_FORMATS[dtype]]
+    if asked is not None:
+        return asked
+    return ["bf16", "int8", "int4"] if geometry(name).get("num_experts") else ["bf16"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--geometry", nargs="+", default=["bench-moe", "qwen3.5-0.8b"])
+    ap.add_argument("--geometry", nargs="+", help="bench-moe, tiny-moe or a preset (default: bench-moe "
+                    "qwen3.5-0.8b; --quick: tiny-moe)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
-    ap.add_argument("--hf", nargs="*", default=["bench-moe:bfloat16", "bench-moe:float32", "qwen3.5-0.8b:float32"],
-                    help="geometry:dtype pairs transformers also runs (default: all but 0.8B in bf16, which takes "
-                         "transformers ~10 minutes: no bf16 matmul kernels on AVX2); --hf all for every pair")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
+    ap.add_argument("--quantization", nargs="+", choices=["bf16", "int8", "int4"],
+                    help="weight formats of the bfloat16 rows (default: bf16 int8 int4 for MoE geometries, bf16 "
+                         "for dense ones)")
+    ap.add_argument("--hf", nargs="*", help="geometry:dtype pairs transformers also runs (default: "
+                    "bench-moe:bfloat16 bench-moe:float32 qwen3.5-0.8b:float32, all but 0.8B in bf16, which takes "
+                    "transformers ~10 minutes: no bf16 matmul kernels on AVX2; --quick: none); --hf all for every "
+                    "pair; transformers runs the unquantized weights only")
+    ap.add_argument("--out", help="JSON record (default: benchmarks/results/cpu.json; --quick: a temporary file)")
     ap.add_argument("--chart")
     ap.add_argument("--checkpoints", help="folder to keep the random checkpoints in (default: a temporary one)")
+    ap.add_argument("--quick", action="store_true", help="tiny-moe, short prompts, no transformers: checks this "
+                    "script in a minute or two (its figures measure nothing)")
     ap.add_argument("--worker", choices=["qwen35", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--format", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    sizes = SIZES_QUICK if args.quick else SIZES
     if args.worker:
-        fn = worker_qwen35 if args.worker == "qwen35" else worker_hf
-        print(json.dumps(fn(args.path, args.dtype[0])))
+        if args.worker == "qwen35":
+            print(json.dumps(worker_qwen35(args.path, args.dtype[0], args.format, sizes)))
+        else:
+            print(json.dumps(worker_hf(args.path, args.dtype[0], sizes)))
         return 0
+    geometries = args.geometry or (["tiny-moe"] if args.quick else ["bench-moe", "qwen3.5-0.8b"])
+    hf_pairs = args.hf if args.hf is not None else \
+        [] if args.quick else ["bench-moe:bfloat16", "bench-moe:float32", "qwen3.5-0.8b:float32"]
+    out_path = Path(args.out or (Path(tempfile.gettempdir()) / "qwen35-cpu-quick.json" if args.quick else
+                                 ROOT / "benchmarks" / "results" / "cpu.json"))
 
     from qwen35.config import ModelConfig
     from qwen35.demo import write_random_checkpoint
 
     t_start = time.time()
-    limits = machine_limits()
+    limits = machine_limits(1 if args.quick else 5)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.checkpoints or tmp)
-        for name in args.geometry:
+        for name in geometries:
             config = geometry(name)
             path = root / name
             if not (path / "model.safetensors").is_file():
@@ -407,27 +561,30 @@ def main() -> int:
                 print(f"[{name}] wrote a random checkpoint in {time.time() - t:.0f} s", flush=True)
             cfg = ModelConfig.from_hf(config)
             for dtype in args.dtype:
-                t = time.time()
-                q = run_worker("qwen35", path, dtype)
-                print(f"[{name} {dtype}] qwen35 {time.time() - t:.0f} s: {json.dumps(q)}", flush=True)
-                hf = None
-                if "all" in args.hf or f"{name}:{dtype}" in args.hf:
+                for fmt in formats_for(name, dtype, args.quantization):
                     t = time.time()
-                    hf = run_worker("hf", path, dtype)
-                    print(f"[{name} {dtype}] transformers {time.time() - t:.0f} s: {json.dumps(hf)}", flush=True)
-                results.append(summarize(name, cfg, dtype, limits, q, hf))
-    print_table(results, limits)
+                    q = run_worker("qwen35", path, dtype, fmt, args.quick)
+                    print(f"[{name} {dtype} {fmt}] qwen35 {time.time() - t:.0f} s: {json.dumps(q)}", flush=True)
+                    hf = None
+                    if fmt in FLOAT_FORMATS.values() and ("all" in hf_pairs or f"{name}:{dtype}" in hf_pairs):
+                        t = time.time()
+                        hf = run_worker("hf", path, dtype, fmt, args.quick)
+                        print(f"[{name} {dtype}] transformers {time.time() - t:.0f} s: {json.dumps(hf)}", flush=True)
+                    results.append(summarize(name, cfg, dtype, fmt, limits, sizes, q, hf))
+    compare_formats(results)
+    targets = check_targets(results)
+    print_table(results, limits, targets)
     import transformers
 
     record = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "machine": platform.processor() or
               platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "limits": limits, "results": results,
-              "wall_s": time.time() - t_start}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+              "transformers": transformers.__version__, "sizes": sizes, "limits": limits, "results": results,
+              "targets": targets, "wall_s": time.time() - t_start}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(record, indent=2))
     if args.chart:
         chart(results, Path(args.chart))
-    print(f"\nwrote {args.out}" + (f" and {args.chart}" if args.chart else "") + f" in {time.time() - t_start:.0f} s")
+    print(f"\nwrote {out_path}" + (f" and {args.chart}" if args.chart else "") + f" in {time.time() - t_start:.0f} s")
     return 0
 
 
