@@ -184,8 +184,7 @@ def _is_packed(v) -> bool:
 def _nbytes(v) -> int:
     """Bytes a packed weight (data, scales, zero points) or a tensor holds."""
     if _is_packed(v):
-        n = getattr(v, "nbytes", None)
-        return n if isinstance(n, int) else v.data.numel() * v.data.element_size()  # float packs: data only
+        return v.nbytes
     return 0 if v.is_meta else v.numel() * v.element_size()
 
 
