@@ -172,10 +172,17 @@ DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
  * (prepare_q4): the same products as q * x, bit for bit. The top nibble is shifted down instead (a mask there would
  * set the sign bit) and its input is not scaled. */
 
+/* The 4 zero points of a group as floats */
+static inline void zeros4(const uint8_t *z, float *zf) {
+    int32_t v;
+    memcpy(&v, z, 4);
+    _mm_storeu_ps(zf, _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v))));
+}
+
 /* The end of a group for one input against the block's 4 rows, lane-wise: T[r] += s_r * (A_r - z_r * X), X the
- * input's group sums by lane (z NULL: no zero point). */
+ * input's group sums by lane (z: the zero points as floats; NULL: none). */
 static inline void group_end(__m256 *T, __m256 a0, __m256 a1, __m256 a2, __m256 a3, const float *s,
-                             const uint8_t *z, const float *X) {
+                             const float *z, const float *X) {
     if (z) {
         const __m256 x = _mm256_loadu_ps(X);
         a0 = _mm256_fnmadd_ps(_mm256_set1_ps(z[0]), x, a0);
@@ -216,7 +223,8 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
                 w = _mm256_load_ps(p + 24);
                 FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
             }
-            const uint8_t *z = zp ? zp + g * zstride : NULL;
+            float zf[4], *z = NULL;
+            if (zp) zeros4(zp + g * zstride, z = zf);
             group_end(T, a0, a1, a2, a3, sc + g * 4, z, zp ? gs[m] + g * 8 : NULL);
             group_end(T + 4, b0, b1, b2, b3, sc + g * 4, z, zp ? gs[i1] + g * 8 : NULL);
             group_end(T + 8, c0, c1, c2, c3, sc + g * 4, z, zp ? gs[i2] + g * 8 : NULL);
@@ -345,7 +353,8 @@ static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, cons
                 else q4_chunk(p, y0, y1, two, 0, 4, a, c);
             }
         }
-        const uint8_t *z = zp ? zp + g * 4 : eights;
+        float z[4];
+        zeros4(zp ? zp + g * 4 : eights, z);
         group_end(T, a[0], a[1], a[2], a[3], sc + g * 4, z, gs[0] + g * 8);
         if (two) group_end(T + 4, c[0], c[1], c[2], c[3], sc + g * 4, z, gs[1] + g * 8);
     }
