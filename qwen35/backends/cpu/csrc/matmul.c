@@ -26,7 +26,12 @@
  * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
  * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
  * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
- * Measured (benchmarks/matmul_bench.py, 2-core Zen 3 VM, see docs/benchmarks.md): MEASURED.
+ * Measured with benchmarks/matmul_bench.py on one Zen 3 core of the shared 2-core VM (OMP_NUM_THREADS=1: with both
+ * threads, other processes on the VM quantized every time to the 4 ms scheduler tick), weight [32768, 1024], groups
+ * of 128, against a 10-11 GB/s one-core read probe: 1 row: bf16 7.6 GB/s (74%), int8 8.0 GB/s (79%, 2.06x bf16's
+ * speed), int4 5.4 GB/s (53%, 2.64x); 2 rows: int8 1.75x, int4 2.06x; 16 rows 0.95-0.98x bf16; 512 rows int8 0.91x,
+ * int4 0.83x (the per-group ends; groups of 32 cost ~2x that). int4 is bound by its 3 vector ops per 8 weights on
+ * one core; the integer (llama.cpp) scheme would need ~1, at the price of 8-bit activations.
  *
  * qwen35_matmul spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM may
  * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
