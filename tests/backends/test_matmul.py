@@ -100,11 +100,13 @@ def test_rows_do_not_depend_on_the_batch(fmt):
     every position in a tile), whatever the other rows hold."""
     w = packed(fmt, 37, 128, seed=3)
     x = rand(100, 128, seed=4)
-    alone = torch.cat([linear(x[i:i + 1], w) for i in range(100)])
+    rows = [0, 1, 2, 3, 4, 16, 50, 98, 99]  # each position in a 3-row tile, the last rows of short tiles
+    alone = {i: linear(x[i:i + 1], w) for i in rows}
     for M in (2, 3, 17, 100):
-        assert torch.equal(linear(x[:M], w), alone[:M]), M
+        together = linear(x[:M], w)
+        assert all(torch.equal(together[i:i + 1], alone[i]) for i in rows if i < M), M
     other = torch.cat([x[:1], rand(16, 128, seed=5) * 100])
-    assert torch.equal(linear(other, w)[0], alone[0])
+    assert torch.equal(linear(other, w)[:1], alone[0])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -26,7 +26,12 @@
  * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
  * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
  * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
- * Measured (benchmarks/matmul_bench.py, 2-core Zen 3 VM, see docs/benchmarks.md): MEASURED.
+ * Measured with benchmarks/matmul_bench.py on one Zen 3 core of the shared 2-core VM (OMP_NUM_THREADS=1: with both
+ * threads, other processes on the VM quantized every time to the 4 ms scheduler tick), weight [32768, 1024], groups
+ * of 128, against a 10-11 GB/s one-core read probe: 1 row: bf16 7.6 GB/s (74%), int8 8.0 GB/s (79%, 2.06x bf16's
+ * speed), int4 5.4 GB/s (53%, 2.64x); 2 rows: int8 1.75x, int4 2.06x; 16 rows 0.95-0.98x bf16; 512 rows int8 0.91x,
+ * int4 0.83x (the per-group ends; groups of 32 cost ~2x that). int4 is bound by its 3 vector ops per 8 weights on
+ * one core; the integer (llama.cpp) scheme would need ~1, at the price of 8-bit activations.
  *
  * qwen35_matmul spreads the blocks of one weight over OpenMP threads (dynamically, 16 blocks at a time: a VM may
  * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
@@ -172,10 +177,17 @@ DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
  * (prepare_q4): the same products as q * x, bit for bit. The top nibble is shifted down instead (a mask there would
  * set the sign bit) and its input is not scaled. */
 
+/* The 4 zero points of a group as floats */
+static inline void zeros4(const uint8_t *z, float *zf) {
+    int32_t v;
+    memcpy(&v, z, 4);
+    _mm_storeu_ps(zf, _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v))));
+}
+
 /* The end of a group for one input against the block's 4 rows, lane-wise: T[r] += s_r * (A_r - z_r * X), X the
- * input's group sums by lane (z NULL: no zero point). */
+ * input's group sums by lane (z: the zero points as floats; NULL: none). */
 static inline void group_end(__m256 *T, __m256 a0, __m256 a1, __m256 a2, __m256 a3, const float *s,
-                             const uint8_t *z, const float *X) {
+                             const float *z, const float *X) {
     if (z) {
         const __m256 x = _mm256_loadu_ps(X);
         a0 = _mm256_fnmadd_ps(_mm256_set1_ps(z[0]), x, a0);
@@ -216,7 +228,8 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
                 w = _mm256_load_ps(p + 24);
                 FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
             }
-            const uint8_t *z = zp ? zp + g * zstride : NULL;
+            float zf[4], *z = NULL;
+            if (zp) zeros4(zp + g * zstride, z = zf);
             group_end(T, a0, a1, a2, a3, sc + g * 4, z, zp ? gs[m] + g * 8 : NULL);
             group_end(T + 4, b0, b1, b2, b3, sc + g * 4, z, zp ? gs[i1] + g * 8 : NULL);
             group_end(T + 8, c0, c1, c2, c3, sc + g * 4, z, zp ? gs[i2] + g * 8 : NULL);
@@ -345,7 +358,8 @@ static inline __attribute__((always_inline)) void q4_few(const uint8_t *wb, cons
                 else q4_chunk(p, y0, y1, two, 0, 4, a, c);
             }
         }
-        const uint8_t *z = zp ? zp + g * 4 : eights;
+        float z[4];
+        zeros4(zp ? zp + g * 4 : eights, z);
         group_end(T, a[0], a[1], a[2], a[3], sc + g * 4, z, gs[0] + g * 8);
         if (two) group_end(T + 4, c[0], c[1], c[2], c[3], sc + g * 4, z, gs[1] + g * 8);
     }
