@@ -46,18 +46,8 @@ static inline void cache_put(void *p, int bf16, int64_t i, float x) {
 /* x rounded to the cache's precision */
 static inline float cache_round(int bf16, float x) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
 
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* 8-lane dot products, axpy, widening and exp over n (any n; AVX2 for the multiple-of-8 part) */
-static inline float hsum8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_hadd_ps(x, x);
-    x = _mm_hadd_ps(x, x);
-    return _mm_cvtss_f32(x);
-}
-static inline __m256 load8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
@@ -139,7 +129,7 @@ static void gdn_step(const float *proj, int64_t stride, const float *ba, int64_t
                     cache_put(conv_pool, (int)conv_bf16, base + c * Wh + i,
                               has_state[s] ? cache_get(conv_pool, (int)conv_bf16, base + c * Wh + i + 1) : 0.0f);
                 if (Wh > 0) cache_put(conv_pool, (int)conv_bf16, base + c * Wh + Wh - 1, cur);
-                mixed[s * C + c] = silu(acc);
+                mixed[s * C + c] = silu1(acc);
             }
         }
 #pragma omp for schedule(static)
@@ -165,7 +155,7 @@ static void gdn_step(const float *proj, int64_t stride, const float *ba, int64_t
                                                            : NULL;
                 gdn_head_step(st, qh, kh, vh, decay, beta, oh, K, V, !has_state[s], next);
                 const float r = 1.0f / sqrtf(dot_f32(oh, oh, V) / (float)V + eps);  /* w * norm(o) * silu(z) */
-                for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * r) * silu(zh[j]);
+                for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * r) * silu1(zh[j]);
             }
         }
     }
@@ -277,7 +267,7 @@ void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const
             for (; c < C; c++) {
                 float acc = 0.0f;
                 for (int64_t i = 0; i < Kw; i++) acc += wt[i * C + c] * x[(t - Wh + i) * C + c];
-                yt[c] = silu(acc);
+                yt[c] = silu1(acc);
             }
         } else {  /* the first Kw-1 tokens reach into the history */
             for (int64_t c = 0; c < C; c++) {
@@ -287,7 +277,7 @@ void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const
                     const float v = jj >= 0 ? x[(cu[s] + jj) * C + c] : hist ? hist[(s * C + c) * Wh + Wh + jj] : 0.0f;
                     acc += wt[i * C + c] * v;
                 }
-                yt[c] = silu(acc);
+                yt[c] = silu1(acc);
             }
         }
     }
@@ -367,14 +357,7 @@ static float *layer_in(float *h, const float *y_prev, const float *w1, float eps
 
 /* out[m, :I] = silu(x[m, :I]) * x[m, I:2I] for rows of stride `stride` */
 static void swiglu_rows(const float *x, int64_t stride, float *out, int64_t M, int64_t I) {
-    for (int64_t m = 0; m < M; m++) {
-        const float *g = x + m * stride, *u = g + I;
-        float *o = out + m * I;
-        int64_t i = 0;
-        for (; i + 8 <= I; i += 8)
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
-        for (; i < I; i++) o[i] = silu(g[i]) * u[i];
-    }
+    for (int64_t m = 0; m < M; m++) swiglu(x + m * stride, x + m * stride + I, out + m * I, I);
 }
 
 void qwen35_gdn_layer(const gdn_layer_t *L, const step_t *st, float *h, const float *y_prev, float *y) {

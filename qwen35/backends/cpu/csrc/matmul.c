@@ -37,7 +37,6 @@
  * stall one vCPU); qwen35_experts runs the routed experts of a batch: the (token, expert) pairs are sorted by
  * expert, every hit expert multiplies all its tokens (in tiles) in one pass over its weights (gate_up,
  * SiLU(gate) * up, down), and nothing touches the experts nobody chose; this serves a prompt's experts too.
- * The qwen35_linear_* / qwen35_moe_* entry points are the float-only signatures of before, kept as wrappers.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -48,10 +47,6 @@
 #include "simd.h"
 #include "weights.h"
 
-static inline __m256 load_bf16(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 #define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
@@ -158,16 +153,16 @@ static const float *widen_bf16(const uint16_t *wb, int64_t KB) {
     float *buf = block_buffer(KB * 32);
     for (int64_t i = 0; i < KB * 4; i += 4) {
         _mm_prefetch((const char *)(wb + i * 8) + 1024, _MM_HINT_T0);
-        _mm256_store_ps(buf + i * 8, load_bf16(wb + i * 8));
-        _mm256_store_ps(buf + i * 8 + 8, load_bf16(wb + i * 8 + 8));
-        _mm256_store_ps(buf + i * 8 + 16, load_bf16(wb + i * 8 + 16));
-        _mm256_store_ps(buf + i * 8 + 24, load_bf16(wb + i * 8 + 24));
+        _mm256_store_ps(buf + i * 8, load8_bf16(wb + i * 8));
+        _mm256_store_ps(buf + i * 8 + 8, load8_bf16(wb + i * 8 + 8));
+        _mm256_store_ps(buf + i * 8 + 16, load8_bf16(wb + i * 8 + 16));
+        _mm256_store_ps(buf + i * 8 + 24, load8_bf16(wb + i * 8 + 24));
     }
     return buf;
 }
 static const float *widen_f32(const float *wb, int64_t KB) { (void)KB; return wb; }
 
-DEFINE_BLOCK(block_bf16, uint16_t, load_bf16, 512, widen_bf16)
+DEFINE_BLOCK(block_bf16, uint16_t, load8_bf16, 512, widen_bf16)
 DEFINE_BLOCK(block_f32, float, load_f32, 1024, widen_f32)
 
 /* Quantized blocks. Both formats sum per group of columns: the 4 rows' integers (int4: before their zero point is
@@ -444,14 +439,6 @@ static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, c
     }
 }
 
-/* out = silu(gate) * up over n */
-static void swiglu(const float *gate, const float *up, float *out, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
-    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-}
-
 /* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
  * 2048-token MoE layer when the buffers were malloc'd per call). Kept until the thread ends. */
 static float *scratch(int which, int64_t n) {
@@ -571,100 +558,3 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
     free(start); free(fill); free(pair_token); free(pair_weight); free(ustart); free(ulen); free(uexp);
     free(token_pairs); free(xs);
 }
-
-/* A float weight of the former entry points as a qw_t: count matrices [n, k]. */
-static qw_t float_weight(int64_t format, const void *data, int64_t count, int64_t n, int64_t k) {
-    qw_t w = {format, n, k, 0, count, data, NULL, NULL, n * k * (format == QW_F32 ? 4 : 2), 0, 0};
-    return w;
-}
-
-void qwen35_linear_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
-    const qw_t q = float_weight(QW_BF16, w, 1, N, K);
-    qwen35_matmul(x, &q, 0, y, M);
-}
-void qwen35_linear_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
-    const qw_t q = float_weight(QW_F32, w, 1, N, K);
-    qwen35_matmul(x, &q, 0, y, M);
-}
-
-/* x [T, H]; ids, weights [T, k]; gate_up [E][2I packed over H], down [E][H packed over I]; adds into out [T, H] */
-#define DEFINE_MOE(NAME, T, FORMAT)                                                                               \
-    void NAME(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k, int64_t E,      \
-              const T *gate_up, const T *down, float *out, int64_t H, int64_t I) {                           \
-        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
-        qwen35_experts(x, ids, weights, Tn, k, &gu, &dn, out);                                               \
-    }
-DEFINE_MOE(qwen35_moe_bf16, uint16_t, QW_BF16)
-DEFINE_MOE(qwen35_moe_f32, float, QW_F32)
-
-/* Softmax over E router logits, top-k (ties to the lower id), optionally renormalised: ids, weights [T, k].
- * Reference: ops/moe.route_logits. */
-static void route(const float *logits, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm,
-                  int64_t *ids, float *weights) {
-    float *p = malloc(sizeof(float) * E);
-    for (int64_t t = 0; t < Tn; t++) {
-        const float *l = logits + t * stride;
-        float mx = l[0], sum = 0.0f;
-        for (int64_t e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(l[e] - mx));
-        for (int64_t e = 0; e < E; e++) p[e] /= sum;
-        float total = 0.0f;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++)
-                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
-            ids[t * k + j] = best;
-            weights[t * k + j] = p[best];
-            total += p[best];
-            p[best] = -1.0f;
-        }
-        if (renorm)
-            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= total;
-    }
-    free(p);
-}
-
-/* The whole sparse-MoE block of a decode step, from its fused input projection. x [T, H] (the block's input);
- * proj [T, stride]: [router logits (E) | shared-expert gate (1) | shared gate_proj (Is) | shared up_proj (Is)];
- * experts as in qwen35_experts; shared_down [H, Is]. out [T, H] = routed + sigmoid(shared gate) * shared.
- * Reference: layers/mlp.SparseMoeBlock.forward. */
-static void moe_block(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t k, int64_t renorm,
-                      const qw_t *gate_up, const qw_t *down, const qw_t *shared_down, float *out) {
-    const int64_t E = gate_up->count, H = down->n, Is = shared_down->k;
-    int64_t *ids = malloc(sizeof(int64_t) * Tn * k);
-    float *wts = malloc(sizeof(float) * Tn * k), *act = malloc(sizeof(float) * Tn * Is);
-    float *sh = malloc(sizeof(float) * Tn * H);
-    const float **as = malloc(sizeof(float *) * Tn * 2), **gs = as + Tn;
-    route(proj, stride, Tn, E, k, renorm, ids, wts);
-    for (int64_t t = 0; t < Tn; t++) {
-        const float *g = proj + t * stride + E + 1, *u = g + Is;
-        swiglu(g, u, act + t * Is, Is);
-        as[t] = act + t * Is;
-    }
-    memset(out, 0, sizeof(float) * Tn * H);
-    qwen35_experts(x, ids, wts, Tn, k, gate_up, down, out);
-    float *xp = NULL, *xg = NULL;
-    if (shared_down->format == QW_Q4) {
-        xp = malloc(sizeof(float) * Tn * Is);
-        xg = malloc(sizeof(float) * Tn * (Is / shared_down->group) * 8);
-    }
-    prepare(shared_down, as, Tn, xp, xg, as, gs);
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < H / 4; b++) block(shared_down, 0, b, as, gs, Tn, sh + b * 4, H);
-    for (int64_t t = 0; t < Tn; t++) {
-        const float gate = 1.0f / (1.0f + expf(-proj[t * stride + E]));
-        for (int64_t h = 0; h < H; h++) out[t * H + h] = out[t * H + h] + gate * sh[t * H + h];
-    }
-    free(ids); free(wts); free(act); free(sh); free(as); free(xp); free(xg);
-}
-
-#define DEFINE_MOE_BLOCK(NAME, T, FORMAT)                                                                         \
-    void NAME(const float *x, const float *proj, int64_t stride, int64_t Tn, int64_t E, int64_t k, int64_t renorm, \
-              const T *gate_up, const T *down, const T *shared_down, float *out, int64_t H, int64_t I,        \
-              int64_t Is) {                                                                                  \
-        const qw_t gu = float_weight(FORMAT, gate_up, E, 2 * I, H), dn = float_weight(FORMAT, down, E, H, I);  \
-        const qw_t sd = float_weight(FORMAT, shared_down, 1, H, Is);                                         \
-        moe_block(x, proj, stride, Tn, k, renorm, &gu, &dn, &sd, out);                                       \
-    }
-DEFINE_MOE_BLOCK(qwen35_moe_block_bf16, uint16_t, QW_BF16)
-DEFINE_MOE_BLOCK(qwen35_moe_block_f32, float, QW_F32)
