@@ -1,5 +1,5 @@
 """The CPU backend: native kernels (csrc/, built and loaded by library.py), packed and quantized weight formats
-(packed.py), the ctypes faces of the fused decode layers (layers.py) and the decoder that runs the model's text
+(weights.py), the ctypes faces of the fused decode layers (layers.py) and the decoder that runs the model's text
 forward on them (decoder.py). The engine's runner asks `decoder_for` whether to use it; the model never knows."""
 
 from __future__ import annotations
