@@ -95,8 +95,11 @@ class Attention(nn.Module):
         self.scale = D**-0.5
 
     def forward(self, x, cos, sin, batch: ForwardBatch, cache=None):
-        N, D = x.shape[0], self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, batch, cache))
+
+    def attend(self, q, k, v, cos, sin, batch: ForwardBatch, cache=None):
+        """Everything between the projections: q/k norms, rotary, the cache, attention, the gate (o_proj's input)."""
+        N, D = q.shape[0], self.head_dim
         # Each head's q_proj rows are [query_h | gate_h]; splitting the flat output in half would be wrong.
         q, gate = q.reshape(N, self.num_heads, 2 * D).chunk(2, dim=-1)
         q = apply_rotary(self.q_norm(q), cos, sin)
@@ -109,8 +112,7 @@ class Attention(nn.Module):
             write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
             o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale, k_cache=k_cache, v_cache=v_cache,
                                  block_tables=batch.block_tables, context_lens=batch.context_lens)
-        o = o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
-        return self.o_proj(o)
+        return o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):

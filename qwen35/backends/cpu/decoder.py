@@ -28,10 +28,9 @@ from qwen35.backends.cpu import layers as L
 from qwen35.backends.cpu.weights import PackedWeight, experts, linear
 from qwen35.layers.quant import QuantLinear
 from qwen35.models.batch import ForwardBatch
-from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.gated_delta import gated_delta_rule
 from qwen35.ops.moe import route_logits
-from qwen35.ops.rope import apply_rotary, rope_cos_sin
+from qwen35.ops.rope import rope_cos_sin
 from qwen35.quant import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -165,21 +164,10 @@ class _Attention:
 
     def __call__(self, x, cos, sin, batch: ForwardBatch, cache=None):
         """Attention.forward on packed weights."""
-        m, N, D = self.m, x.shape[0], self.m.head_dim
+        m, D = self.m, self.m.head_dim
         q, k, v = linear(x, self.qkv, self.bias).split([2 * m.num_heads * D, m.num_kv_heads * D,
                                                         m.num_kv_heads * D], dim=-1)
-        q, gate = q.reshape(N, m.num_heads, 2 * D).chunk(2, dim=-1)
-        q = apply_rotary(m.q_norm(q), cos, sin)
-        k = apply_rotary(m.k_norm(k.reshape(N, m.num_kv_heads, D)), cos, sin)
-        v = v.reshape(N, m.num_kv_heads, D)
-        if cache is None:
-            o = varlen_attention(q, k, v, batch.cu_seqlens, m.scale)
-        else:
-            k_cache, v_cache = cache.k[m.layer_idx], cache.v[m.layer_idx]
-            write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
-            o = varlen_attention(q, k, v, batch.cu_seqlens, m.scale, k_cache=k_cache, v_cache=v_cache,
-                                 block_tables=batch.block_tables, context_lens=batch.context_lens)
-        o = o.reshape(N, m.num_heads * D) * torch.sigmoid(gate.reshape(N, m.num_heads * D))
+        o = m.attend(q, k, v, cos, sin, batch, cache)
         return linear(o, self.out, None if self.bias is None else self.out_bias)
 
 
