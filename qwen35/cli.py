@@ -60,7 +60,8 @@ def cmd_forward(args) -> int:
                                        lm_head_quantization=q["lm_head_quantization"],
                                        group_size=q["quantization_group_size"])
     print(f"Loaded {config.model_type}: {report.num_tensors} tensors, {report.num_bytes / 1e6:.1f} MB "
-          f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else ""))
+          f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else "")
+          + (f"; weights {report.quantization}" if report.quantization != "none" else ""))
     model = decoder_for(model, args.device) or model  # as the engine runs it
     batch = ForwardBatch.build([SeqChunk(ids)], device=args.device)
     with torch.inference_mode():

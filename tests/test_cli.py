@@ -152,7 +152,16 @@ def test_serve_runs_uvicorn_on_the_socket_it_bound_first(monkeypatch, capsys):
     monkeypatch.setattr("qwen35.llm.LLM", FakeLLM)
     monkeypatch.setattr("qwen35.serve.app.build_app", lambda llm, *a, **kw: object())
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
-    assert main(["serve", "--port", str(seen["port"]), "--max-num-seqs", "3"]) == 0
+    assert main(["serve", "--port", str(seen["port"]), "--max-num-seqs", "3", "--quantization", "int4",
+                 "--quantization-group-size", "64"]) == 0
     assert seen["kwargs"]["max_num_seqs"] == 3
+    assert (seen["kwargs"]["quantization"], seen["kwargs"]["quantization_group_size"]) == ("int4", 64)
     assert seen["sockets"] == [("127.0.0.1", seen["port"])]
     socket.create_server(("127.0.0.1", seen["port"])).close()  # released once the server returned
+
+
+def test_forward_quantizes_the_embedded_model(capsys):
+    """--quantization reaches the loader from the command line (and the backend runs the format)."""
+    assert main(["forward", "--quantization", "int8", "--token-ids", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "weights int8 (" in out and "top next-token ids" in out
