@@ -86,10 +86,11 @@ def release_free_heap() -> None:
 
 
 def fix_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at its 128 KiB default for this process (a long-running server). Left alone it
-    rises to the largest block freed so far (up to 32 MiB); a step's transient tensors then come from the heap, where
-    small long-lived allocations pin the space between them, and RSS creeps up with no plateau. MALLOC_MMAP_THRESHOLD_
-    in the environment wins."""
+    """Keep glibc's mmap threshold at its 128 KiB default for this process (every LLM sets it before loading). Left
+    alone it rises to the largest block freed so far (up to 32 MiB); transient tensors then come from the heap, where
+    small long-lived allocations pin the space between them: RSS creeps up with no plateau in a server, and loading
+    (a tensor read, converted or quantized, packed, freed, the next one) peaks at twice what it needs.
+    MALLOC_MMAP_THRESHOLD_ in the environment wins."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
@@ -122,6 +123,7 @@ class LLM:
         format (float stays float, FP8 block checkpoints run as int8, GPTQ-Int4 as int4). lm_head_quantization:
         "auto" (int8 when the model is quantized), "int8", "int4", "none"."""
         check_device(device)
+        fix_mmap_threshold()
         if model is None:
             from qwen35.demo import demo_checkpoint
 
