@@ -491,8 +491,8 @@ static void quantize_rows(const float *const *rows, int64_t M, int64_t K, int su
     }
 }
 
-/* Block b of a quantized weight unpacked into buf: per unit, int8: 4 rows of w then 4 rows of |w| (256 bytes);
- * int4: 4 rows of nibbles (128 bytes), each row's 32 bytes in column order. */
+/* Block b of a quantized weight unpacked into buf: per unit 4 rows of 32 bytes (int8 values or int4 nibbles) in
+ * column order. */
 static void unpack_block(const qw_t *w, const char *d, int64_t b, int8_t *buf) {
     const int64_t K = w->k, U = K / 32;
     if (w->format == QW_Q8) {
@@ -505,10 +505,7 @@ static void unpack_block(const qw_t *w, const char *d, int64_t b, int8_t *buf) {
                           t2 = _mm256_unpacklo_epi64(e, f), t3 = _mm256_unpackhi_epi64(e, f);
             const __m256i r[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
                                   _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
-            for (int i = 0; i < 4; i++) {
-                _mm256_store_si256((__m256i *)(buf + u * 256 + i * 32), r[i]);
-                _mm256_store_si256((__m256i *)(buf + u * 256 + 128 + i * 32), _mm256_abs_epi8(r[i]));
-            }
+            for (int i = 0; i < 4; i++) _mm256_store_si256((__m256i *)(buf + u * 128 + i * 32), r[i]);
         }
         return;
     }
@@ -541,28 +538,27 @@ static inline __m256i sums4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
     return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
 }
 
-static inline __m256i dot_q8(const int8_t *wu, __m256i x) {
-    const __m256i *w = (const __m256i *)wu, *a = w + 4;
-    return sums4(_mm256_maddubs_epi16(_mm256_load_si256(a), _mm256_sign_epi8(x, _mm256_load_si256(w))),
-                 _mm256_maddubs_epi16(_mm256_load_si256(a + 1), _mm256_sign_epi8(x, _mm256_load_si256(w + 1))),
-                 _mm256_maddubs_epi16(_mm256_load_si256(a + 2), _mm256_sign_epi8(x, _mm256_load_si256(w + 2))),
-                 _mm256_maddubs_epi16(_mm256_load_si256(a + 3), _mm256_sign_epi8(x, _mm256_load_si256(w + 3))));
+/* The 4 rows of a unit (w: 32 bytes each) against input x: int32 sums by (row, half). int8 by the sign trick
+ * (maddubs(|x|, sign(w, x)): |w| <= 128, |x| <= 127, so a pair of products fits in int16), int4 nibbles directly. */
+static inline __m256i dot4(const __m256i *w, __m256i x, int q8) {
+    if (q8) {
+        const __m256i ax = _mm256_abs_epi8(x);
+        return sums4(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[0], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[1], x)),
+                     _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[2], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[3], x)));
+    }
+    return sums4(_mm256_maddubs_epi16(w[0], x), _mm256_maddubs_epi16(w[1], x), _mm256_maddubs_epi16(w[2], x),
+                 _mm256_maddubs_epi16(w[3], x));
 }
 
-static inline __m256i dot_q4(const int8_t *wu, __m256i x) {
-    const __m256i *w = (const __m256i *)wu;
-    return sums4(_mm256_maddubs_epi16(_mm256_load_si256(w), x), _mm256_maddubs_epi16(_mm256_load_si256(w + 1), x),
-                 _mm256_maddubs_epi16(_mm256_load_si256(w + 2), x), _mm256_maddubs_epi16(_mm256_load_si256(w + 3), x));
-}
-
-/* One input against an unpacked block: per group, acc += float(integer sums) * input scale per unit; then
- * T += weight scale * acc; the two halves of each row added last. */
-static inline __attribute__((always_inline)) void q8in_row(const int8_t *buf, int q8, const float *sc,
-                                                           const uint8_t *zp, int64_t NG, int64_t GU, qrow_t x,
-                                                           float *dst) {
-    __m256 T = _mm256_setzero_ps();
+/* Two inputs against an unpacked block (the weights loaded once for both): per group, acc += float(integer sums)
+ * * input scale per unit; then T += weight scale * acc; each row's two halves added last. d1 NULL: x1 is x0 again,
+ * not stored (every row runs the same arithmetic wherever it sits). */
+static inline __attribute__((always_inline)) void q8in_rows2(const int8_t *buf, int q8, const float *sc,
+                                                             const uint8_t *zp, int64_t NG, int64_t GU, qrow_t x0,
+                                                             qrow_t x1, float *d0, float *d1) {
+    __m256 T0 = _mm256_setzero_ps(), T1 = T0;
     for (int64_t g = 0; g < NG; g++) {
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
         __m256i z = _mm256_set1_epi32(8);
         if (!q8 && zp) {
             int32_t v;
@@ -570,19 +566,24 @@ static inline __attribute__((always_inline)) void q8in_row(const int8_t *buf, in
             z = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
         }
         for (int64_t u = g * GU; u < (g + 1) * GU; u++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x.q + u * 32));
-            __m256i d;
-            if (q8) {
-                d = dot_q8(buf + u * 256, xv);
-            } else {
-                d = dot_q4(buf + u * 128, xv);
-                d = _mm256_sub_epi32(d, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x.h + u * 8))));
+            const __m256i *wu = (const __m256i *)(buf + u * 128);
+            const __m256i w[4] = {_mm256_load_si256(wu), _mm256_load_si256(wu + 1), _mm256_load_si256(wu + 2),
+                                  _mm256_load_si256(wu + 3)};
+            __m256i s0 = dot4(w, _mm256_loadu_si256((const __m256i *)(x0.q + u * 32)), q8);
+            __m256i s1 = dot4(w, _mm256_loadu_si256((const __m256i *)(x1.q + u * 32)), q8);
+            if (!q8) {  /* the zero point, exactly: z * (sum of the input's integers) per half */
+                s0 = _mm256_sub_epi32(s0, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x0.h + u * 8))));
+                s1 = _mm256_sub_epi32(s1, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x1.h + u * 8))));
             }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(x.s[u]), acc);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(x0.s[u]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(x1.s[u]), acc1);
         }
-        T = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)(sc + g * 4)), acc, T);
+        const __m256 ws = _mm256_broadcast_ps((const __m128 *)(sc + g * 4));
+        T0 = _mm256_fmadd_ps(ws, acc0, T0);
+        T1 = _mm256_fmadd_ps(ws, acc1, T1);
     }
-    _mm_storeu_ps(dst, _mm_add_ps(_mm256_castps256_ps128(T), _mm256_extractf128_ps(T, 1)));
+    _mm_storeu_ps(d0, _mm_add_ps(_mm256_castps256_ps128(T0), _mm256_extractf128_ps(T0, 1)));
+    if (d1) _mm_storeu_ps(d1, _mm_add_ps(_mm256_castps256_ps128(T1), _mm256_extractf128_ps(T1, 1)));
 }
 
 /* The rounding on its own (tests): q [M, K] int8, s [M, K/32] */
@@ -597,12 +598,14 @@ static void block_q8in(const qw_t *w, int64_t e, int64_t b, const qrow_t *xs, in
     const int64_t K = w->k, NG = K / w->group, GU = w->group / 32, q8 = w->format == QW_Q8;
     const float *sc = w->scales + e * w->scale_stride + b * NG * 4;
     const uint8_t *zp = !q8 && w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
-    int8_t *buf = (int8_t *)block_buffer(K * (q8 ? 2 : 1));
+    int8_t *buf = (int8_t *)block_buffer(K);
     unpack_block(w, d, b, buf);
-    if (q8)
-        for (int64_t i = 0; i < M; i++) q8in_row(buf, 1, sc, NULL, NG, GU, xs[i], dst + i * stride);
-    else
-        for (int64_t i = 0; i < M; i++) q8in_row(buf, 0, sc, zp, NG, GU, xs[i], dst + i * stride);
+    for (int64_t i = 0; i < M; i += 2) {
+        const int64_t j = i + 1 < M ? i + 1 : i;
+        float *d1 = j != i ? dst + j * stride : NULL;
+        if (q8) q8in_rows2(buf, 1, sc, NULL, NG, GU, xs[i], xs[j], dst + i * stride, d1);
+        else q8in_rows2(buf, 0, sc, zp, NG, GU, xs[i], xs[j], dst + i * stride, d1);
+    }
 }
 
 /* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
