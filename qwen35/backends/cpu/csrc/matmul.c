@@ -546,19 +546,24 @@ static inline __m256i dot4(const __m256i *w, __m256i x, int q8) {
         return sums4(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[0], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[1], x)),
                      _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[2], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[3], x)));
     }
-    return sums4(_mm256_maddubs_epi16(w[0], x), _mm256_maddubs_epi16(w[1], x), _mm256_maddubs_epi16(w[2], x),
-                 _mm256_maddubs_epi16(w[3], x));
+    /* int4: a product pair is at most 2 * 15 * 127, so 8 of them add up in int16: two hadds, then one madd */
+    const __m256i h01 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[0], x), _mm256_maddubs_epi16(w[1], x));
+    const __m256i h23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[2], x), _mm256_maddubs_epi16(w[3], x));
+    return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), _mm256_set1_epi16(1));
 }
 
-/* Two inputs against an unpacked block (the weights loaded once for both): per group, acc += float(integer sums)
- * * input scale per unit; then T += weight scale * acc; each row's two halves added last. d1 NULL: x1 is x0 again,
- * not stored (every row runs the same arithmetic wherever it sits). */
-static inline __attribute__((always_inline)) void q8in_rows2(const int8_t *buf, int q8, const float *sc,
-                                                             const uint8_t *zp, int64_t NG, int64_t GU, qrow_t x0,
-                                                             qrow_t x1, float *d0, float *d1) {
-    __m256 T0 = _mm256_setzero_ps(), T1 = T0;
+/* NI inputs against an unpacked block (its units loaded once for all): per group, acc += float(integer sums) *
+ * input scale per unit; then T += weight scale * acc; each row's two halves added last. d[i] NULL: x[i] repeats an
+ * earlier input and is not stored (every row runs the same arithmetic wherever it sits). */
+#define NI 4
+static inline __attribute__((always_inline)) void q8in_rows(const int8_t *buf, int q8, const float *sc,
+                                                            const uint8_t *zp, int64_t NG, int64_t GU,
+                                                            const qrow_t *x, float *const *d) {
+    __m256 T[NI];
+    for (int i = 0; i < NI; i++) T[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < NG; g++) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+        __m256 acc[NI];
+        for (int i = 0; i < NI; i++) acc[i] = _mm256_setzero_ps();
         __m256i z = _mm256_set1_epi32(8);
         if (!q8 && zp) {
             int32_t v;
@@ -569,21 +574,19 @@ static inline __attribute__((always_inline)) void q8in_rows2(const int8_t *buf, 
             const __m256i *wu = (const __m256i *)(buf + u * 128);
             const __m256i w[4] = {_mm256_load_si256(wu), _mm256_load_si256(wu + 1), _mm256_load_si256(wu + 2),
                                   _mm256_load_si256(wu + 3)};
-            __m256i s0 = dot4(w, _mm256_loadu_si256((const __m256i *)(x0.q + u * 32)), q8);
-            __m256i s1 = dot4(w, _mm256_loadu_si256((const __m256i *)(x1.q + u * 32)), q8);
-            if (!q8) {  /* the zero point, exactly: z * (sum of the input's integers) per half */
-                s0 = _mm256_sub_epi32(s0, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x0.h + u * 8))));
-                s1 = _mm256_sub_epi32(s1, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x1.h + u * 8))));
+#pragma GCC unroll 4
+            for (int i = 0; i < NI; i++) {
+                __m256i s = dot4(w, _mm256_loadu_si256((const __m256i *)(x[i].q + u * 32)), q8);
+                if (!q8)  /* the zero point, exactly: z * (sum of the input's integers) per half */
+                    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x[i].h + u * 8))));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(x[i].s[u]), acc[i]);
             }
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(x0.s[u]), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(x1.s[u]), acc1);
         }
         const __m256 ws = _mm256_broadcast_ps((const __m128 *)(sc + g * 4));
-        T0 = _mm256_fmadd_ps(ws, acc0, T0);
-        T1 = _mm256_fmadd_ps(ws, acc1, T1);
+        for (int i = 0; i < NI; i++) T[i] = _mm256_fmadd_ps(ws, acc[i], T[i]);
     }
-    _mm_storeu_ps(d0, _mm_add_ps(_mm256_castps256_ps128(T0), _mm256_extractf128_ps(T0, 1)));
-    if (d1) _mm_storeu_ps(d1, _mm_add_ps(_mm256_castps256_ps128(T1), _mm256_extractf128_ps(T1, 1)));
+    for (int i = 0; i < NI; i++)
+        if (d[i]) _mm_storeu_ps(d[i], _mm_add_ps(_mm256_castps256_ps128(T[i]), _mm256_extractf128_ps(T[i], 1)));
 }
 
 /* The rounding on its own (tests): q [M, K] int8, s [M, K/32] */
@@ -600,11 +603,15 @@ static void block_q8in(const qw_t *w, int64_t e, int64_t b, const qrow_t *xs, in
     const uint8_t *zp = !q8 && w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
     int8_t *buf = (int8_t *)block_buffer(K);
     unpack_block(w, d, b, buf);
-    for (int64_t i = 0; i < M; i += 2) {
-        const int64_t j = i + 1 < M ? i + 1 : i;
-        float *d1 = j != i ? dst + j * stride : NULL;
-        if (q8) q8in_rows2(buf, 1, sc, NULL, NG, GU, xs[i], xs[j], dst + i * stride, d1);
-        else q8in_rows2(buf, 0, sc, zp, NG, GU, xs[i], xs[j], dst + i * stride, d1);
+    for (int64_t i = 0; i < M; i += NI) {
+        qrow_t x[NI];
+        float *dd[NI];
+        for (int j = 0; j < NI; j++) {
+            x[j] = xs[i + j < M ? i + j : i];
+            dd[j] = i + j < M ? dst + (i + j) * stride : NULL;
+        }
+        if (q8) q8in_rows(buf, 1, sc, NULL, NG, GU, x, dd);
+        else q8in_rows(buf, 0, sc, zp, NG, GU, x, dd);
     }
 }
 
