@@ -535,7 +535,9 @@ static inline __m256i sums4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
     const __m256i one = _mm256_set1_epi16(1);
     p0 = _mm256_madd_epi16(p0, one), p1 = _mm256_madd_epi16(p1, one);
     p2 = _mm256_madd_epi16(p2, one), p3 = _mm256_madd_epi16(p3, one);
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    const __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+    const __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
 }
 
 /* The 4 rows of a unit (w: 32 bytes each) against input x: int32 sums by (row, half). int8 by the sign trick
