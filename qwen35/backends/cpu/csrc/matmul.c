@@ -25,7 +25,8 @@
  * measures 1-4 eps there). One step of 8 int4 weights costs an and, a convert and an fma (per input): no shuffles,
  * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
  * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
- * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
+ * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding: it is the opt-in
+ * many-row path below (qwen35_matmul_q8in, qwen35_experts_q8in) for prompts, where the products bound the time.
  * Measured with benchmarks/matmul_bench.py on one Zen 3 core of the shared 2-core VM (OMP_NUM_THREADS=1: with both
  * threads, other processes on the VM quantized every time to the 4 ms scheduler tick), weight [32768, 1024], groups
  * of 128, against a 10-11 GB/s one-core read probe: 1 row: bf16 7.6 GB/s (74%), int8 8.0 GB/s (79%, 2.06x bf16's
@@ -541,7 +542,8 @@ static inline __m256i sums4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
 }
 
 /* The 4 rows of a unit (w: 32 bytes each) against input x: int32 sums by (row, half). int8 by the sign trick
- * (maddubs(|x|, sign(w, x)): |w| <= 128, |x| <= 127, so a pair of products fits in int16), int4 nibbles directly. */
+ * (maddubs(|x|, sign(w, x)): |x|, |w| <= 127, so a pair of products fits in int16; int8 weights are in [-127, 127]
+ * as quantize() and the converters make them, -128 would not negate), int4 nibbles directly. */
 static inline __m256i dot4(const __m256i *w, __m256i x, int q8) {
     if (q8) {
         const __m256i ax = _mm256_abs_epi8(x);
