@@ -615,6 +615,7 @@ static void block_q8in(const qw_t *w, int64_t e, int64_t b, const qrow_t *xs, in
             dd[j] = i + j < M ? dst + (i + j) * stride : NULL;
         }
         if (q8) q8in_rows(buf, 1, sc, NULL, NG, GU, x, dd);
+        else if (GU == 1) q8in_rows(buf, 0, sc, zp, NG, 1, x, dd);  /* groups of 32 (the default): one unit each */
         else q8in_rows(buf, 0, sc, zp, NG, GU, x, dd);
     }
 }
