@@ -8,7 +8,8 @@ points as [n/4][k/group][4] beside it. Rows are padded to a multiple of 4; colum
 (int4) where the weight has one group per row or (int4) groups of 32; int8/int4 groups must be a multiple of 32.
 `face` is the weight as the C struct `qw_t` (csrc/weights.h) that every kernel takes. Quantized products equal
 `dequantize()` followed by a matmul up to fp32 rounding, and a row's result never depends on the other rows of its
-call.
+call. With `quantize_inputs=True` (prompts), quantized weights meet their inputs rounded to int8 per 32 columns
+(`quantize_activations`) in integer products: faster for many rows, exact to those rounded inputs (`matmul_ref_q8in`).
 """
 
 from __future__ import annotations

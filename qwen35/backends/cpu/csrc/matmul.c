@@ -442,13 +442,14 @@ static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, c
 
 /* Quantized weights against int8 activations (the opt-in many-row path, qwen35_matmul_q8in / qwen35_experts_q8in).
  * Each input row is rounded per 32 columns to int8 (Q8_0: s = max|x| / 127, q = round(x / s), s = 0 giving q = 0),
- * and a 32-column unit of 4 weight rows against one input is an integer dot product: int8 weights by the sign trick
- * (maddubs(|w|, sign(q, w))), int4 as unsigned nibbles (maddubs(u, q)) with the zero point taken off exactly as
- * z * (sum of q) per half unit; madd to int32, then hadds leave one vector of (row, half unit) sums. Those are exact
- * integers; each unit adds them times the input's scale (one fma), each weight group times the weight's scale. So
- * the result is the exact product of the rounded input and dequantize() up to fp32 rounding. Every row runs the same
- * arithmetic alone or in any batch. The block is unpacked once into L1 as 32 bytes per row and unit in column order
- * (int8: w and |w|). */
+ * and a 32-column unit of 4 weight rows against one input is an integer dot product (maddubs, then madd to int32):
+ * int8 weights by the sign trick, int4 as unsigned nibbles with the zero point taken off exactly as z * (sum of q)
+ * per half unit; the result is one vector of (row, half unit) sums. Those are exact integers; each unit adds them
+ * times the input's scale (one fma), each weight group times the weight's scale. So the result is the exact product
+ * of the rounded input and dequantize() up to fp32 rounding, and every row runs the same arithmetic alone or in any
+ * batch. The block is unpacked once into L1 as 32 bytes per row and unit in column order, then 4 inputs at a time
+ * run against it. One Zen 3 core, [6144, 1024] x 512 rows (CPU time, best of 10): int8 (groups of 128) 1.07-1.11x
+ * bf16's speed, int4 groups of 128 1.22-1.29x, of 32 1.16-1.24x (the fp32-input paths: 0.86-0.91x, 0.8x, 0.55x). */
 
 /* An input row rounded to int8: q [K], its scales s [K/32], and (int4) the sums of q per half unit as the kernel
  * subtracts them, h [K/32][8] = (lo, lo, lo, lo, hi, hi, hi, hi). */
