@@ -7,6 +7,7 @@ points included) per second; `% bw` = that over the read bandwidth (sum over a 1
 right before and after; `x bf16` = the format's speed over bf16's in the same run (time per call).
 
   python benchmarks/matmul_bench.py [--shapes 6144x1024 32768x1024] [--rows 1 2 16 512] [--rounds 5]
+      [--formats bf16 int8 int8-q8in ...]   (-q8in: inputs rounded to int8, linear(..., quantize_inputs=True))
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import time
 
 import torch
 
-from qwen35.backends.cpu.weights import PackedWeight, _matmul
+from qwen35.backends.cpu.weights import PackedWeight, _matmul, _matmul_q8in
 from qwen35.quant import quantize
 
 FORMATS = {"bf16": lambda w: w.bfloat16(), "int8": lambda w: quantize(w, 8, 128),
            "int4": lambda w: quantize(w, 4, 128), "int4-g32": lambda w: quantize(w, 4, 32)}
+# "<format>-q8in": the same weight with the inputs rounded to int8 (linear(..., quantize_inputs=True))
+FORMATS.update({f"{f}-q8in": FORMATS[f] for f in ("int8", "int4", "int4-g32")})
 
 
 def bandwidth() -> float:
@@ -45,8 +48,8 @@ def clone(p: PackedWeight) -> PackedWeight:
     return out
 
 
-def timed(copies: list[PackedWeight], x: torch.Tensor, y: torch.Tensor, calls: int) -> float:
-    fn = _matmul()
+def timed(copies: list[PackedWeight], x: torch.Tensor, y: torch.Tensor, calls: int, q8in: bool = False) -> float:
+    fn = _matmul_q8in() if q8in else _matmul()
     faces = [ctypes.byref(c.face) for c in copies]
     fn(x.data_ptr(), faces[0], 0, y.data_ptr(), x.shape[0])  # warm-up
     t0 = time.perf_counter()
@@ -69,8 +72,12 @@ def main():
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
         w = torch.randn(n, k)
-        packed = {f: PackedWeight.pack(FORMATS[f](w)) for f in args.formats}
-        copies = {f: [p] + [clone(p) for _ in range(-(-(256 << 20) // p.nbytes) - 1)] for f, p in packed.items()}
+        packed = {f: PackedWeight.pack(FORMATS[f](w)) for f in args.formats if not f.endswith("-q8in")}
+        packed.update({f: packed.get(f[:-5]) or PackedWeight.pack(FORMATS[f](w)) for f in args.formats
+                       if f.endswith("-q8in")})
+        copies = {f: [p] + [clone(p) for _ in range(-(-(256 << 20) // p.nbytes) - 1)] for f, p in packed.items()
+                  if not f.endswith("-q8in") or f[:-5] not in packed}
+        copies.update({f: copies[f[:-5]] for f in packed if f not in copies})
         for M in args.rows:
             x, y = torch.randn(M, k), torch.empty(M, n)
             calls = max(2, int(2e8 // (packed["bf16"].nbytes if "bf16" in packed else n * k * 2) // max(1, M // 16)))
@@ -78,7 +85,7 @@ def main():
             times = {f: [] for f in args.formats}
             for _ in range(args.rounds):
                 for f in args.formats:
-                    times[f].append(timed(copies[f], x, y, calls))
+                    times[f].append(timed(copies[f], x, y, calls, f.endswith("-q8in")))
             bw = (bw_before + bandwidth()) / 2
             for f in args.formats:
                 t = statistics.median(times[f])

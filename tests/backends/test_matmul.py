@@ -8,14 +8,17 @@ Tolerance: against the exact product (float64) of the dequantized weight, |error
 fp32 unit roundoff: the sum of K products in fp32 in any order stays within a few eps of that scale (F.linear and
 the kernels measure 1-4 eps at K = 128..4096; the quantized kernels apply scales and zero points once per group,
 which costs no more), and a wrong scale, zero point or column order is off by a quantization step (~1e-1 of it).
-Routed experts (two matmuls and SiLU) against the same computation in float64: 64 ulps of the largest output."""
+Routed experts (two matmuls and SiLU) against the same computation in float64: 64 ulps of the largest output.
+quantize_inputs=True (inputs rounded to int8 per 32 columns, integer products): the same bounds against the exact
+product of the rounded inputs (their rounding is checked bit for bit against its formula)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qwen35.backends.cpu import library
-from qwen35.backends.cpu.weights import PackedWeight, experts, experts_ref, linear, matmul_ref
+from qwen35.backends.cpu.weights import (PackedWeight, experts, experts_ref, linear, matmul_ref, matmul_ref_q8in,
+                                         quantize_activations)
 from qwen35.ops.moe import experts_reference
 from qwen35.quant import quantize
 
@@ -156,3 +159,99 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"input of shape \[3, 32\]"):
         linear(rand(3, 32, seed=0), w)
     assert PackedWeight.pack(rand(4, 8, seed=0).half()).format == "fp32"
+
+
+QUANTIZED = [f for f in FORMATS if f.startswith("int")]
+
+
+def rounded(x):
+    """x [M, K] rounded as quantize_inputs does, by its formula: per 32 columns s = max|x| / 127, q = round(x / s)"""
+    xb = x.float().unflatten(-1, (-1, 32))
+    s = xb.abs().amax(-1) / 127
+    q = torch.where(s[..., None] > 0, torch.round(xb / s[..., None]), 0).clamp(-127, 127)
+    return q.to(torch.int8).flatten(-2), s
+
+
+def test_input_rounding_matches_its_formula():
+    x = rand(7, 256, seed=0) * torch.logspace(-30, 30, 7)[:, None]
+    x[1, 32:64] = 0  # a zero block: scale 0, q 0
+    x[2, :32] = torch.arange(32) - 15.5  # ties
+    x[3, 64:96] = 1e-42  # denormals
+    q, s = quantize_activations(x)
+    want_q, want_s = rounded(x)
+    assert torch.equal(s, want_s) and torch.equal(q, want_q)
+    assert s[1, 1] == 0 and (q[1, 32:64] == 0).all() and q.abs().max() == 127
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("M", [1, 3, 17, 100, 300])
+@pytest.mark.parametrize("N,K", [(37, 256), (6, 96)])
+def test_q8in_matches_the_rounded_inputs(fmt, M, N, K):
+    if K % 64 and fmt not in ("int8-g32", "int8-row", "int4-g32", "int4-row"):
+        pytest.skip("group does not divide K")
+    w = packed(fmt, N, K, seed=N + K)
+    x = rand(M, K, seed=M)
+    got = linear(x, w, quantize_inputs=True)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    kp = w._padded[1]
+    q, s = rounded(F.pad(x, (0, kp - K)))
+    xr = (q.double().unflatten(-1, (-1, 32)) * s.double()[..., None]).flatten(-2)[:, :K]
+    assert_rounding_close(got, xr, w.dequantize(torch.float64))
+    assert torch.equal(matmul_ref_q8in(x, w), (xr @ w.dequantize(torch.float64).T).float())
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_q8in_rows_do_not_depend_on_the_batch(fmt):
+    w = packed(fmt, 37, 128, seed=3)
+    x = rand(100, 128, seed=4)
+    rows = [0, 1, 2, 3, 4, 16, 50, 98, 99]
+    alone = {i: linear(x[i:i + 1], w, quantize_inputs=True) for i in rows}
+    for M in (2, 3, 17, 100):
+        together = linear(x[:M], w, quantize_inputs=True)
+        assert all(torch.equal(together[i:i + 1], alone[i]) for i in rows if i < M), M
+    other = torch.cat([x[:1], rand(16, 128, seed=5) * 100])
+    assert torch.equal(linear(other, w, quantize_inputs=True)[:1], alone[0])
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_q8in_float_weights_take_the_plain_path(fmt):
+    w, x = packed(fmt, 37, 128, seed=3), rand(17, 128, seed=4)
+    assert torch.equal(linear(x, w, quantize_inputs=True), linear(x, w))
+
+
+def q8in_experts_exact(x, weights, ids, gate_up, down):
+    """experts with the inputs of both matmuls rounded as the kernel does, in float64 (the SwiGLU output rounded
+    to fp32 before its own rounding, as the kernel holds it)"""
+    gu, dn = gate_up.dequantize(torch.float64), down.dequantize(torch.float64)
+    inter = dn.shape[-1]
+
+    def r(v):
+        q, s = rounded(v.float())
+        return (q.double().unflatten(-1, (-1, 32)) * s.double()[..., None]).flatten(-2)
+
+    xr, out = r(x), torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            h = xr[t] @ gu[ids[t, j]].T
+            a = F.silu(h[:inter]) * h[inter:]
+            out[t] += weights[t, j].double() * (r(a[None])[0] @ dn[ids[t, j]].T)
+    return out
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED + ["bf16"])
+@pytest.mark.parametrize("T", [1, 17])
+def test_q8in_experts_match_the_reference(fmt, T):
+    E, H, inter, k = 5, 64, 64, 2
+    gate_up, down = packed(fmt, 2 * inter, H, seed=8, lead=(E,)), packed(fmt, H, inter, seed=9, lead=(E,))
+    x = rand(T, H, seed=T)
+    ids = torch.stack([torch.randperm(E - 1, generator=torch.Generator().manual_seed(t))[:k] for t in range(T)])
+    weights = rand(T, k, seed=10).softmax(-1)
+    got = experts(x, weights, ids, gate_up, down, quantize_inputs=True)
+    if fmt == "bf16":
+        assert torch.equal(got, experts(x, weights, ids, gate_up, down))
+        return
+    exact = q8in_experts_exact(x, weights, ids, gate_up, down)
+    torch.testing.assert_close(got.double(), exact, atol=64 * EPS * exact.abs().max(), rtol=0)
+    for t in range(T):  # a token's result does not depend on the batch
+        one = experts(x[t:t + 1], weights[t:t + 1], ids[t:t + 1], gate_up, down, quantize_inputs=True)
+        assert torch.equal(one, got[t:t + 1])

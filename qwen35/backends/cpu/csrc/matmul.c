@@ -25,7 +25,8 @@
  * measures 1-4 eps there). One step of 8 int4 weights costs an and, a convert and an fma (per input): no shuffles,
  * since nibble j masked in place is q * 2^(4j), exact, against an input prescaled by 2^(-4j) once per call. The
  * alternative, llama.cpp's (activations quantized to int8 per 32 columns, integer dot products with maddubs), does
- * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding, so it is not used.
+ * fewer vector ops per byte but rounds the activations to 8 bits, which is not fp32 rounding: it is the opt-in
+ * many-row path below (qwen35_matmul_q8in, qwen35_experts_q8in) for prompts, where the products bound the time.
  * Measured with benchmarks/matmul_bench.py on one Zen 3 core of the shared 2-core VM (OMP_NUM_THREADS=1: with both
  * threads, other processes on the VM quantized every time to the 4 ms scheduler tick), weight [32768, 1024], groups
  * of 128, against a 10-11 GB/s one-core read probe: 1 row: bf16 7.6 GB/s (74%), int8 8.0 GB/s (79%, 2.06x bf16's
@@ -439,11 +440,192 @@ static void block(const qw_t *w, int64_t e, int64_t b, const float *const *xs, c
     }
 }
 
+/* Quantized weights against int8 activations (the opt-in many-row path, qwen35_matmul_q8in / qwen35_experts_q8in).
+ * Each input row is rounded per 32 columns to int8 (Q8_0: s = max|x| / 127, q = round(x / s), s = 0 giving q = 0),
+ * and a 32-column unit of 4 weight rows against one input is an integer dot product (maddubs, then madd to int32):
+ * int8 weights by the sign trick, int4 as unsigned nibbles with the zero point taken off exactly as z * (sum of q)
+ * per half unit; the result is one vector of (row, half unit) sums. Those are exact integers; each unit adds them
+ * times the input's scale (one fma), each weight group times the weight's scale. So the result is the exact product
+ * of the rounded input and dequantize() up to fp32 rounding, and every row runs the same arithmetic alone or in any
+ * batch. The block is unpacked once into L1 as 32 bytes per row and unit in column order, then 4 inputs at a time
+ * run against it. One Zen 3 core, [6144, 1024] x 512 rows (CPU time, best of 10): int8 (groups of 128) 1.07-1.11x
+ * bf16's speed, int4 groups of 128 1.22-1.29x, of 32 1.16-1.24x (the fp32-input paths: 0.86-0.91x, 0.8x, 0.55x). */
+
+/* An input row rounded to int8: q [K], its scales s [K/32], and (int4) the sums of q per half unit as the kernel
+ * subtracts them, h [K/32][8] = (lo, lo, lo, lo, hi, hi, hi, hi). */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *s, int32_t *h) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(127.0f);
+    for (int64_t u = 0; u < K / 32; u++) {
+        const float *p = x + u * 32;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(p + 8 * i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float sc = _mm_cvtss_f32(m4) / 127.0f;
+        s[u] = sc;
+        __m256i qi[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256 r = sc > 0 ? _mm256_div_ps(v[i], _mm256_set1_ps(sc)) : _mm256_setzero_ps();
+            qi[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim));
+        }
+        /* packs interleave the 128-bit halves; the permute restores column order */
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        const __m256i qv = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + u * 32), qv);
+        if (h) {
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < 16; i++) lo += q[u * 32 + i], hi += q[u * 32 + 16 + i];
+            for (int i = 0; i < 4; i++) h[u * 8 + i] = lo, h[u * 8 + 4 + i] = hi;
+        }
+    }
+}
+
+/* The inputs of a q8in call: rows quantized into (q, s, h), pointers per input (OpenMP over rows when many). */
+typedef struct { const int8_t *q; const float *s; const int32_t *h; } qrow_t;
+
+static void quantize_rows(const float *const *rows, int64_t M, int64_t K, int sums, int8_t *q, float *s, int32_t *h,
+                          qrow_t *out) {
+#pragma omp parallel for schedule(static) if (M > 8)
+    for (int64_t i = 0; i < M; i++) {
+        quantize_row(rows[i], K, q + i * K, s + i * (K / 32), sums ? h + i * (K / 32) * 8 : NULL);
+        out[i] = (qrow_t){q + i * K, s + i * (K / 32), sums ? h + i * (K / 32) * 8 : NULL};
+    }
+}
+
+/* Block b of a quantized weight unpacked into buf: per unit 4 rows of 32 bytes (int8 values or int4 nibbles) in
+ * column order. */
+static void unpack_block(const qw_t *w, const char *d, int64_t b, int8_t *buf) {
+    const int64_t K = w->k, U = K / 32;
+    if (w->format == QW_Q8) {
+        const int8_t *p = (const int8_t *)d + b * K * 4;
+        for (int64_t u = 0; u < U; u++) {  /* [4 steps of 8 columns][4 rows][8]: a 4x4 transpose of 8-byte pieces */
+            const __m256i *s = (const __m256i *)(p + u * 128);
+            const __m256i a = _mm256_loadu_si256(s), c = _mm256_loadu_si256(s + 1), e = _mm256_loadu_si256(s + 2),
+                          f = _mm256_loadu_si256(s + 3);
+            const __m256i t0 = _mm256_unpacklo_epi64(a, c), t1 = _mm256_unpackhi_epi64(a, c),
+                          t2 = _mm256_unpacklo_epi64(e, f), t3 = _mm256_unpackhi_epi64(e, f);
+            const __m256i r[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
+                                  _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
+            for (int i = 0; i < 4; i++) _mm256_store_si256((__m256i *)(buf + u * 128 + i * 32), r[i]);
+        }
+        return;
+    }
+    /* int4: lane l of a row's 64-column chunk holds column 8j + l in nibble j. Low nibbles of its bytes (j even)
+     * and high (j odd) are interleaved so each 32-bit lane holds one unit's columns l, 16+l, 8+l, 24+l; a byte
+     * shuffle and a lane permute put them in column order. */
+    const uint8_t *p = (const uint8_t *)d + b * K * 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i shuf = _mm256_setr_epi8(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15,
+                                          0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t ch = 0; ch < K / 64; ch++)
+        for (int r = 0; r < 4; r++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + ch * 128 + r * 32));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi32(v, 4), m4);
+            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(lo, lo16), _mm256_slli_epi32(hi, 16));
+            const __m256i u1 = _mm256_or_si256(_mm256_srli_epi32(lo, 16), _mm256_andnot_si256(lo16, hi));
+            _mm256_store_si256((__m256i *)(buf + (2 * ch) * 128 + r * 32),
+                               _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(u0, shuf), perm));
+            _mm256_store_si256((__m256i *)(buf + (2 * ch + 1) * 128 + r * 32),
+                               _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(u1, shuf), perm));
+        }
+}
+
+/* 4 rows' int32 sums by 16-column half, as (r0 lo, r1 lo, r2 lo, r3 lo, r0 hi, ..., r3 hi) */
+static inline __m256i sums4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    const __m256i one = _mm256_set1_epi16(1);
+    p0 = _mm256_madd_epi16(p0, one), p1 = _mm256_madd_epi16(p1, one);
+    p2 = _mm256_madd_epi16(p2, one), p3 = _mm256_madd_epi16(p3, one);
+    const __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+    const __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+}
+
+/* The 4 rows of a unit (w: 32 bytes each) against input x: int32 sums by (row, half). int8 by the sign trick
+ * (maddubs(|x|, sign(w, x)): |x|, |w| <= 127, so a pair of products fits in int16; int8 weights are in [-127, 127]
+ * as quantize() and the converters make them, -128 would not negate), int4 nibbles directly. */
+static inline __m256i dot4(const __m256i *w, __m256i x, int q8) {
+    if (q8) {
+        const __m256i ax = _mm256_abs_epi8(x);
+        return sums4(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[0], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[1], x)),
+                     _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[2], x)), _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[3], x)));
+    }
+    /* int4: a product pair is at most 2 * 15 * 127, so 8 of them add up in int16: two hadds, then one madd */
+    const __m256i h01 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[0], x), _mm256_maddubs_epi16(w[1], x));
+    const __m256i h23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(w[2], x), _mm256_maddubs_epi16(w[3], x));
+    return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), _mm256_set1_epi16(1));
+}
+
+/* NI inputs against an unpacked block (its units loaded once for all): per group, acc += float(integer sums) *
+ * input scale per unit; then T += weight scale * acc; each row's two halves added last. d[i] NULL: x[i] repeats an
+ * earlier input and is not stored (every row runs the same arithmetic wherever it sits). */
+#define NI 4
+static inline __attribute__((always_inline)) void q8in_rows(const int8_t *buf, int q8, const float *sc,
+                                                            const uint8_t *zp, int64_t NG, int64_t GU,
+                                                            const qrow_t *x, float *const *d) {
+    __m256 T[NI];
+    for (int i = 0; i < NI; i++) T[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < NG; g++) {
+        __m256 acc[NI];
+        for (int i = 0; i < NI; i++) acc[i] = _mm256_setzero_ps();
+        __m256i z = _mm256_set1_epi32(8);
+        if (!q8 && zp) {
+            int32_t v;
+            memcpy(&v, zp + g * 4, 4);
+            z = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v)));
+        }
+        for (int64_t u = g * GU; u < (g + 1) * GU; u++) {
+            const __m256i *wu = (const __m256i *)(buf + u * 128);
+            const __m256i w[4] = {_mm256_load_si256(wu), _mm256_load_si256(wu + 1), _mm256_load_si256(wu + 2),
+                                  _mm256_load_si256(wu + 3)};
+#pragma GCC unroll 4
+            for (int i = 0; i < NI; i++) {
+                __m256i s = dot4(w, _mm256_loadu_si256((const __m256i *)(x[i].q + u * 32)), q8);
+                if (!q8)  /* the zero point, exactly: z * (sum of the input's integers) per half */
+                    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_loadu_si256((const __m256i *)(x[i].h + u * 8))));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(x[i].s[u]), acc[i]);
+            }
+        }
+        const __m256 ws = _mm256_broadcast_ps((const __m128 *)(sc + g * 4));
+        for (int i = 0; i < NI; i++) T[i] = _mm256_fmadd_ps(ws, acc[i], T[i]);
+    }
+    for (int i = 0; i < NI; i++)
+        if (d[i]) _mm_storeu_ps(d[i], _mm_add_ps(_mm256_castps256_ps128(T[i]), _mm256_extractf128_ps(T[i], 1)));
+}
+
+/* The rounding on its own (tests): q [M, K] int8, s [M, K/32] */
+void qwen35_quantize_q8(const float *x, int64_t M, int64_t K, int8_t *q, float *s) {
+    for (int64_t i = 0; i < M; i++) quantize_row(x + i * K, K, q + i * K, s + i * (K / 32), NULL);
+}
+
+/* Block b of matrix e of a quantized w against M quantized inputs: dst[i * stride + r] = <x_i, row 4b + r> */
+static void block_q8in(const qw_t *w, int64_t e, int64_t b, const qrow_t *xs, int64_t M, float *dst,
+                       int64_t stride) {
+    const char *d = (const char *)w->data + e * w->data_stride;
+    const int64_t K = w->k, NG = K / w->group, GU = w->group / 32, q8 = w->format == QW_Q8;
+    const float *sc = w->scales + e * w->scale_stride + b * NG * 4;
+    const uint8_t *zp = !q8 && w->zeros ? w->zeros + e * w->zero_stride + b * NG * 4 : NULL;
+    int8_t *buf = (int8_t *)block_buffer(K);
+    unpack_block(w, d, b, buf);
+    for (int64_t i = 0; i < M; i += NI) {
+        qrow_t x[NI];
+        float *dd[NI];
+        for (int j = 0; j < NI; j++) {
+            x[j] = xs[i + j < M ? i + j : i];
+            dd[j] = i + j < M ? dst + (i + j) * stride : NULL;
+        }
+        if (q8) q8in_rows(buf, 1, sc, NULL, NG, GU, x, dd);
+        else if (GU == 1) q8in_rows(buf, 0, sc, zp, NG, 1, x, dd);  /* groups of 32 (the default): one unit each */
+        else q8in_rows(buf, 0, sc, zp, NG, GU, x, dd);
+    }
+}
+
 /* Reusable per-thread scratch buffers (freshly mapped pages cost a fault each on first touch: ~15% of a
  * 2048-token MoE layer when the buffers were malloc'd per call). Kept until the thread ends. */
 static float *scratch(int which, int64_t n) {
-    static __thread float *buf[7] = {NULL};
-    static __thread int64_t cap[7] = {0};
+    static __thread float *buf[11] = {NULL};
+    static __thread int64_t cap[11] = {0};
     if (n > cap[which]) {
         free(buf[which]);
         cap[which] = n;
@@ -470,9 +652,31 @@ void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M
     free(rows);
 }
 
-/* The (token, expert) pairs are counting-sorted by expert so each hit expert runs once over all its tokens. */
-void qwen35_experts(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k,
-                    const qw_t *gate_up, const qw_t *down, float *out) {
+/* As qwen35_matmul, the inputs rounded to int8 first (float weights: qwen35_matmul itself). */
+void qwen35_matmul_q8in(const float *x, const qw_t *w, int64_t e, float *y, int64_t M) {
+    if (w->format != QW_Q8 && w->format != QW_Q4) {
+        qwen35_matmul(x, w, e, y, M);
+        return;
+    }
+    const int64_t N = w->n, K = w->k, U = K / 32, sums = w->format == QW_Q4;
+    const float **rows = malloc(sizeof(float *) * (M > 0 ? M : 1));
+    qrow_t *xs = malloc(sizeof(qrow_t) * (M > 0 ? M : 1));
+    for (int64_t i = 0; i < M; i++) rows[i] = x + i * K;
+    quantize_rows(rows, M, K, sums, (int8_t *)scratch(7, M * K / 4), scratch(8, M * U),
+                  sums ? (int32_t *)scratch(9, M * U * 8) : NULL, xs);
+    for (int64_t m0 = 0; m0 < M; m0 += LINEAR_TILE) {
+        const int64_t mt = M - m0 < LINEAR_TILE ? M - m0 : LINEAR_TILE;
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int64_t b = 0; b < N / 4; b++) block_q8in(w, e, b, xs + m0, mt, y + m0 * N + b * 4, N);
+    }
+    free(rows);
+    free(xs);
+}
+
+/* The (token, expert) pairs are counting-sorted by expert so each hit expert runs once over all its tokens; with
+ * q8in, quantized weights get their inputs rounded to int8 (each token's once, each SwiGLU output once). */
+static void experts_impl(const float *x, const int64_t *ids, const float *weights, int64_t Tn, int64_t k,
+                         const qw_t *gate_up, const qw_t *down, float *out, int q8in) {
     const int64_t P = Tn * k, E = gate_up->count, H = gate_up->k, I = down->k;
     int64_t *start = calloc(E + 1, sizeof(int64_t)), *fill = malloc(sizeof(int64_t) * (E + 1));
     int64_t *pair_token = malloc(sizeof(int64_t) * P);
@@ -517,7 +721,20 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
         }
         free(rows);
     }
-    if (down->format == QW_Q4) {
+    const int qa = q8in && gate_up->format >= QW_Q8, qb = q8in && down->format >= QW_Q8;
+    qrow_t *xq = malloc(sizeof(qrow_t) * (P + Tn) * 2), *aq = xq + P, *tq = aq + P;
+    if (qa) {  /* each token's input rounded once; its pairs point there */
+        const float **rows = malloc(sizeof(float *) * Tn);
+        for (int64_t t = 0; t < Tn; t++) rows[t] = x + t * H;
+        quantize_rows(rows, Tn, H, gate_up->format == QW_Q4, (int8_t *)scratch(7, Tn * H / 4),
+                      scratch(8, Tn * H / 32), (int32_t *)scratch(9, Tn * H / 4), tq);
+        for (int64_t p = 0; p < P; p++) xq[p] = tq[pair_token[p]];
+        free(rows);
+    }
+    int8_t *aqq = qb ? (int8_t *)scratch(5, P * I / 4) : NULL;
+    float *aqs = qb ? scratch(6, P * I / 32) : NULL;
+    int32_t *aqh = qb && down->format == QW_Q4 ? (int32_t *)scratch(10, P * I / 4) : NULL;
+    if (down->format == QW_Q4 && !qb) {
         ap = scratch(5, P * I);
         ag = scratch(6, P * G2);
     }
@@ -527,12 +744,17 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nu * nb1; item++) {
             const int64_t u = item / nb1, b = item % nb1, p0 = ustart[u];
-            block(gate_up, uexp[u], b, xs + p0, gs1 + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
+            if (qa) block_q8in(gate_up, uexp[u], b, xq + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
+            else block(gate_up, uexp[u], b, xs + p0, gs1 + p0, ulen[u], hbuf + p0 * 2 * I + b * 4, 2 * I);
         }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++) {
             swiglu(hbuf + p * 2 * I, hbuf + p * 2 * I + I, abuf + p * I, I);
-            if (ap) {
+            if (qb) {
+                const int64_t U = I / 32;
+                quantize_row(abuf + p * I, I, aqq + p * I, aqs + p * U, aqh ? aqh + p * U * 8 : NULL);
+                aq[p] = (qrow_t){aqq + p * I, aqs + p * U, aqh ? aqh + p * U * 8 : NULL};
+            } else if (ap) {
                 prepare_q4(abuf + p * I, I, down->group, ap + p * I, ag + p * G2);
                 as[p] = ap + p * I;
                 gs2[p] = ag + p * G2;
@@ -541,7 +763,8 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nu * nb2; item++) {
             const int64_t u = item / nb2, b = item % nb2, p0 = ustart[u];
-            block(down, uexp[u], b, as + p0, gs2 + p0, ulen[u], dbuf + p0 * H + b * 4, H);
+            if (qb) block_q8in(down, uexp[u], b, aq + p0, ulen[u], dbuf + p0 * H + b * 4, H);
+            else block(down, uexp[u], b, as + p0, gs2 + p0, ulen[u], dbuf + p0 * H + b * 4, H);
         }
     }
 #pragma omp parallel for schedule(static)
@@ -556,5 +779,15 @@ void qwen35_experts(const float *x, const int64_t *ids, const float *weights, in
             for (int64_t h = 0; h < H; h++) o[h] += wgt * d[h];
         }
     free(start); free(fill); free(pair_token); free(pair_weight); free(ustart); free(ulen); free(uexp);
-    free(token_pairs); free(xs);
+    free(token_pairs); free(xs); free(xq);
+}
+
+void qwen35_experts(const float *x, const int64_t *ids, const float *weights, int64_t T, int64_t k,
+                    const qw_t *gate_up, const qw_t *down, float *out) {
+    experts_impl(x, ids, weights, T, k, gate_up, down, out, 0);
+}
+
+void qwen35_experts_q8in(const float *x, const int64_t *ids, const float *weights, int64_t T, int64_t k,
+                         const qw_t *gate_up, const qw_t *down, float *out) {
+    experts_impl(x, ids, weights, T, k, gate_up, down, out, 1);
 }

@@ -20,3 +20,11 @@ void qwen35_matmul(const float *x, const qw_t *w, int64_t e, float *y, int64_t M
  * gate_up: count = E matrices [2I, H] (gate rows first), down: E matrices [H, I]. Batch invariant as above. */
 void qwen35_experts(const float *x, const int64_t *ids, const float *weights, int64_t T, int64_t k,
                     const qw_t *gate_up, const qw_t *down, float *out);
+/* The same products with the inputs rounded to int8 per 32 columns first (s = max|x| / 127, q = round(x / s)) and
+ * integer dot products: faster for many rows, exact to the rounded inputs; float weights take the plain path. Batch
+ * invariant within these functions. */
+void qwen35_matmul_q8in(const float *x, const qw_t *w, int64_t e, float *y, int64_t M);
+void qwen35_experts_q8in(const float *x, const int64_t *ids, const float *weights, int64_t T, int64_t k,
+                         const qw_t *gate_up, const qw_t *down, float *out);
+/* that rounding alone: q [M, K] int8, s [M, K / 32] (K % 32 == 0) */
+void qwen35_quantize_q8(const float *x, int64_t M, int64_t K, int8_t *q, float *s);
