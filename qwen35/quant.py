@@ -64,22 +64,44 @@ class QuantizedWeight:
         return (self.integers().float() * s).to(dtype)
 
 
+CHUNK = 1 << 22  # elements quantized at a time: the fp32 temporaries stay ~16 MB whatever the tensor
+
+
 def quantize(w: torch.Tensor, bits: int, group: int | None = None, symmetric: bool | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of w [..., N, K] (group None: one scale per row). bits 8: symmetric,
     s = max|w| / 127. bits 4: asymmetric by default (s = (max - min) / 15 over the group, integer zero point
-    round(-min / s) in 0..15); symmetric=True uses z = 8, s = max|w| / 7 (as GPTQ's sym)."""
+    round(-min / s) in 0..15); symmetric=True uses z = 8, s = max|w| / 7 (as GPTQ's sym). Rows are quantized a
+    chunk at a time into the result, so a large tensor (an LM head, stacked experts) never has fp32 copies."""
     *lead, n, k = w.shape
     group = k if group is None else group
     if k % group:
         raise ValueError(f"group size {group} does not divide the {k} input columns")
+    if bits not in (4, 8):
+        raise ValueError(f"quantization to {bits} bits is not supported (4 or 8)")
+    rows = w.reshape(-1, k)
+    step = max(1, CHUNK // k)
+    if rows.shape[0] <= step:
+        return _quantize_rows(w, bits, group, symmetric)
+    parts = [_quantize_rows(rows[i:i + step], bits, group, symmetric) for i in range(0, rows.shape[0], step)]
+    first = parts[0]
+    out = QuantizedWeight(bits, group, torch.empty(*lead, n, first.q.shape[-1], dtype=first.q.dtype),
+                          torch.empty(*lead, n, k // group), None if first.zeros is None else
+                          torch.empty(*lead, n, k // group, dtype=torch.uint8))
+    for name in ("q", "scales", "zeros"):
+        dst = getattr(out, name)
+        if dst is not None:
+            torch.cat([getattr(p, name) for p in parts], out=dst.view(-1, dst.shape[-1]))
+    return out
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group: int, symmetric: bool | None) -> QuantizedWeight:
+    *lead, n, k = w.shape
     wg = w.float().reshape(*lead, n, k // group, group)
     if bits == 8:
         s = wg.abs().amax(-1) / 127
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(wg / s[..., None]).clamp(-127, 127).to(torch.int8).reshape(*lead, n, k)
         return QuantizedWeight(8, group, q, s.float())
-    if bits != 4:
-        raise ValueError(f"quantization to {bits} bits is not supported (4 or 8)")
     if symmetric is None:
         symmetric = False
     if symmetric:

@@ -416,3 +416,17 @@ def test_released_formats_run_on_the_cpu_backend(checkpoint, tmp_path, fmt, kind
     assert dec.layers[3][1].qkv.format == ("int8" if fmt == "fp8" else "int4")
     for ours, theirs in zip(our_logits(dec, PROMPTS), our_logits(ref, PROMPTS)):
         assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(8, None, None), (8, 32, None), (4, 32, None), (4, 64, True)])
+def test_quantize_in_chunks_is_quantize_whole(monkeypatch, bits, group, symmetric):
+    """A large tensor is quantized a few rows at a time (bounded fp32 temporaries); the result is the same."""
+    from qwen35 import quant
+
+    w = torch.randn(3, 70, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    whole = quant.quantize(w, bits, group, symmetric)
+    monkeypatch.setattr(quant, "CHUNK", 1000)  # 3 rows a chunk
+    chunked = quant.quantize(w, bits, group, symmetric)
+    for name in ("q", "scales", "zeros"):
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
