@@ -112,3 +112,25 @@ def test_quantized_decoder_matches_the_quantized_reference(checkpoint, kind, qua
     together = run_pieces(dec, prompts, cuts)
     for p, c, logits in zip(prompts, cuts, together):
         assert torch.equal(run_pieces(dec, [p], [c])[0], logits), len(p)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_prompts_run_on_int8_inputs(checkpoint, quantization):
+    """Prompts of MANY_ROWS rows or more multiply the quantized weights against inputs rounded to int8 per 32
+    columns (the kernels' own tests check that arithmetic exactly): the logits move off the fp32-input result, and
+    stay within twice the distance a bf16 run of the same model keeps from it (8-bit inputs in blocks of 32 hold about
+    half of bf16's 8-bit mantissa; measured 1.2-1.6x on these tiny models, which amplify any rounding)."""
+    import copy
+
+    from qwen35.backends.cpu import decoder as backend
+
+    assert backend.MANY_ROWS <= 40
+    path, _ = checkpoint("moe_vl", linear_value_head_dim=32, intermediate_size=128, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=64)
+    ref = load_model(path, dtype="float32", quantization=quantization)[0]
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    dec = CpuDecoder(load_model(path, dtype="float32", quantization=quantization)[0])
+    prompts = [torch.randint(0, 150, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 23)]
+    for a, b, c in zip(*(run_pieces(m, prompts, [[], []]) for m in (ref, dec, ref16))):
+        assert not torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max())  # the int8-input path ran
+        assert (b - a).abs().mean() <= 2 * (c.float() - a).abs().mean()

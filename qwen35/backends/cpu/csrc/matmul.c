@@ -51,6 +51,21 @@
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 #define FMA(a, w, v) a = _mm256_fmadd_ps(w, v, a)
+/* One step of a 4-row x 3-input tile: 8 columns of the block's 4 rows (fp32 at p) against 3 inputs, into the
+ * accumulators a0..a3, b0..b3, c0..c3 (one per row and input). */
+#define STEP_4x3(p, x0, x1, x2, kb)                                                                                \
+    do {                                                                                                      \
+        const __m256 v0 = _mm256_loadu_ps((x0) + (kb) * 8), v1 = _mm256_loadu_ps((x1) + (kb) * 8),            \
+                     v2 = _mm256_loadu_ps((x2) + (kb) * 8);                                                   \
+        __m256 w = _mm256_loadu_ps(p);                                                                        \
+        FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);                                                       \
+        w = _mm256_loadu_ps((p) + 8);                                                                         \
+        FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);                                                       \
+        w = _mm256_loadu_ps((p) + 16);                                                                        \
+        FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);                                                       \
+        w = _mm256_loadu_ps((p) + 24);                                                                        \
+        FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);                                                       \
+    } while (0)
 
 /* The 8 lanes of 4 accumulators summed into the 4 outputs, in one fixed order that every path uses: an output's
  * value must not depend on how many rows were multiplied with it (batch invariance). */
@@ -68,16 +83,7 @@ static void rows4x3(const float *wf, const float *x0, const float *x1, const flo
     for (int64_t kb = 0; kb < KB; kb++) {
         const float *p = wf + kb * 32;
         if (next) _mm_prefetch(next + kb * 64, _MM_HINT_T1);  /* bf16 blocks: the next block, one line per step */
-        const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
-                     v2 = _mm256_loadu_ps(x2 + kb * 8);
-        __m256 w = _mm256_loadu_ps(p);
-        FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
-        w = _mm256_loadu_ps(p + 8);
-        FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
-        w = _mm256_loadu_ps(p + 16);
-        FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
-        w = _mm256_loadu_ps(p + 24);
-        FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+        STEP_4x3(p, x0, x1, x2, kb);
     }
     _mm_storeu_ps(dst, reduce4(a0, a1, a2, a3));
     _mm_storeu_ps(dst + stride, reduce4(b0, b1, b2, b3));
@@ -213,16 +219,7 @@ static void grouped_rows(const float *wf, const float *sc, const uint8_t *zp, in
             __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
             for (int64_t kb = g * GS; kb < (g + 1) * GS; kb++) {
                 const float *p = wf + kb * 32;
-                const __m256 v0 = _mm256_loadu_ps(x0 + kb * 8), v1 = _mm256_loadu_ps(x1 + kb * 8),
-                             v2 = _mm256_loadu_ps(x2 + kb * 8);
-                __m256 w = _mm256_load_ps(p);
-                FMA(a0, w, v0); FMA(b0, w, v1); FMA(c0, w, v2);
-                w = _mm256_load_ps(p + 8);
-                FMA(a1, w, v0); FMA(b1, w, v1); FMA(c1, w, v2);
-                w = _mm256_load_ps(p + 16);
-                FMA(a2, w, v0); FMA(b2, w, v1); FMA(c2, w, v2);
-                w = _mm256_load_ps(p + 24);
-                FMA(a3, w, v0); FMA(b3, w, v1); FMA(c3, w, v2);
+                STEP_4x3(p, x0, x1, x2, kb);
             }
             float zf[4], *z = NULL;
             if (zp) zeros4(zp + g * zstride, z = zf);
