@@ -159,6 +159,10 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"input of shape \[3, 32\]"):
         linear(rand(3, 32, seed=0), w)
     assert PackedWeight.pack(rand(4, 8, seed=0).half()).format == "fp32"
+    q = quantize(rand(8, 64, seed=0), 8, 32)
+    q.q[3, 5] = -128
+    with pytest.raises(ValueError, match=r"holds -128; int8 weights must lie in \[-127, 127\]"):
+        PackedWeight.pack(q)
 
 
 QUANTIZED = [f for f in FORMATS if f.startswith("int")]

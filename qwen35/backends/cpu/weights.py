@@ -76,6 +76,8 @@ class PackedWeight:
             what = f"int{w.bits} weight of shape {list(w.shape)} quantized in groups of {group} columns"
             if group % 32 and group != k:
                 raise ValueError(f"{what}: the CPU kernels need groups of a multiple of 32 columns (or one per row)")
+            if w.bits == 8 and bool((w.q == -128).any()):  # the int8-input kernels negate weights (sign trick)
+                raise ValueError(f"{what}: holds -128; int8 weights must lie in [-127, 127]")
             if kp != k and group not in (k, 32):
                 raise ValueError(f"{what}: rows of {k} columns (not a multiple of {step}) need groups of 32 columns "
                                  f"or one group per row")
