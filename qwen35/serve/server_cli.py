@@ -91,13 +91,12 @@ def bind(host: str, port: int) -> socket.socket:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from qwen35.llm import LLM, fix_mmap_threshold
+    from qwen35.llm import LLM
     from qwen35.serve.app import build_app
     from qwen35.serve.middleware import uvicorn_config
 
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
-    fix_mmap_threshold()
     try:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args),

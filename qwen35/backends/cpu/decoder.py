@@ -96,6 +96,8 @@ def _w1(norm) -> torch.Tensor:
 
 
 class _GatedDeltaNet:
+    kernel = staticmethod(L.gdn_layer)
+
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
         self.in_qkvz = _pack([_source(m.in_proj_qkv), _source(m.in_proj_z)], norm.weight.dtype)
@@ -145,6 +147,8 @@ class _GatedDeltaNet:
 
 
 class _Attention:
+    kernel = staticmethod(L.attn_layer)
+
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
         self.qkv = _pack([_source(m.q_proj), _source(m.k_proj), _source(m.v_proj)], norm.weight.dtype)
@@ -181,6 +185,8 @@ class _Attention:
 
 
 class _SparseMoe:
+    kernel = staticmethod(L.moe_layer)
+
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
         self.router = _pack([_source(m.gate), _source(m.shared_expert_gate)], norm.weight.dtype)
@@ -228,6 +234,8 @@ class _SparseMoe:
 
 
 class _Mlp:
+    kernel = staticmethod(L.mlp_layer)
+
     def __init__(self, m, norm):
         self.m, self.norm = m, norm
         self.gate_up = _pack([_source(m.gate_proj), _source(m.up_proj)], norm.weight.dtype)
@@ -280,8 +288,7 @@ class CpuDecoder:
         if not self.fused:
             logger.info("qwen35: some layers' sizes do not fit the fused decode kernels; decode steps run layer "
                         "by layer")
-        self._cache, self._structs = None, None
-        self._fns = L.gdn_layer(), L.attn_layer(), L.moe_layer(), L.mlp_layer()
+        self._cache, self._halves = None, None  # the layer halves' (kernel, struct), bound to one cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -315,15 +322,14 @@ class CpuDecoder:
     def _decode(self, h, cos, sin, batch, cache):
         """One native call per layer half; each half's output is added to h by the next (with its norm)."""
         if self._cache is not cache:
-            self._structs = [(mixer.struct(cache), ffn.struct(cache)) for _, mixer, ffn in self.layers]
+            self._halves = [(half.kernel(), half.struct(cache)) for _, mixer, ffn in self.layers
+                            for half in (mixer, ffn)]
             self._cache = cache
         st, keep = L.step(batch, cache.block_size, cos, sin)
-        gdn, attn, moe, mlp = self._fns
         h = h.clone()  # the layers add each residual into it in place
         y = None
-        for (layer, mixer, ffn), (ms, fs) in zip(self.layers, self._structs):
-            y = L.run(gdn if isinstance(mixer, _GatedDeltaNet) else attn, ms, st, h, y)
-            y = L.run(moe if isinstance(ffn, _SparseMoe) else mlp, fs, st, h, y)
+        for kernel, struct in self._halves:
+            y = L.run(kernel, struct, st, h, y)
         del keep
         return L.add_rms_norm(h, y, self.norm_w1, self.model.model.norm.eps)[1]
 

@@ -50,11 +50,6 @@ def available() -> bool:
         return False
 
 
-def lib() -> ctypes.CDLL:
-    """The loaded library (call available() first)."""
-    return _lib()
-
-
 def function(name: str, argtypes: list, restype=None):
     """A kernel entry point with its C signature declared (once per name)."""
     fn = getattr(_lib(), name)
