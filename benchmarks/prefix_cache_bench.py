@@ -55,6 +55,15 @@ WORDS = ("the a list string function returns value object module class method ar
          "copy deep shallow compare equal greater less print input output result called given when if else with "
          "for each every which that this those how what why does do is are can may should must not only also").split()
 ON, OFF = "on", "off"
+# Workload sizes: (default, default with --quick).
+SIZES = {"conversations": (8, 2), "turns": (6, 2), "max_tokens": (32, 16), "batch": (16, 4), "system_words": (950, 120)}
+
+
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -230,12 +239,18 @@ def multi_turn(url: str, args, template_kwargs) -> list[dict]:
     """Workload 1 on one server: a record per turn round."""
     conversations: list[list[dict]] = [[] for _ in range(args.conversations)]
     prompt_lens: list[list[int]] = [[] for _ in range(args.conversations)]
+    previous_ids: list[list[int]] = [[] for _ in range(args.conversations)]
     rounds = []
     with httpx.Client(timeout=600) as client:
         for k in range(1, args.turns + 1):
             for c, msgs in enumerate(conversations):
                 msgs.append({"role": "user", "content": f"Question {k} of chat {c}: "
                              + words(random.Random(f"user {c} {k}"), args.user_words) + "?"})
+            # How much of this turn's prompt repeats the previous turn's: the most a prefix cache could reuse.
+            ids = [tokenize(client, url, msgs, template_kwargs) for msgs in conversations]
+            common = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                      for x, y in zip(ids, previous_ids)]
+            previous_ids = ids
             before = read_metrics(client, url)
             if args.concurrent:
                 clients = [httpx.Client(timeout=600) for _ in conversations]
@@ -253,7 +268,8 @@ def multi_turn(url: str, args, template_kwargs) -> list[dict]:
                 prompt_lens[c].append(reply["prompt_tokens"])
             record = {"turn": k, "ttft": [r["ttft"] for r in replies], "prompt_tokens": [r["prompt_tokens"] for r in
                                                                                           replies],
-                      "cached_tokens_usage": [r["cached_tokens"] for r in replies], "tokens": tokens}
+                      "cached_tokens_usage": [r["cached_tokens"] for r in replies], "tokens": tokens,
+                      "common_prefix_with_previous": common}
             if k >= 2:
                 base, lens, targets = [], [], []
                 before = read_metrics(client, url)
@@ -322,6 +338,20 @@ def machine() -> dict:
             "python": sys.version.split()[0]}
 
 
+def summarize(turns: list[dict], batch: dict) -> dict:
+    """The figures the issue's targets are about, per run."""
+    ratios = [t["ratio"] for t in turns if "ratio" in t]
+    return {"ttft_ms_per_turn": [round(mean(t["ttft"]) * 1000, 2) for t in turns],
+            "new_only_ttft_ms_per_turn": [round(mean(t["baseline_ttft"]) * 1000, 2) if "baseline_ttft" in t else None
+                                          for t in turns],
+            "ratio_per_turn": [round(t["ratio"], 3) if "ratio" in t else None for t in turns],
+            "max_ratio_from_turn_2": round(max(ratios), 3) if ratios else None,
+            "chat_prompt_tokens": sum(t["tokens"]["prompt"] for t in turns),
+            "chat_computed_tokens": sum(t["tokens"]["computed"] for t in turns),
+            "batch_prompt_tokens": batch["tokens"]["prompt"], "batch_computed_tokens": batch["tokens"]["computed"],
+            "batch_ideal_computed": batch["ideal_computed"], "batch_wall_s": round(batch["wall_s"], 3)}
+
+
 def fmt(x, scale=1000.0, digits=1) -> str:
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
@@ -329,20 +359,22 @@ def fmt(x, scale=1000.0, digits=1) -> str:
 def print_tables(results: dict) -> None:
     modes = [m for m in (ON, OFF) if m in results["runs"]]
     print("\nMulti-turn chat (TTFT in ms, means over conversations; tokens summed over conversations)")
-    head = f"{'turn':>4} {'prompt':>7} {'new':>6}"
+    head = f"{'turn':>4} {'prompt':>7} {'new':>6} {'repeat':>6}"
     for m in modes:
         head += f" | {m + ': TTFT':>9} {'computed':>8} {'hits':>6} {'new-only':>8} {'ratio':>5}"
     print(head)
     turns = results["runs"][modes[0]]["multi_turn"]
     for i, t in enumerate(turns):
-        row = f"{t['turn']:>4} {t['tokens']['prompt']:>7} {sum(t.get('new_tokens', t['prompt_tokens'])):>6}"
+        row = (f"{t['turn']:>4} {t['tokens']['prompt']:>7} {sum(t.get('new_tokens', t['prompt_tokens'])):>6} "
+               f"{sum(t['common_prefix_with_previous']):>6}")
         for m in modes:
             r = results["runs"][m]["multi_turn"][i]
             hits = r["tokens"]["hits"]
             row += (f" | {fmt(mean(r['ttft'])):>9} {r['tokens']['computed']:>8} {'-' if hits is None else hits:>6}"
                     f" {fmt(mean(r.get('baseline_ttft', []))):>8} {fmt(r.get('ratio'), 1, 2):>5}")
         print(row)
-    print("(new: the prompt growth since the previous turn; new-only: TTFT of a fresh prompt of that many tokens; "
+    print("(new: the prompt growth since the previous turn; repeat: the prompt's tokens equal to the previous turn's "
+          "prompt, the most a cache can reuse; new-only: TTFT of a fresh prompt of that many tokens; "
           "ratio: TTFT / new-only, target <= 1.5 with caching on from turn 2)")
     print("\nShared system prompt batch (all submitted at once)")
     print(f"{'mode':>4} {'requests':>8} {'prompt':>7} {'computed':>8} {'ideal':>6} {'hits':>6} {'wall s':>7} "
@@ -356,6 +388,11 @@ def print_tables(results: dict) -> None:
     b = results["runs"][modes[0]]["shared_prefix"]
     print(f"(shared prefix {b['shared_prefix_tokens']} tokens, {b['shared_cacheable_tokens']} in whole blocks; ideal: "
           "every prompt minus the shared blocks, plus them once)")
+    for m in modes:
+        s = results["runs"][m]["summary"]
+        print(f"caching {m}: chat prompt tokens {s['chat_prompt_tokens']}, computed {s['chat_computed_tokens']}; "
+              f"worst TTFT / new-only from turn 2: {fmt(s['max_ratio_from_turn_2'], 1, 2)}; batch computed "
+              f"{s['batch_computed_tokens']} of {s['batch_prompt_tokens']} (ideal {s['batch_ideal_computed']})")
     for note in results["notes"]:
         print("NOTE:", note)
 
@@ -364,24 +401,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 2 conversations x 2 turns, 4 batch requests, a short system prompt")
-    p.add_argument("--conversations", type=int, default=8)
-    p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--user-words", type=int, default=30, help="words in each new user message")
-    p.add_argument("--max-tokens", type=int, default=32)
+                   help="a smoke run: 2 conversations x 2 turns, 16 new tokens, 4 batch requests, a ~150-token system "
+                   "prompt (flags given explicitly still apply)")
+    p.add_argument("--conversations", type=positive, help="chats in the multi-turn workload (default 8; 2 quick)")
+    p.add_argument("--turns", type=positive, help="turns per chat (default 6; 2 quick)")
+    p.add_argument("--user-words", type=positive, default=30, help="words in each new user message (default 30)")
+    p.add_argument("--max-tokens", type=positive, help="tokens generated per request (default 32; 16 quick)")
     p.add_argument("--concurrent", action="store_true",
                    help="send a turn round's requests all at once (default: one at a time, so TTFT has no queueing)")
-    p.add_argument("--batch", type=int, default=16, help="requests in the shared-system-prompt batch")
-    p.add_argument("--system-words", type=int, default=950, help="words in the shared system prompt (~1000 tokens with the demo model)")
+    p.add_argument("--batch", type=positive, help="requests in the shared-system-prompt batch (default 16; 4 quick)")
+    p.add_argument("--system-words", type=positive,
+                   help="words in the shared system prompt (default 950, ~1000 tokens with the demo model; 120 quick)")
     p.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='sent with every request, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--modes", nargs="+", choices=[ON, OFF], default=[ON, OFF], help="which servers to run")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/prefix-cache.json"))
     p.add_argument("serve_args", nargs="*", help="extra `qwen35 serve` flags (after --)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.conversations, args.turns, args.batch, args.system_words = 2, 2, 4, 120
-        args.max_tokens = min(args.max_tokens, 16)
+    for name, (full, quick) in SIZES.items():  # --quick changes the defaults; flags given still win
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.batch < 2:
+        p.error("--batch must be at least 2 (the shared prefix is measured between two requests)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
 
     notes = []
@@ -424,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                 if t["baseline_tokens"]["hits"]:
                     notes.append(f"caching {mode}, turn {t['turn']}: the new-tokens-only requests had "
                                  f"{t['baseline_tokens']['hits']} cache-hit tokens (they should have none)")
-        results["runs"][mode] = {"serve_flags": flags, "multi_turn": turns, "shared_prefix": batch}
+        results["runs"][mode] = {"serve_flags": flags, "summary": summarize(turns, batch), "multi_turn": turns,
+                                 "shared_prefix": batch}
     print_tables(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -433,4 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers are already stopped (finally blocks)
+        print("interrupted; no results written", file=sys.stderr)
+        sys.exit(130)
