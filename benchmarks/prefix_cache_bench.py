@@ -9,8 +9,9 @@
    streaming, temperature 0, --max-tokens tokens. A turn round sends turn k of every conversation, one request at a
    time (or all at once with --concurrent). TTFT is measured here, from sending the request to the first chunk that
    carries a token (content, reasoning_content, tool_calls or a logprob: the requests ask for logprobs so that a token
-   whose text the server holds back still shows). Per round, the server's /metrics give the prompt tokens and the
-   prompt tokens served from the cache (computed = prompt - cache hits).
+   whose text the server holds back still shows). A reply goes back into the history as its content only, as OpenAI
+   clients send it (the chat template drops earlier turns' reasoning anyway). Per round, the server's /metrics give
+   the prompt tokens and the prompt tokens served from the cache (computed = prompt - cache hits).
    Baseline "new tokens only": after round k >= 2, for each conversation, one fresh chat request with a single user
    message of words never sent before, sized (with /tokenize) so that its rendered prompt has as many tokens as the
    conversation's prompt grew since round k-1 (this turn's prompt length minus the previous turn's); it is sent alone,
@@ -264,6 +265,9 @@ def multi_turn(url: str, args, template_kwargs) -> list[dict]:
                 replies = [chat(client, url, list(msgs), args.max_tokens, template_kwargs) for msgs in conversations]
             tokens = token_delta(before, read_metrics(client, url))
             for c, reply in enumerate(replies):
+                if reply["prompt_tokens"] != len(ids[c]):  # then the "repeat" column measured another prompt
+                    raise RuntimeError(f"/tokenize gave {len(ids[c])} tokens for chat {c} turn {k}, the request "
+                                       f"{reply['prompt_tokens']}")
                 conversations[c].append({"role": "assistant", "content": reply["content"]})
                 prompt_lens[c].append(reply["prompt_tokens"])
             record = {"turn": k, "ttft": [r["ttft"] for r in replies], "prompt_tokens": [r["prompt_tokens"] for r in
