@@ -270,8 +270,8 @@ def multi_turn(url: str, args, template_kwargs) -> list[dict]:
                                        f"{reply['prompt_tokens']}")
                 conversations[c].append({"role": "assistant", "content": reply["content"]})
                 prompt_lens[c].append(reply["prompt_tokens"])
-            record = {"turn": k, "ttft": [r["ttft"] for r in replies], "prompt_tokens": [r["prompt_tokens"] for r in
-                                                                                          replies],
+            record = {"turn": k, "ttft": [r["ttft"] for r in replies],
+                      "prompt_tokens": [r["prompt_tokens"] for r in replies],
                       "cached_tokens_usage": [r["cached_tokens"] for r in replies], "tokens": tokens,
                       "common_prefix_with_previous": common}
             if k >= 2:
