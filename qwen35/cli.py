@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from qwen35.cli_types import add_quantization_flags, device, int_list, positive_int, quantization_kwargs
+from qwen35.cli_types import (add_cache_flags, add_quantization_flags, cache_kwargs, device, int_list, positive_int,
+                              quantization_kwargs)
 
 DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
              "and nothing else")
@@ -103,6 +104,7 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--language-model-only", action="store_true",
                    help="load a multimodal checkpoint without its vision tower (text only)")
     add_quantization_flags(p)
+    add_cache_flags(p)
 
 
 def _add_sampling_flags(p, skip=()) -> None:
@@ -125,7 +127,7 @@ def _make_llm(args):
               file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
-               language_model_only=args.language_model_only, **quantization_kwargs(args))
+               language_model_only=args.language_model_only, **quantization_kwargs(args), **cache_kwargs(args))
 
 
 def _sampling_params(args, **overrides):

@@ -4,6 +4,8 @@ before any model loads, so a bad value is a one-line usage error naming the flag
 
 from __future__ import annotations
 
+import argparse
+
 import json
 from argparse import ArgumentTypeError
 
@@ -84,6 +86,21 @@ def add_quantization_flags(p) -> None:
     p.add_argument("--quantization-group-size", type=positive_int, default=None, metavar="N",
                    help="columns per scale when quantizing (a multiple of 32; default: int8 one scale per output "
                         "row, int4 32)")
+
+
+def add_cache_flags(p) -> None:
+    """The prefix-cache flags of every command that runs the engine (LLM(enable_prefix_caching=...) and friends)."""
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks and Gated DeltaNet state snapshots of earlier prompts (default: on)")
+    p.add_argument("--state-snapshot-bytes", type=int, default=None, metavar="N",
+                   help="memory for the prefix cache's state snapshots (default: 8 per sequence slot, at most 1 GiB "
+                        "on CPU; 0: none, so only n > 1 completions share a prompt)")
+
+
+def cache_kwargs(args) -> dict:
+    if args.state_snapshot_bytes is not None and args.state_snapshot_bytes < 0:
+        raise SystemExit(f"--state-snapshot-bytes must be at least 0, got {args.state_snapshot_bytes}")
+    return dict(enable_prefix_caching=args.enable_prefix_caching, state_snapshot_bytes=args.state_snapshot_bytes)
 
 
 def quantization_kwargs(args) -> dict:

@@ -428,6 +428,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     seed: int = 0
     native_kernels: bool | None = None  # the CPU backend (default: for 16-bit and quantized weights on CPU)
+    enable_prefix_caching: bool = True  # reuse cached KV blocks and state snapshots of earlier prompts
+    state_snapshot_bytes: int | None = None  # the snapshot pool's budget; default: see LLMEngine._num_snapshots
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -435,5 +437,7 @@ class EngineConfig:
                 raise ConfigError(f"engine: {name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"engine: max_model_len must be at least 2, got {self.max_model_len}")
+        if self.state_snapshot_bytes is not None and self.state_snapshot_bytes < 0:
+            raise ConfigError(f"engine: state_snapshot_bytes must be at least 0, got {self.state_snapshot_bytes}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("engine: kv_cache_memory_fraction must be in (0, 1]")

@@ -109,7 +109,8 @@ class LLM:
                  allow_remote_media: bool = False, allowed_media_domains: Sequence[str] | None = None,
                  media_fetch_timeout: float = 10.0, language_model_only: bool = False,
                  native_kernels: bool | None = None, quantization: str | None = None,
-                 lm_head_quantization: str = "auto", quantization_group_size: int | None = None):
+                 lm_head_quantization: str = "auto", quantization_group_size: int | None = None,
+                 enable_prefix_caching: bool = True, state_snapshot_bytes: int | None = None):
         """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
         allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
         besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
@@ -121,7 +122,9 @@ class LLM:
         loading (round to nearest; int8 one scale per output row, int4 groups of quantization_group_size = 32
         columns with zero points), "none" dequantizes a quantized checkpoint; default (None): the checkpoint's own
         format (float stays float, FP8 block checkpoints run as int8, GPTQ-Int4 as int4). lm_head_quantization:
-        "auto" (int8 when the model is quantized), "int8", "int4", "none"."""
+        "auto" (int8 when the model is quantized), "int8", "int4", "none". enable_prefix_caching: reuse the KV
+        blocks and Gated DeltaNet state snapshots earlier prompts left in the cache (README: prefix caching);
+        state_snapshot_bytes: the snapshot pool's memory (default: 8 per sequence slot, at most 1 GiB on CPU)."""
         check_device(device)
         fix_mmap_threshold()
         if model is None:
@@ -150,7 +153,9 @@ class LLM:
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                                      kv_cache_bytes=kv_cache_bytes, kv_cache_memory_fraction=kv_cache_memory_fraction,
-                                     seed=seed, native_kernels=native_kernels)
+                                     seed=seed, native_kernels=native_kernels,
+                                     enable_prefix_caching=enable_prefix_caching,
+                                     state_snapshot_bytes=state_snapshot_bytes)
         self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
         self._ids = itertools.count()
         release_free_heap()

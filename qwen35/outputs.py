@@ -40,5 +40,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None  # set when the engine failed this request (its completions end with "error"/"abort")
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     # Filled by LLM.chat: the parsed assistant message of outputs[i] ({"reasoning_content", "content", "tool_calls"}).
     messages: list[dict[str, Any]] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """Device tensors of the hybrid cache: paged K/V for full-attention layers and per-slot conv history + fp32
 recurrent state for Gated DeltaNet layers. Pure storage; which request owns which block or slot is the block and
-slot managers' business. The block size never depends on the recurrent state's size.
+slot managers' business. The block size never depends on the recurrent state's size. The prefix cache's state
+snapshots are slots too (past the running requests' ones), so taking and restoring one is a copy between slots.
 
 Allocated uninitialised (untouched pages cost no memory): attention reads only positions already written, and a
 slot's state is read only when `has_initial_state` says this sequence wrote it."""
@@ -26,6 +27,15 @@ class HybridCache:
                 self.conv[i] = torch.empty(num_slots, s.conv_dim, s.conv_history, dtype=dtype, device=device)
                 self.ssm[i] = torch.empty(num_slots, s.num_v_heads, s.k_head_dim, s.v_head_dim,
                                           dtype=state_dtype, device=device)
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """Copy one slot's conv history and recurrent state, in every Gated DeltaNet layer, to another slot."""
+        for pool in (*self.conv.values(), *self.ssm.values()):
+            pool[dst].copy_(pool[src])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for pool in (*self.k.values(), *self.v.values()):
+            pool[dst].copy_(pool[src])
 
     @staticmethod
     def bytes_per_token(spec: dict, dtype: torch.dtype) -> int:

@@ -1,5 +1,7 @@
 """The engine: scheduler + cache managers + model runner, joined by `step()`. Requests join and leave the running
-batch at every step; each step is one packed forward that mixes prefill chunks and decode tokens."""
+batch at every step; each step is one packed forward that mixes prefill chunks and decode tokens. With prefix caching
+(on by default) a request resumes past what earlier prompts left in the cache, and n > 1 completions share one
+prefill."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from qwen35.cache.hybrid import HybridCache
 from qwen35.cache.manager import BlockManager, SlotPool
+from qwen35.cache.prefix import PrefixCache, PrefixCacheStats, SnapshotPool
 from qwen35.config import EngineConfig
 from qwen35.engine.request import Request
 from qwen35.engine.runner import ModelRunner
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 2**20
 CPU_KV_DEFAULT_BYTES = 4 * 2**30
+SNAPSHOT_DEFAULT_BYTES = 2**30  # at most; and at most 8 snapshots per sequence slot
 
 
 class EngineError(ValueError):
@@ -57,11 +61,22 @@ class LLMEngine:
         dtype = model.dtype
         per_token = HybridCache.bytes_per_token(spec, dtype)
         per_slot = HybridCache.bytes_per_slot(spec, dtype)
-        num_blocks = self._num_blocks(per_token, per_slot)
-        self.cache = HybridCache(spec, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device)
+        num_snapshots = self._num_snapshots(per_slot)
+        num_blocks = self._num_blocks(per_token, per_slot * (config.max_num_seqs + num_snapshots))
+        self.cache = HybridCache(spec, num_blocks, config.block_size, config.max_num_seqs + num_snapshots, dtype,
+                                 self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotPool(config.max_num_seqs)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.snapshots = SnapshotPool(config.max_num_seqs, num_snapshots)  # slots past the running requests'
+        self.prefix = None
+        if config.enable_prefix_caching:
+            self.prefix = PrefixCache(self.blocks, self.snapshots if per_slot else None)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   prefix=self.prefix)
+        logger.info("cache: %d KV blocks of %d tokens (%.1f MiB), %d state slots + %d snapshots (%.1f MiB)%s",
+                    num_blocks, config.block_size, num_blocks * config.block_size * per_token / MiB,
+                    config.max_num_seqs, num_snapshots, (config.max_num_seqs + num_snapshots) * per_slot / MiB,
+                    "" if self.prefix else "; prefix caching off")
         self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else text.eos_token_id)
         # ids at or past the tokenizer's size (the embedding's padding rows) have no token: never drawn
@@ -71,7 +86,21 @@ class LLMEngine:
         self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
 
-    def _num_blocks(self, per_token: int, per_slot: int) -> int:
+    def _num_snapshots(self, per_slot: int) -> int:
+        """Snapshots the pool holds: state_snapshot_bytes' worth, by default 8 per sequence slot within
+        SNAPSHOT_DEFAULT_BYTES (a tenth of free memory on a GPU)."""
+        c = self.config
+        if not c.enable_prefix_caching or per_slot == 0:
+            return 0
+        if c.state_snapshot_bytes is not None:
+            if 0 < c.state_snapshot_bytes < per_slot:
+                raise EngineError(f"state_snapshot_bytes ({c.state_snapshot_bytes}) holds no snapshot: one takes "
+                                  f"{per_slot} bytes (0 turns snapshots off)")
+            return c.state_snapshot_bytes // per_slot
+        cap = SNAPSHOT_DEFAULT_BYTES if self.device.type == "cpu" else available_memory(self.device) // 10
+        return max(1, min(8 * c.max_num_seqs, cap // per_slot))
+
+    def _num_blocks(self, per_token: int, state_bytes: int) -> int:
         c = self.config
         bs = c.block_size
         need_one = -(-self.max_model_len // bs)
@@ -80,7 +109,7 @@ class LLMEngine:
         if c.kv_cache_bytes is not None:
             budget = c.kv_cache_bytes
         else:
-            budget = int(available_memory(self.device) * c.kv_cache_memory_fraction) - per_slot * c.max_num_seqs
+            budget = int(available_memory(self.device) * c.kv_cache_memory_fraction) - state_bytes
             # never reserve more than every sequence at full length could use
             budget = min(budget, per_token * bs * need_one * c.max_num_seqs)
             if self.device.type == "cpu":  # CPU RAM is shared with everything else: 4 GiB unless one request needs more
@@ -101,7 +130,10 @@ class LLMEngine:
             raise EngineError(f"request id {request_id!r} is already running")
         params = replace(params)  # validated again, and a copy: later changes by the caller cannot reach the step
         self._check(prompt_token_ids, params, mm)
-        children = [self._child(request_id, i, prompt_token_ids, params, prompt, mm) for i in range(params.n)]
+        children = []
+        for i in range(params.n):
+            children.append(self._child(request_id, i, prompt_token_ids, params, prompt, mm,
+                                        children[0] if children else None))
         for req in children:
             self.scheduler.add(req)
         self._parents[request_id] = children
@@ -144,8 +176,8 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
 
-    def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm
-               ) -> Request:
+    def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm,
+               first: Request | None) -> Request:
         gen = None
         if params.seed is not None:  # an int64 seed + i (i < SamplingParams.MAX_N) stays within torch's uint64
             gen = torch.Generator().manual_seed(params.seed + i)
@@ -157,8 +189,10 @@ class LLMEngine:
                                    len(prompt_token_ids) + (params.max_tokens or self.max_model_len))
         if params.logprobs is not None:
             req.logprobs = []
-        if params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and i == 0:  # reported once per parent
             req.prompt_logprobs = [None]
+        if i and self.prefix is not None:
+            req.fork_of = first
         if self.tokenizer is not None:
             req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
         return req
@@ -168,6 +202,10 @@ class LLMEngine:
             if not req.is_finished:
                 req.finish_reason = "abort"
                 self.scheduler.finish(req)
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.prefix.stats if self.prefix is not None else PrefixCacheStats()
 
     @property
     def scheduler_preemptions(self) -> int:
@@ -184,12 +222,18 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        logits = self.runner.run(chunks)
+        try:
+            logits = self.runner.run(chunks)
+        except BaseException:
+            self.scheduler.step_done(ok=False)
+            raise
+        self.scheduler.step_done()
         sampling = [(c.request, lg[-1]) for c, lg in zip(chunks, logits) if c.completes_known_tokens]
         for c, lg in zip(chunks, logits):
             if lg is not None and c.request.prompt_logprobs is not None:
                 self._guarded(c.request, self._record_prompt_logprobs, c, lg)
             c.request.num_computed_tokens += c.num_tokens
+        sampling += self._fork(sampling)
         sampling = [(r, lg) for r, lg in sampling if not r.is_finished]
         if sampling:
             reqs = [r for r, _ in sampling]
@@ -205,6 +249,21 @@ class LLMEngine:
         touched = dict.fromkeys([r.parent_id for r, _ in sampling] + self._failed)
         self._failed = []
         return [self._output(pid) for pid in touched if pid in self._parents]
+
+    def _fork(self, sampling: list) -> list:
+        """n > 1 siblings waiting on a prompt whose prefill just ended: forked from it, and sampled from its logits."""
+        out = []
+        for r, lg in sampling:
+            if r.output_token_ids or r.num_computed_tokens != r.num_prompt_tokens:
+                continue
+            for sib in self._parents.get(r.parent_id, []):
+                if sib.fork_of is r and not sib.is_finished:
+                    if self.scheduler.fork(r, sib):
+                        self.runner.fork(r, sib)
+                        out.append((sib, lg))
+                    else:  # no slot or block now: it waits, and will resume from the cache
+                        sib.fork_of = None
+        return out
 
     def _record_logprobs(self, last: torch.Tensor, reqs: list[Request], tokens: list[int | None]) -> None:
         """The sampled tokens' logprobs, for the requests that asked: one batched top-k, or row by row if that
@@ -319,4 +378,5 @@ class LLMEngine:
         if finished:
             del self._parents[parent_id]
         return RequestOutput(parent_id, first.prompt, list(first.prompt_token_ids), first.prompt_logprobs, outs,
-                             finished, error=next((r.error for r in children if r.error), None))
+                             finished, error=next((r.error for r in children if r.error), None),
+                             num_cached_tokens=first.num_cached_tokens or 0)

@@ -45,6 +45,12 @@ class Request:
     detokenizer: object | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
     mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)
+    # prefix cache
+    num_cached_tokens: int | None = None  # tokens the cache held at the first admission
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of all_token_ids, as far as known
+    num_registered_blocks: int = 0  # leading blocks already findable in the cache
+    pending_snapshots: list = field(default_factory=list)  # snapshots this step writes (cache.prefix.Snapshot)
+    fork_of: Request | None = None  # set on n > 1 siblings: wait for this first sibling's prefill, then fork from it
 
     @property
     def num_prompt_tokens(self) -> int:

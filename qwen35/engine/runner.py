@@ -2,7 +2,11 @@
 sample a token or report prompt logprobs. Requests with images or videos first get the vision-tower work the
 scheduler granted them this step (items in order, a large one spread over several steps); the embeddings are kept
 until the request ends, so a recompute after preemption needs no second pass, and are written over the placeholder
-rows, with the 3D positions. A chunk of 0 tokens only encodes."""
+rows, with the 3D positions. A chunk of 0 tokens only encodes.
+
+With a prefix cache it also moves state: a request resuming from a snapshot gets a copy of it in its own slot before
+the forward; snapshots taken inside a chunk are written by the recurrent layers (`SeqChunk.snapshots`); an n > 1
+sibling forked after the first one's prefill gets copies of its state and of its last, partial KV block."""
 
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ class ModelRunner:
         """Per chunk: its logits rows ([rows, V]) or None. A chunk wants every row when it still covers prompt
         positions whose logprobs were asked for, else only its last row when it samples."""
         self._encode_visual(chunks)
+        for c in chunks:
+            if c.restore is not None:
+                self.cache.copy_state(c.restore.slot, c.request.state_slot)
         everything = chunks
         chunks = [c for c in chunks if c.num_tokens]
         seqs, wants = [], []
@@ -39,7 +46,7 @@ class ModelRunner:
             positions = r.mm.positions_for(start, start + c.num_tokens) if r.mm is not None else None
             seqs.append(SeqChunk(r.all_token_ids[start:start + c.num_tokens], num_past=start,
                                  state_slot=r.state_slot, block_ids=r.block_ids, positions=positions,
-                                 want_logits=want))
+                                 want_logits=want, snapshots=c.snapshots))
             wants.append(want)
         if not chunks:
             return [None] * len(everything)
@@ -52,6 +59,14 @@ class ModelRunner:
             out[id(c)] = logits[at:at + n] if n else None
             at += n
         return [out.get(id(c)) for c in everything]
+
+    def fork(self, leader, req) -> None:
+        """Copy the leader's state and its partial last block (the full ones are shared) into a forked sibling."""
+        self.cache.copy_state(leader.state_slot, req.state_slot)
+        bs = self.cache.block_size
+        if leader.num_computed_tokens % bs:
+            i = leader.num_computed_tokens // bs
+            self.cache.copy_block(leader.block_ids[i], req.block_ids[i])
 
     def _encode_visual(self, chunks: list[ScheduledChunk]) -> None:
         """Do the tower work granted to each request of the step (n > 1 siblings share one MultimodalPrompt)."""

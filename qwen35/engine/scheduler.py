@@ -9,14 +9,20 @@ Images and videos are encoded in pieces between steps: each step has an encoder 
 requests in the same order; a prompt is prefilled only up to the first placeholder of an item whose encoding is not
 fully granted (the runner does the granted work before the forward), and a request with nothing else to do this
 step gets a chunk of 0 tokens that only encodes. So a large image costs running streams a bounded delay per step
-instead of one long stall."""
+instead of one long stall.
+
+With a prefix cache, a request admitted (or re-admitted after preemption) first resumes past the part of its tokens
+the cache holds (`PrefixCache.lookup`); a prefill chunk that stops short of the known tokens ends on a block
+boundary; each chunk carries the state snapshots to take inside it. n > 1 completions wait for the first one's
+prefill and are then forked from it (`fork`): one prefill for all of them."""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwen35.cache.manager import BlockManager, SlotPool
+from qwen35.cache.prefix import PrefixCache, Snapshot
 from qwen35.engine.request import Request, Status
 
 
@@ -24,6 +30,8 @@ from qwen35.engine.request import Request, Status
 class ScheduledChunk:
     request: Request
     num_tokens: int  # new tokens computed this step, starting at request.num_computed_tokens
+    restore: Snapshot | None = None  # copy this snapshot into the request's state slot first
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # (after k of the new tokens, snapshot slot)
 
     @property
     def completes_known_tokens(self) -> bool:
@@ -33,13 +41,15 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 encoder_budget: int | None = None):
+                 encoder_budget: int | None = None, prefix: PrefixCache | None = None):
         """encoder_budget: vision-tower patches encoded per step; default max_num_batched_tokens (a patch of tower
         work costs far less than a token of decoder work for the released models, so an encoding step costs no
         more than a prefill chunk)."""
         self.blocks, self.slots = blocks, slots
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.encoder_budget = encoder_budget or max_num_batched_tokens
+        self.prefix = prefix
+        self._step: list[ScheduledChunk] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -51,6 +61,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
+        if self._step:  # with a prefix cache: pins and reserved snapshots are still out
+            raise RuntimeError("schedule() again before step_done() of the previous step")
         budget = self.max_num_batched_tokens
         self._encoder_left = self.encoder_budget
         out: list[ScheduledChunk] = []
@@ -58,7 +70,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n, grant = self._media_cut(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            n, grant = self._media_cut(req, self._aligned(req, budget))
             if n == 0 and grant == 0:  # waits for its images to be encoded; the encoder budget is spent
                 i += 1
                 continue
@@ -71,24 +83,97 @@ class Scheduler:
                     break
                 continue
             self._grant(req, grant)
-            out.append(ScheduledChunk(req, n))
+            out.append(self._chunk(req, n))
             budget -= n
             i += 1
         # After a preemption, admitting anyone would only take back the blocks just freed (thrashing).
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
-                and self.slots.num_free:
-            req = self.waiting[0]
-            n, grant = self._media_cut(req, min(req.num_tokens - req.num_computed_tokens, budget))
-            if (n == 0 and grant == 0) or not self._grow(req, req.num_computed_tokens + n):
+        waiting = [r for r in self.waiting if r.fork_of is None or r.fork_of.is_finished]  # others wait for theirs
+        for req in waiting:
+            if preempted or budget <= 0 or len(self.running) >= self.max_num_seqs or not self.slots.num_free:
                 break
-            self.waiting.popleft()
+            snap = self._resume(req)
+            n, grant = self._media_cut(req, self._aligned(req, budget))
+            if (n == 0 and grant == 0) or not self._grow(req, req.num_computed_tokens + n):
+                self._unresume(req, snap)
+                break
+            self.waiting.remove(req)
+            req.fork_of = None
             req.state_slot = self.slots.allocate()
             req.status = Status.RUNNING
             self.running.append(req)
             self._grant(req, grant)
-            out.append(ScheduledChunk(req, n))
+            out.append(self._chunk(req, n, snap))
             budget -= n
+        if self.prefix is not None:
+            self._step = out
         return out
+
+    def _resume(self, req: Request):
+        """Skip what the prefix cache holds of a request being admitted; the snapshot to restore, if any. Not for
+        a request that wants its prompt's logprobs: they need every position's logits."""
+        if self.prefix is None or req.prompt_logprobs is not None:
+            return None
+        num_cached, blocks, snap = self.prefix.lookup(req)
+        req.block_ids, req.num_computed_tokens, req.num_registered_blocks = blocks, num_cached, len(blocks)
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = num_cached
+        return snap
+
+    def _unresume(self, req: Request, snap) -> None:
+        if self.prefix is not None:
+            self.prefix.release(req.block_ids, snap)
+            req.block_ids, req.num_computed_tokens, req.num_registered_blocks = [], 0, 0
+
+    def _aligned(self, req: Request, budget: int) -> int:
+        """Tokens to compute this step: all that are known, within budget; with a prefix cache a chunk that stops
+        short ends on a block boundary (so its blocks are complete and cacheable) when that leaves any."""
+        start, n = req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget)
+        boundary = (start + n) // self.blocks.block_size * self.blocks.block_size
+        if self.prefix is not None and start + n < req.num_tokens and boundary > start:
+            n = boundary - start
+        return n
+
+    def _chunk(self, req: Request, n: int, snap=None) -> ScheduledChunk:
+        c = ScheduledChunk(req, n, restore=snap)
+        if self.prefix is not None and n:
+            c.snapshots = self.prefix.plan_snapshots(req, req.num_computed_tokens, n)
+        return c
+
+    def step_done(self, ok: bool = True) -> None:
+        """The step's forward ran (ok) or failed: register what it computed, or drop what it would have; release
+        the restored snapshots. Call it after the forward and before num_computed_tokens moves on."""
+        chunks, self._step = self._step, []
+        if self.prefix is None:
+            return
+        for c in chunks:
+            if c.restore is not None:
+                self.prefix.snapshots.unpin(c.restore)
+            if ok and not c.request.is_finished:
+                self.prefix.commit(c.request, c.request.num_computed_tokens + c.num_tokens)
+            else:
+                self.prefix.abandon(c.request)
+
+    def fork(self, leader: Request, req: Request) -> bool:
+        """Give a waiting sibling the leader's prompt: its full blocks shared, its last partial block and its state
+        slot to be copied by the runner (`forked_from`). False when no slot or block is free; the sibling then
+        waits as any request would (and resumes from the cache)."""
+        bs = self.blocks.block_size
+        n_full = leader.num_computed_tokens // bs
+        partial = leader.num_computed_tokens % bs != 0
+        if not self.slots.num_free or len(self.running) >= self.max_num_seqs \
+                or not self.blocks.can_allocate(int(partial)):
+            return False
+        self.waiting.remove(req)
+        self.blocks.acquire(leader.block_ids[:n_full])
+        req.block_ids = leader.block_ids[:n_full] + self.blocks.allocate(int(partial))
+        req.num_computed_tokens = leader.num_computed_tokens
+        req.num_registered_blocks = leader.num_registered_blocks
+        req.num_cached_tokens = leader.num_cached_tokens
+        req.state_slot = self.slots.allocate()
+        req.fork_of = None
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return True
 
     def _media_cut(self, req: Request, n: int) -> tuple[int, int]:
         """(tokens of the next n that can be prefilled this step, patches of encoder work to grant for them)."""
@@ -113,7 +198,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.blocks.free(req.block_ids)
-        req.block_ids = []
+        req.block_ids, req.num_registered_blocks = [], 0
         if req.state_slot is not None:
             self.slots.free(req.state_slot)
             req.state_slot = None

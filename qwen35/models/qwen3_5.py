@@ -50,22 +50,43 @@ class GatedDeltaNet(nn.Module):
         N = x.shape[0]
         mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         z = z.reshape(N, self.num_v_heads, self.v_head_dim)
-        conv_state = ssm_state = None
-        if cache is not None:
-            conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
-            has = batch.has_initial_state[:, None, None]
-            conv_state = torch.where(has, conv_pool[batch.state_slots], 0)  # where, not *: a stale slot may hold NaN
-            ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
-            # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
-            mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
-        mixed, new_conv_state = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], batch.cu_seqlens, conv_state)
-        q, k, v = self._split(mixed)
-        o, new_ssm_state = gated_delta_rule(q, k, v, *self._gates(a, b), batch.cu_seqlens, ssm_state)
-        if cache is not None:
-            conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
-            ssm_pool[batch.state_slots] = new_ssm_state
+        o = self.mix(mixed, a, b, batch, cache)
         o = self.norm(o, z)
         return self.out_proj(o.reshape(N, self.value_dim))
+
+    def mix(self, mixed, a, b, batch: ForwardBatch, cache=None, conv=causal_conv1d, conv_weight=None):
+        """Everything between the projections: the causal conv and the delta rule over the cache's states, which
+        are read, written back, and copied to the slots the batch names part-way through (`batch.segments`)."""
+        weight = self.conv1d.weight[:, 0, :] if conv_weight is None else conv_weight
+        g, beta = self._gates(a, b)
+        if cache is None:
+            mixed, _ = conv(mixed, weight, batch.cu_seqlens, None)
+            return gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, None)[0]
+        conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+        has = batch.has_initial_state[:, None, None]
+        conv_state = torch.where(has, conv_pool[batch.state_slots], 0)  # where, not *: a stale slot may hold NaN
+        ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
+        # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
+        mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
+        if batch.segments is None:
+            mixed, conv_state = conv(mixed, weight, batch.cu_seqlens, conv_state)
+            o, ssm_state = gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state)
+        else:
+            o = None
+            for seg in batch.segments:
+                y, cs = conv(mixed[seg.rows], weight, seg.cu_seqlens, conv_state[seg.seqs])
+                o_seg, ss = gated_delta_rule(*self._split(y), g[seg.rows], beta[seg.rows], seg.cu_seqlens,
+                                             ssm_state[seg.seqs])
+                if o is None:
+                    o = o_seg.new_empty((mixed.shape[0], *o_seg.shape[1:]))
+                o[seg.rows] = o_seg
+                conv_state[seg.seqs], ssm_state[seg.seqs] = cs.to(conv_state.dtype), ss
+                copy = seg.copy_to >= 0
+                conv_pool[seg.copy_to[copy]] = cs[copy].to(conv_pool.dtype)
+                ssm_pool[seg.copy_to[copy]] = ss[copy]
+        conv_pool[batch.state_slots] = conv_state.to(conv_pool.dtype)
+        ssm_pool[batch.state_slots] = ssm_state
+        return o
 
     def _split(self, mixed):
         N = mixed.shape[0]

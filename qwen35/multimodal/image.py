@@ -118,7 +118,8 @@ def process_image(image: Image.Image, cfg: ProcessorConfig, name: str = "image")
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.Resampling.BICUBIC)
     pixels = np.asarray(image)  # kept as uint8 until the tower asks for the float patches
-    return VisualItem("image", lambda: _image_patches(pixels, cfg), (1, h // cfg.patch_size, w // cfg.patch_size))
+    return VisualItem("image", lambda: _image_patches(pixels, cfg), (1, h // cfg.patch_size, w // cfg.patch_size),
+                      content=pixels)
 
 
 def _image_patches(pixels: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -25,15 +27,26 @@ class VisualItem:
     tower: float32, and each image seen twice)."""
 
     def __init__(self, kind: str, pixel_values: torch.Tensor | Callable[[], torch.Tensor],
-                 grid_thw: tuple[int, int, int], timestamps: list[float] | None = None):
+                 grid_thw: tuple[int, int, int], timestamps: list[float] | None = None,
+                 content: np.ndarray | None = None):
+        """content: the resized uint8 pixels the rows are made from (hashed for the prefix cache instead of the
+        8x larger float rows)."""
         self.kind = kind  # "image" or "video"
         self._pixels = pixel_values  # the tensor, or a function making it
         self.grid_thw = tuple(grid_thw)  # (t, h, w) in patches
         self.timestamps = timestamps  # video only: seconds, one per temporal patch
+        self._content = content
 
     @property
     def pixel_values(self) -> torch.Tensor:
         return self._pixels() if callable(self._pixels) else self._pixels
+
+    def digest(self) -> bytes:
+        """A hash of what the vision tower will see: two items with one digest embed alike."""
+        h = hashlib.blake2b(f"{self.kind} {self.grid_thw} {self.timestamps}".encode(), digest_size=16)
+        data = self._content if self._content is not None else self.pixel_values.numpy()
+        h.update(np.ascontiguousarray(data).data)
+        return h.digest()
 
     def num_tokens(self, merge_size: int) -> int:
         """Placeholder tokens the item occupies in the prompt: patches / merge_size**2."""

@@ -12,6 +12,8 @@ prompt, so chunked prefill and recompute after preemption slice the same array, 
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,8 @@ class MultimodalPrompt:
     rope_delta: int  # decode position = token index + rope_delta
     feature_rows: torch.Tensor  # [num_prompt_tokens] int64: row of `embeds` for a placeholder, -1 for text
     item_starts: list[int] = field(default_factory=list)  # position of each item's first placeholder
+    digests: list[bytes] = field(default_factory=list)  # each item's content hash (VisualItem.digest)
+    row_ends: list[int] = field(default_factory=list)  # item k's rows of `embeds` end at row_ends[k]
     embeds: torch.Tensor | None = None  # [num_visual_tokens, hidden], filled item by item as the tower finishes them
     granted: int = 0  # patches of tower work granted so far (scheduler)
     encoded_items: int = 0  # items whose embeddings are in `embeds` (runner)
@@ -61,6 +65,16 @@ class MultimodalPrompt:
             if granted < 0:
                 return start
         return self.num_prompt_tokens
+
+    def items_in(self, start: int, end: int) -> bytes:
+        """The digests of the items with a placeholder among positions start..end-1 (for the prefix cache's block
+        hashes: equal token ids with other pixels are other content)."""
+        rows = self.feature_rows[start:end]
+        rows = rows[rows >= 0]
+        if not rows.numel():
+            return b""
+        first, last = bisect_right(self.row_ends, int(rows.min())), bisect_right(self.row_ends, int(rows.max()))
+        return b"".join(self.digests[first:last + 1])
 
     def positions_for(self, start: int, end: int) -> torch.Tensor:
         """[3, end - start] positions of tokens start..end-1 (prompt or generated)."""
@@ -135,7 +149,9 @@ def expand_prompt(token_ids: Sequence[int], images: Sequence, videos: Sequence, 
         i += 1
     positions, delta, rows = _positions(len(out), blocks)
     grids = [tuple(int(x) for x in item.grid_thw) for item in ordered]
-    return out, MultimodalPrompt(ordered, grids, positions, delta, rows, starts)
+    row_ends = list(itertools.accumulate(item.num_tokens(merge_size) for item in ordered))
+    return out, MultimodalPrompt(ordered, grids, positions, delta, rows, starts, [item.digest() for item in ordered],
+                                 row_ends)
 
 
 def _positions(L: int, blocks: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int, torch.Tensor]:

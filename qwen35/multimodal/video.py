@@ -116,8 +116,8 @@ def process_video(video: VideoFrames, cfg: ProcessorConfig, name: str = "video")
         frames = np.stack([_resize(f, h, w) for f in frames])
     P = cfg.patch_size
     grid = (-(-n // tp), h // P, w // P)
-    return VisualItem("video", lambda: _video_patches(frames, cfg), grid, calculate_timestamps(video.indices,
-                                                                                              video.fps, tp))
+    return VisualItem("video", lambda: _video_patches(frames, cfg), grid,
+                      calculate_timestamps(video.indices, video.fps, tp), content=frames)
 
 
 def _video_patches(frames: np.ndarray, cfg: ProcessorConfig) -> torch.Tensor:

@@ -32,8 +32,8 @@ from qwen35.serve.middleware import (ERROR_RESPONSES, APIError, Guard, InFlight,
 from qwen35.serve.prompts import Prompts, default_max_body_bytes, forced_tool_call
 from qwen35.serve.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatCompletionStreamChoice, CompletionChoice, CompletionRequest,
-                                   CompletionResponse, DeltaMessage, DetokenizeRequest, TokenizeRequest, Usage,
-                                   random_id)
+                                   CompletionResponse, DeltaMessage, DetokenizeRequest, PromptTokensDetails,
+                                   TokenizeRequest, Usage, random_id)
 from qwen35.serve.reasoning import is_thinking_prompt
 from qwen35.serve.responses import ChatStreamState, build_chat_choice, chat_logprobs, completion_logprobs, sse
 
@@ -207,7 +207,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
 
     def usage(out: RequestOutput) -> Usage:
         n_prompt, n_out = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
-        return Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+        return Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
 
     def max_tokens_for(requested: int | None, num_prompt: int) -> int:
         if requested is not None:
@@ -397,9 +398,12 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         choices, total = [], Usage()
         for i, (out, echo) in enumerate(zip(outs, echoes)):
             u = usage(out)
+            cached = (total.prompt_tokens_details.cached_tokens if total.prompt_tokens_details else 0) + \
+                u.prompt_tokens_details.cached_tokens
             total = Usage(prompt_tokens=total.prompt_tokens + u.prompt_tokens,
                           completion_tokens=total.completion_tokens + u.completion_tokens,
-                          total_tokens=total.total_tokens + u.total_tokens)
+                          total_tokens=total.total_tokens + u.total_tokens,
+                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
             for c in out.outputs:
                 ids, entries = completion_tokens(out, c, 0, echo)
                 logprobs = completion_logprobs(ids, entries, k, 0, decode_one) if k is not None else None

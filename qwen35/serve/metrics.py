@@ -1,5 +1,6 @@
 """Prometheus metrics of the server: request counts by outcome, token counters, engine gauges (running and waiting
-requests, KV blocks, state slots) and latency histograms (time to first token, inter-token latency)."""
+requests, KV blocks, state slots, state snapshots), the prefix cache's counters and latency histograms (time to first
+token, inter-token latency)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,15 @@ class Metrics:
         lines += ["# TYPE qwen35_prompt_tokens_total counter", f"qwen35_prompt_tokens_total {self.prompt_tokens}",
                   "# TYPE qwen35_generation_tokens_total counter",
                   f"qwen35_generation_tokens_total {self.generation_tokens}"]
+        pc = e.prefix_cache_stats  # queries/hits in tokens, as vLLM's prefix_cache_queries/hits; then in requests
+        for name, value in (("prefix_cache_queries", pc.queried_tokens), ("prefix_cache_hits", pc.hit_tokens),
+                            ("prefix_cache_requests", pc.queries), ("prefix_cache_request_hits", pc.hits)):
+            lines += [f"# TYPE qwen35_{name}_total counter", f"qwen35_{name}_total {value}"]
         gauges = {"num_requests_running": engine.num_running, "num_requests_waiting": engine.num_waiting,
                   "kv_blocks_total": e.blocks.num_blocks, "kv_blocks_used": e.blocks.num_blocks - e.blocks.num_free,
-                  "state_slots_total": e.slots.num_slots, "state_slots_used": e.slots.num_slots - e.slots.num_free}
+                  "kv_blocks_cached": e.blocks.num_cached,
+                  "state_slots_total": e.slots.num_slots, "state_slots_used": e.slots.num_slots - e.slots.num_free,
+                  "state_snapshots_total": e.snapshots.num_slots, "state_snapshots_used": e.snapshots.num_used}
         for name, value in gauges.items():
             lines += [f"# TYPE qwen35_{name} gauge", f"qwen35_{name} {value}"]
         lines += self.ttft.lines("qwen35_time_to_first_token_seconds")

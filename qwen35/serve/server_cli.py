@@ -6,8 +6,8 @@ import argparse
 import logging
 import socket
 
-from qwen35.cli_types import (add_quantization_flags, api_key, device, json_object, mm_limits, port, positive_float,
-                              positive_int, quantization_kwargs)
+from qwen35.cli_types import (add_cache_flags, add_quantization_flags, api_key, cache_kwargs, device, json_object,
+                              mm_limits, port, positive_float, positive_int, quantization_kwargs)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=positive_int, default=32)
     p.add_argument("--kv-cache-bytes", type=positive_int)
     add_quantization_flags(p)
+    add_cache_flags(p)
     p.add_argument("--max-body-bytes", type=positive_int, default=None,
                    help="largest request body accepted (default: a max-length prompt, plus one image at the "
                    "per-image limit for a vision model; images and videos arrive inside it as data: URLs)")
@@ -100,7 +101,7 @@ def cmd_serve(args) -> int:
     try:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args),
-                  **quantization_kwargs(args))
+                  **quantization_kwargs(args), **cache_kwargs(args))
         app = build_app(llm, args.served_model_name, api_key=args.api_key,
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,

@@ -30,7 +30,6 @@ from qwen35.backends.cpu import layers as L
 from qwen35.backends.cpu.weights import PackedWeight, experts, linear
 from qwen35.layers.quant import QuantLinear
 from qwen35.models.batch import ForwardBatch
-from qwen35.ops.gated_delta import gated_delta_rule
 from qwen35.ops.moe import route_logits
 from qwen35.ops.rope import rope_cos_sin
 from qwen35.quant import QuantizedWeight
@@ -130,19 +129,7 @@ class _GatedDeltaNet:
         mixed, z = _lin(x, self.in_qkvz).split([2 * m.key_dim + m.value_dim, m.value_dim], dim=-1)
         b, a = _lin(x, self.in_ba).split([m.num_v_heads, m.num_v_heads], dim=-1)
         z = z.reshape(N, m.num_v_heads, m.v_head_dim)
-        conv_state = ssm_state = None
-        if cache is not None:
-            conv_pool, ssm_pool = cache.conv[m.layer_idx], cache.ssm[m.layer_idx]
-            has = batch.has_initial_state[:, None, None]
-            conv_state = torch.where(has, conv_pool[batch.state_slots], 0)
-            ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
-            mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
-        mixed, new_conv_state = L.causal_conv1d(mixed, self.conv_w, batch.cu_seqlens, conv_state)
-        q, k, v = m._split(mixed)
-        o, new_ssm_state = gated_delta_rule(q, k, v, *m._gates(a, b), batch.cu_seqlens, ssm_state)
-        if cache is not None:
-            conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
-            ssm_pool[batch.state_slots] = new_ssm_state
+        o = m.mix(mixed, a, b, batch, cache, conv=L.causal_conv1d, conv_weight=self.conv_w)
         return _lin(m.norm(o, z).reshape(N, m.value_dim), self.out)
 
 
@@ -310,7 +297,7 @@ class CpuDecoder:
         h = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).float()
         text = self.model.model
         cos, sin = rope_cos_sin(batch.positions, text.inv_freq, self.cfg.mrope_section, h.dtype)
-        if self.fused and cache is not None and h.shape[0] == batch.num_seqs:
+        if self.fused and cache is not None and h.shape[0] == batch.num_seqs and batch.segments is None:
             return self._decode(h, cos, sin, batch, cache)
         for layer, mixer, ffn in self.layers:
             h = h + mixer(layer.input_layernorm(h), cos, sin, batch, cache)
