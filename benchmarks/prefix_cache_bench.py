@@ -1,8 +1,13 @@
 """Prefix-caching benchmark: run `qwen35 serve` (the embedded demo model unless --model) on loopback twice, with
 `--enable-prefix-caching` and with `--no-enable-prefix-caching`, and measure two workloads through the HTTP API.
 
-    python benchmarks/prefix_cache_bench.py [--quick] [--model DIR] [--conversations 8] [--turns 6]
+    python benchmarks/prefix_cache_bench.py [--quick] [--model DIR | --geometry qwen3.5-0.8b] [--conversations 8]
+                                            [--turns 6]
                                             [--concurrent] [--batch 16] [--out FILE] [-- extra serve flags]
+
+--geometry builds a random-weight checkpoint of a released model's text geometry (e.g. qwen3.5-0.8b: 24 layers,
+18 Gated DeltaNet) with the demo model's tokenizer and vocabulary, so prefill costs what that size costs (the demo
+model's TTFT is mostly HTTP and template overhead); its replies are noise, which the workloads do not mind.
 
 1. Multi-turn chat: --conversations chats of --turns turns each. Every turn sends the whole conversation so far (the
    previous assistant replies as the server returned them) plus a new user message of about --user-words words,
@@ -401,9 +406,37 @@ def print_tables(results: dict) -> None:
         print("NOTE:", note)
 
 
+def random_checkpoint(geometry: str) -> Path:
+    """A random-weight text checkpoint of the preset's geometry with the demo model's vocabulary and tokenizer,
+    written once into a temporary folder kept between runs."""
+    import shutil
+
+    from qwen35.demo import DEMO_DIR, write_random_checkpoint
+    from qwen35.presets import preset
+
+    path = Path(tempfile.gettempdir()) / f"qwen35-prefix-bench-{geometry}"
+    if (path / "model.safetensors").is_file():
+        return path
+    demo = json.loads((DEMO_DIR / "config.json").read_text())
+    geo = preset(geometry)
+    config = {k: v for k, v in demo.items() if k != "vision_config"}
+    config.update(model_type=geo["model_type"], architectures=geo["architectures"],
+                  tie_word_embeddings=geo.get("tie_word_embeddings", False))
+    config["text_config"] = dict(geo["text_config"], vocab_size=demo["text_config"]["vocab_size"],
+                                 eos_token_id=demo["text_config"]["eos_token_id"])
+    path.mkdir(parents=True, exist_ok=True)
+    write_random_checkpoint(path, config)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab_map.json"):
+        if (DEMO_DIR / f).is_file():
+            shutil.copy(DEMO_DIR / f, path / f)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--geometry", help="a random-weight checkpoint of this preset's text geometry (e.g. qwen3.5-0.8b) "
+                   "with the demo tokenizer, instead of --model")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 conversations x 2 turns, 16 new tokens, 4 batch requests, a ~150-token system "
                    "prompt (flags given explicitly still apply)")
@@ -428,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 2:
         p.error("--batch must be at least 2 (the shared prefix is measured between two requests)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
+    if args.geometry:
+        if args.model:
+            p.error("--geometry and --model are exclusive")
+        args.model = str(random_checkpoint(args.geometry))
 
     notes = []
     has_flag = "--no-enable-prefix-caching" in serve_help()

@@ -186,7 +186,7 @@ class PrefixCache:
     def plan_snapshots(self, req, start: int, n: int) -> list[tuple[int, int]]:
         """Snapshots to take while computing tokens start .. start+n-1: (tokens into the chunk, slot) pairs. The
         reserved slots are kept in req.pending_snapshots until `commit` (or `abandon`)."""
-        if self.snapshots is None:
+        if self.snapshots is None or start >= req.num_prompt_tokens - 1:  # decode steps take none
             return []
         hs, bs, out = self.hashes(req), self.block_size, []
         for p in self._positions(req.num_prompt_tokens):
