@@ -140,7 +140,7 @@ class PrefixCache:
     """Where a request resumes and which snapshots its prefill takes; registers what a step computed.
 
     Works on the engine's requests (duck-typed: token ids, block ids, `mm`, and the fields `block_hashes`,
-    `num_registered_blocks`, `pending_snapshots`)."""
+    `num_registered_blocks`, `pending_snapshots`, `extra_snapshots`)."""
 
     def __init__(self, blocks: BlockManager, snapshots: SnapshotPool | None):
         """snapshots: None for a model without Gated DeltaNet layers (every block boundary is a resume point)."""
@@ -159,7 +159,8 @@ class PrefixCache:
 
     def lookup(self, req) -> tuple[int, list[int], Snapshot | None]:
         """(tokens to resume past, the cached blocks holding them, the snapshot to restore). Blocks are acquired
-        and the snapshot pinned; the caller undoes it with `release` if it cannot admit the request."""
+        and the snapshot pinned; the caller undoes it with `release` if it does not admit the request. Where the
+        cached blocks reach deeper than the snapshot, the request will pass that branch point: it snapshots there."""
         hs = self.hashes(req)
         hit = self.blocks.match(hs[:(req.num_tokens - 1) // self.block_size])
         snap, n = None, len(hit)
@@ -171,11 +172,9 @@ class PrefixCache:
                     n = j
                     self.snapshots.use(snap)
                     break
+            if len(hit) > n:
+                req.extra_snapshots.add(len(hit) * self.block_size)
         self.blocks.acquire(hit[:n])
-        s = self.stats
-        s.queries, s.queried_tokens = s.queries + 1, s.queried_tokens + req.num_tokens
-        if n:
-            s.hits, s.hit_tokens = s.hits + 1, s.hit_tokens + n * self.block_size
         return n * self.block_size, hit[:n], snap
 
     def release(self, blocks: list[int], snap: Snapshot | None) -> None:
@@ -183,14 +182,45 @@ class PrefixCache:
         if snap is not None:
             self.snapshots.unpin(snap)
 
-    def plan_snapshots(self, req, start: int, n: int) -> list[tuple[int, int]]:
-        """Snapshots to take while computing tokens start .. start+n-1: (tokens into the chunk, slot) pairs. The
-        reserved slots are kept in req.pending_snapshots until `commit` (or `abandon`)."""
+    def count(self, req) -> None:
+        """A lookup that admitted the request (the metrics count tokens, as vLLM's do)."""
+        s = self.stats
+        s.queries, s.queried_tokens = s.queries + 1, s.queried_tokens + req.num_tokens
+        if req.num_computed_tokens:
+            s.hits, s.hit_tokens = s.hits + 1, s.hit_tokens + req.num_computed_tokens
+
+    def add_in_flight(self, flight: dict, req) -> None:
+        """Record the prompt blocks a prefill will compute (not cached yet) in `flight`, by hash."""
+        hs = self.hashes(req)
+        for h in hs[req.num_registered_blocks:req.num_prompt_tokens // self.block_size]:
+            flight.setdefault(h, req)
+
+    def wait_for(self, req, flight: dict) -> tuple[object, int] | None:
+        """When another prefill is computing the next blocks this request needs: (that request, the position where
+        their prompts part). The caller has it snapshot there and lets this one wait to resume from it, instead of
+        computing the same prefix twice (requests with one system prompt arriving together)."""
+        hs, limit = self.hashes(req), (req.num_tokens - 1) // self.block_size
+        h = len(self.blocks.match(hs[:limit]))
+        other = flight.get(hs[h]) if h < limit else None
+        if other is None or other is req or self.snapshots is None:
+            return None
+        b = h
+        while b < limit and flight.get(hs[b]) is other:
+            b += 1
+        return other, b * self.block_size
+
+    def plan_snapshots(self, req, start: int, n: int, positions=None) -> list[tuple[int, int]]:
+        """Snapshots to take while computing tokens start .. start+n-1 (at `positions`, default the request's own):
+        (tokens into the chunk, slot) pairs. The reserved slots are kept in req.pending_snapshots until `commit` (or
+        `abandon`)."""
         if self.snapshots is None or start >= req.num_prompt_tokens - 1:  # decode steps take none
             return []
         hs, bs, out = self.hashes(req), self.block_size, []
-        for p in self._positions(req.num_prompt_tokens):
-            if start < p <= start + n and self.snapshots.find(hs[p // bs - 1]) is None:
+        pending = {s.num_tokens for s in req.pending_snapshots}
+        if positions is None:
+            positions = sorted({*self._positions(req.num_prompt_tokens), *req.extra_snapshots})
+        for p in positions:
+            if start < p <= start + n and p not in pending and self.snapshots.find(hs[p // bs - 1]) is None:
                 snap = self.snapshots.reserve(p)
                 if snap is None:
                     break

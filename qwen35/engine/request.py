@@ -50,6 +50,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of all_token_ids, as far as known
     num_registered_blocks: int = 0  # leading blocks already findable in the cache
     pending_snapshots: list = field(default_factory=list)  # snapshots this step writes (cache.prefix.Snapshot)
+    extra_snapshots: set[int] = field(default_factory=set)  # branch points to snapshot at, besides the usual ones
     fork_of: Request | None = None  # set on n > 1 siblings: wait for this first sibling's prefill, then fork from it
 
     @property

@@ -88,22 +88,34 @@ class Scheduler:
             i += 1
         # After a preemption, admitting anyone would only take back the blocks just freed (thrashing).
         waiting = [r for r in self.waiting if r.fork_of is None or r.fork_of.is_finished]  # others wait for theirs
+        flight = {}  # prompt blocks that running prefills will compute, by hash
+        if self.prefix is not None:
+            for r in self.running:
+                self.prefix.add_in_flight(flight, r)
         for req in waiting:
             if preempted or budget <= 0 or len(self.running) >= self.max_num_seqs or not self.slots.num_free:
                 break
             snap = self._resume(req)
+            if self._waits_for_shared_prefix(req, flight, out):
+                self._unresume(req, snap)
+                continue
             n, grant = self._media_cut(req, self._aligned(req, budget))
             if (n == 0 and grant == 0) or not self._grow(req, req.num_computed_tokens + n):
                 self._unresume(req, snap)
                 break
             self.waiting.remove(req)
             req.fork_of = None
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = req.num_computed_tokens
             req.state_slot = self.slots.allocate()
             req.status = Status.RUNNING
             self.running.append(req)
             self._grant(req, grant)
             out.append(self._chunk(req, n, snap))
             budget -= n
+            if self.prefix is not None:
+                self.prefix.count(req)
+                self.prefix.add_in_flight(flight, req)
         if self.prefix is not None:
             self._step = out
         return out
@@ -115,9 +127,23 @@ class Scheduler:
             return None
         num_cached, blocks, snap = self.prefix.lookup(req)
         req.block_ids, req.num_computed_tokens, req.num_registered_blocks = blocks, num_cached, len(blocks)
-        if req.num_cached_tokens is None:
-            req.num_cached_tokens = num_cached
         return snap
+
+    def _waits_for_shared_prefix(self, req: Request, flight: dict, out: list[ScheduledChunk]) -> bool:
+        """Another prefill computes the blocks this request would resume into: it snapshots where their prompts
+        part (in this step's chunk if that reaches there), and this one waits to resume from that snapshot."""
+        if self.prefix is None or req.prompt_logprobs is not None:
+            return False
+        found = self.prefix.wait_for(req, flight)
+        if found is None:
+            return False
+        other, point = found
+        if point not in other.extra_snapshots:
+            other.extra_snapshots.add(point)
+            c = next((c for c in out if c.request is other), None)
+            if c is not None and c.num_tokens:
+                c.snapshots += self.prefix.plan_snapshots(other, other.num_computed_tokens, c.num_tokens, [point])
+        return True
 
     def _unresume(self, req: Request, snap) -> None:
         if self.prefix is not None:
