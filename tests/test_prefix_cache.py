@@ -60,8 +60,9 @@ def image_key(img: Image.Image) -> str:
 class Twins:
     """An LLM with prefix caching and its twin without. Requests run on the cached one; `history` holds each prompt
     it has seen (token ids, image placeholders tagged with their image) to say where a new request must resume: at
-    the deepest snapshot of an earlier prompt that agrees with it up to there, short of its last token. `finish`
-    replays everything with caching off, which must give the same tokens."""
+    the deepest snapshot of an earlier prompt that agrees with it up to there, short of its last token. (Prompts here
+    are too short for interval snapshots; requests admitted in one step resume only from what was there before.)
+    `finish` replays everything with caching off, which must give the same tokens."""
 
     def __init__(self, on: LLM, off: LLM, image_token_id: int | None = None):
         self.on, self.off, self.image_token_id = on, off, image_token_id
@@ -239,13 +240,14 @@ def test_preempted_while_blocks_are_shared(twins):
     are preempted while others still read the shared blocks, come back, and all give what they give with caching
     off."""
     model = twins().on.model
-    kv = 20 * BLOCK * HybridCache.bytes_per_token(model.cache_spec(), torch.float32)  # 20 blocks; 11 the longest
+    # 20 blocks: the longest request needs 11, all together 6 shared + 31 of their own
+    kv = 20 * BLOCK * HybridCache.bytes_per_token(model.cache_spec(), torch.float32)
     t = twins(kv_cache_bytes=kv, max_num_seqs=8, max_num_batched_tokens=96)
     prefix = tokens(100, 700)
-    (out,) = t.generate([prefix + tokens(10, 701)], [greedy(max_tokens=24)])
+    (out,) = t.generate([prefix + tokens(10, 701)], [greedy(max_tokens=16)])
     assert out.num_cached_tokens == 0
     prompts = [prefix + tokens(10 + 7 * i, 702 + i) for i in range(7)]
-    sp = [greedy(max_tokens=24)] * 3 + [seeded(max_tokens=24) for _ in range(3)] + [seeded(n=2, max_tokens=24)]
+    sp = [greedy(max_tokens=16)] * 3 + [seeded(max_tokens=16) for _ in range(3)] + [seeded(n=2, max_tokens=16)]
     outs = t.generate(prompts, sp, check="any")
     assert outs[0].num_cached_tokens == 96
     assert t.on.engine.scheduler_preemptions > 0
