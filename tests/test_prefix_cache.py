@@ -190,12 +190,15 @@ def test_divergence_just_before_at_and_after_a_snapshot(twins, kind):
 
 def test_resumed_request_leaves_the_snapshot_it_started_from_untouched(twins):
     """A leaves a snapshot at 48; B and then A' resume from that same snapshot and go on. Had B run in the snapshot
-    instead of a copy of it, A' (and A again) would come out different from caching off."""
+    instead of a copy of it, A' (and A again) would come out different from caching off. Alongside, C (80 tokens,
+    a snapshot at 64) is extended twice: each extension recomputes tokens 64..79, whose full KV block C cached."""
     t = twins()
-    a = tokens(60, 300)
+    a, c = tokens(60, 300), tokens(80, 303)
     b, a2 = diverging(a, 52, 30, 301), diverging(a, 55, 20, 302)
-    resumed = [t.generate(*both([p]))[0].num_cached_tokens for p in (a, b, a2, a)]
-    assert resumed == [0, 48, 48, 48]
+    c1, c2 = diverging(c, 80, 20, 304), diverging(c, 80, 20, 305)
+    resumed = [[o.num_cached_tokens for o in t.generate(*both(p))] for p in ([a, c], [b, c1], [a2, c2], [a, c])]
+    # c2 resumes at 80 from c1's snapshot at floor16(100 - 9); c again at 64, short of its last token
+    assert resumed == [[0, 0] * 2, [48, 64] * 2, [48, 80] * 2, [48, 64] * 2]
     t.finish()
 
 
