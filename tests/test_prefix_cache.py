@@ -227,13 +227,14 @@ def test_prefix_shared_within_one_step_and_n_greater_than_one(twins):
 @pytest.mark.parametrize("chunk", [20, 37], ids=lambda c: f"budget{c}")
 def test_chunked_prefill_with_caching(twins, chunk):
     """Prompts prefilled in small chunks side by side give what they give with caching off; a long prompt then
-    resumes far past the first chunk and prefills the rest in chunks again."""
+    resumes far past the first chunk and prefills the rest in chunks again. (A small budget admits requests one
+    after another, so a copy of a prompt may resume from the other copy's snapshots: the second call has none.)"""
     t = twins(max_num_batched_tokens=chunk, max_num_seqs=8)
     prompts = [tokens(n, 600 + chunk + n) for n in (70, 160, 17)]
     t.generate(*both(prompts), check="at_least")
-    follow = [prompts[1] + tokens(40, 601 + chunk), prompts[0], diverging(prompts[0], 60, 50, 602 + chunk)]
-    outs = t.generate(*both(follow), check="at_least")
-    # chunk ends may leave more snapshots than a prompt's end does, but none deeper than these
+    follow = [[prompts[1] + tokens(40, 601 + chunk + i), prompts[0], diverging(prompts[0], 60, 50, 603 + chunk + i)]
+              for i in range(2)]
+    outs = t.generate(follow[0] + follow[1], [greedy()] * 3 + [seeded() for _ in range(3)])
     assert [o.num_cached_tokens for o in outs] == [144, 64, 48] * 2
     t.finish()
 
