@@ -123,7 +123,8 @@ class Twins:
 
     def finish(self):
         """Replay what ran with caching on, with caching off (one batch per kind of call; batching changes nothing
-        there): the same tokens for every completion. Then everything is free and no snapshot is held."""
+        there): the same tokens for every completion, the same logprobs within TOL. Then everything is free and no
+        snapshot is held."""
         for (how, _, kw), group in itertools.groupby(sorted(self.done, key=lambda d: d[:2]), key=lambda d: d[:3]):
             group = list(group)
             run = self.off.generate if how == "generate" else lambda *a: self.off.chat(*a, **kw)
