@@ -60,24 +60,55 @@ def image_key(img: Image.Image) -> str:
     return f"{img.size}:{hashlib.sha256(img.tobytes()).hexdigest()}"
 
 
+def common_blocks(a: tuple, b: tuple) -> int:
+    n = 0
+    while (n + 1) * BLOCK <= min(len(a), len(b)) and a[n * BLOCK:(n + 1) * BLOCK] == b[n * BLOCK:(n + 1) * BLOCK]:
+        n += 1
+    return n
+
+
 class Twins:
-    """An LLM with prefix caching and its twin without. Requests run on the cached one; `history` holds each prompt
-    it has seen (token ids, image placeholders tagged with their image) to say where a new request must resume: at
-    the deepest snapshot of an earlier prompt that agrees with it up to there, short of its last token. (Prompts here
-    are too short for interval snapshots; requests admitted in one step resume only from what was there before.)
-    `finish` replays everything with caching off, which must give the same tokens."""
+    """An LLM with prefix caching and its twin without. Requests run on the cached one; `snaps` and `blocks` hold the
+    prompt prefixes (token ids, image placeholders tagged with their image) where the cache has a state snapshot or
+    a full KV block, to say where a new request must resume. `finish` replays everything with caching off, which must
+    give the same tokens.
+
+    The model of the design: a request resumes at the deepest snapshot that agrees with it, short of its last token,
+    among those whose blocks are cached. A prompt snapshots at floor16(L-1) and floor16(L-9) (too short here for the
+    interval ones); a request whose cached blocks reach deeper than its snapshot snapshots at that depth (a branch
+    point). A request that needs blocks an earlier request of the same call is computing waits for it, which
+    snapshots where the two part: it resumes there."""
 
     def __init__(self, on: LLM, off: LLM, image_token_id: int | None = None):
         self.on, self.off, self.image_token_id = on, off, image_token_id
-        self.history, self.done = [], []
+        self.snaps, self.blocks, self.done = set(), set(), []
 
-    def resume_point(self, keys: tuple) -> int:
-        best = 0
-        for seen in self.history:
-            for p in snapshot_positions(len(seen)):
-                if best < p < len(keys) and seen[:p] == keys[:p]:
-                    best = p
-        return best
+    def predict(self, keys: list[tuple]) -> list[int]:
+        """Resume points of one call's requests, admitted in order; then what they leave behind is recorded."""
+        wants, earlier, snaps = [], [], set()
+        for k in keys:
+            limit = (len(k) - 1) // BLOCK
+            h = 0
+            while h < limit and k[:(h + 1) * BLOCK] in self.blocks:
+                h += 1
+            common = max((common_blocks(k, q) for q in earlier), default=0)
+            if common > h < limit:  # waits for the earlier request's snapshot where they part
+                want = min(common, limit) * BLOCK
+            else:
+                want = max((p for p in range(BLOCK, h * BLOCK + 1, BLOCK) if k[:p] in self.snaps), default=0)
+                if h * BLOCK > want:
+                    snaps.add(k[:h * BLOCK])
+            wants.append(want)
+            earlier.append(k)
+            snaps |= {k[:p] for p in snapshot_positions(len(k))} | ({k[:want]} if want else set())
+        self.snaps |= snaps
+        return wants
+
+    def remember_blocks(self, keys: tuple, outputs) -> None:
+        """Full blocks of what was computed: the prompt and each completion's tokens but its last."""
+        for c in outputs:
+            seq = keys + tuple(c.token_ids[:-1])
+            self.blocks |= {seq[:p] for p in range(BLOCK, len(seq) + 1, BLOCK)}
 
     def generate(self, prompts: list, sampling_params: list[SamplingParams], check: str = "exact"):
         images = [[image_key(i) for i in p["multi_modal_data"]["image"]] if isinstance(p, dict) else []
@@ -96,14 +127,14 @@ class Twins:
         requests admitted together, chunk-end snapshots) or "any" (KV pressure may evict what was predicted)."""
         assert len(outs) == len(prompts)
         keys = [self.keys(o.prompt_token_ids, imgs) for o, imgs in zip(outs, images)]
-        for o, k in zip(outs, keys):
-            want = self.resume_point(k)
+        for o, k, want in zip(outs, keys, self.predict(keys)):
             assert o.num_cached_tokens % BLOCK == 0 and 0 <= o.num_cached_tokens < len(o.prompt_token_ids)
             if check == "exact":
                 assert o.num_cached_tokens == want, (o.num_cached_tokens, want)
             elif check == "at_least":
                 assert o.num_cached_tokens >= want, (o.num_cached_tokens, want)
-        self.history += keys
+        for o, k in zip(outs, keys):
+            self.remember_blocks(k, o.outputs)
         self.done += [(how, repr(kw), kw, p, sp, o) for p, sp, o in zip(prompts, sampling_params, outs)]
         return outs
 
@@ -189,15 +220,15 @@ def diverging(prompt: list[int], agree: int, extra: int, seed: int) -> list[int]
 @pytest.mark.parametrize("kind", ["moe", "next"])
 def test_divergence_just_before_at_and_after_a_snapshot(twins, kind):
     """A 50-token prompt leaves snapshots at 48 and 32: prompts agreeing with it on 49 or 48 tokens resume at 48 (all
-    of them at once, each from its own copy), on 47 fall back to 32, on 31 find nothing; the same prompt again
-    resumes at 48."""
+    of them at once), on 47 fall back to 32, on 31 find nothing; the same prompt again resumes at 48. A second copy of
+    a prompt in the same call waits for the first, which snapshots where they part (at the copy's last boundary)."""
     t = twins(kind)
     first = tokens(50, 200)
-    assert [o.num_cached_tokens for o in t.generate(*both([first]))] == [0, 0]
+    assert [o.num_cached_tokens for o in t.generate(*both([first]))] == [0, 48]
     cases = {49: 48, 48: 48, 47: 32, 33: 32, 32: 32, 31: 0}
     prompts = [diverging(first, agree, 40, 201 + agree) for agree in cases] + [first]
     outs = t.generate(*both(prompts))
-    assert [o.num_cached_tokens for o in outs] == ([*cases.values(), 48]) * 2
+    assert [o.num_cached_tokens for o in outs] == [*cases.values(), 48] + [80, 80, 80, 64, 64, 64, 48]
     # prompt logprobs need every prompt position computed: such a request takes nothing from the cache
     sp = SamplingParams(temperature=0, max_tokens=2, logprobs=0, prompt_logprobs=1)
     (out,) = t.generate([first], [sp], check="any")
@@ -215,15 +246,18 @@ def test_resumed_request_leaves_the_snapshot_it_started_from_untouched(twins):
     b, a2 = diverging(a, 48, 30, 301), diverging(a, 48, 2, 302)
     c1, c2 = diverging(c, 80, 20, 304), diverging(c, 80, 20, 305)
     resumed = [[o.num_cached_tokens for o in t.generate(*both(p))] for p in ([a, c], [b, c1], [a2, c2], [a, c])]
-    # c2 resumes at 80 from c1's snapshot at floor16(100 - 9); c again at 64, short of its last token
-    assert resumed == [[0, 0] * 2, [48, 64] * 2, [48, 80] * 2, [48, 64] * 2]
+    # c1 snapshots at 80, the branch point where its cached blocks outrun the snapshot it resumed from; c2 resumes
+    # there; c again at 64, short of its last token; second copies in one call wait for the first (b's at 64, c1's
+    # and c2's at 96, c's at 64)
+    assert resumed == [[0, 0, 48, 64], [48, 64, 64, 96], [48, 80, 48, 96], [48, 64, 48, 64]]
     t.finish()
 
 
 def test_prefix_shared_within_one_step_and_n_greater_than_one(twins):
-    """Requests sharing 150 uncached tokens arrive in one step and all compute them; two sharing a cached prefix
-    arrive together and resume from the same snapshot; what the first ones cached then serves their continuations.
-    n = 3 forks one prefill into three completions, without and with a cache hit."""
+    """Requests sharing 150 uncached tokens arrive in one step: the later ones wait for the first, which snapshots at
+    144 where they part; two sharing a cached prefix arrive together and resume from the same snapshot; what the
+    first ones cached then serves their continuations (and a new prompt on the shared prefix resumes at 144). n = 3
+    forks one prefill into three completions."""
     t = twins()
     prefix, warm = tokens(150, 500), tokens(150, 501)
     pair = [prefix + tokens(20, 502), prefix + tokens(35, 503)]
@@ -233,12 +267,12 @@ def test_prefix_shared_within_one_step_and_n_greater_than_one(twins):
     fan = prefix + tokens(40, 509)
     prompts, sp = both(later)
     outs = t.generate(prompts + [fan, fan], sp + [greedy(n=3), seeded(n=3)])
-    assert [o.num_cached_tokens for o in outs] == [160, 176, 144, 144] * 2 + [0, 0]
+    assert [o.num_cached_tokens for o in outs] == [160, 176, 144, 144, 192, 208, 160, 176, 144, 176]
     fans = outs[-2:]
     assert all(len(o.outputs) == 3 for o in fans)
     assert len({tuple(c.token_ids) for c in fans[0].outputs}) == 1 < len({tuple(c.token_ids) for c in fans[1].outputs})
     outs = t.generate(*both([fan + tokens(10, 510)], n=3))
-    assert [o.num_cached_tokens for o in outs] == [176, 176]
+    assert [o.num_cached_tokens for o in outs] == [176, 192]
     t.finish()
 
 
@@ -246,14 +280,16 @@ def test_prefix_shared_within_one_step_and_n_greater_than_one(twins):
 def test_chunked_prefill_with_caching(twins, chunk):
     """Prompts prefilled in small chunks side by side give what they give with caching off; a long prompt then
     resumes far past the first chunk and prefills the rest in chunks again. (A small budget admits requests one
-    after another, so a copy of a prompt may resume from the other copy's snapshots: the second call has none.)"""
+    after another, so a request may resume from snapshots an earlier one of its call took in the meantime: those
+    checks are lower bounds.)"""
     t = twins(max_num_batched_tokens=chunk, max_num_seqs=8)
     prompts = [tokens(n, 600 + chunk + n) for n in (70, 160, 17)]
     t.generate(*both(prompts), check="at_least")
     follow = [[prompts[1] + tokens(40, 601 + chunk + i), prompts[0], diverging(prompts[0], 60, 50, 603 + chunk + i)]
               for i in range(2)]
-    outs = t.generate(follow[0] + follow[1], [greedy()] * 3 + [seeded() for _ in range(3)])
-    assert [o.num_cached_tokens for o in outs] == [144, 64, 48] * 2
+    outs = t.generate(follow[0] + follow[1], [greedy()] * 3 + [seeded() for _ in range(3)], check="at_least")
+    assert [o.num_cached_tokens for o in outs[:3]] == [144, 64, 48]
+    assert outs[3].num_cached_tokens == 160  # the branch point the first took, where its cached blocks ended
     t.finish()
 
 
@@ -297,23 +333,25 @@ def vl(checkpoint):
 
 def test_image_inserted_mid_history_or_swapped(vl):
     """Text A B C, after A alone ran (snapshots at 32 and 16). A B <image x> C resumes at 32, before the image, not
-    from A B C's snapshots; A B <image y> C (the same token ids) at 32 too, not from x's snapshots past the image;
-    A B <image x> C again resumes past the image."""
+    from A B C's snapshots (and snapshots at 48, where its cached blocks end: the block after holds the image);
+    A B <image y> C (the same token ids) resumes there, at 48, not from x's snapshots past the image; A B <image x> C
+    again resumes past the image. (Each second copy in a call waits for the first and resumes at its last
+    boundary.)"""
     a, b, c = tokens(40, 800), tokens(20, 801), tokens(40, 802)
     x, y = picture(1), picture(2)
 
     def with_image(img):
         return {"prompt_token_ids": a + b + [VISION_START, IMAGE, VISION_END] + c, "multi_modal_data": {"image": [img]}}
 
-    assert [o.num_cached_tokens for o in vl.generate(*both([a]))] == [0, 0]
-    assert [o.num_cached_tokens for o in vl.generate(*both([a + b + c]))] == [32, 32]
+    assert [o.num_cached_tokens for o in vl.generate(*both([a]))] == [0, 32]
+    assert [o.num_cached_tokens for o in vl.generate(*both([a + b + c]))] == [32, 96]
     with_x = vl.generate(*both([with_image(x)]))
     image_at = with_x[0].prompt_token_ids.index(IMAGE)
     assert image_at == 61 and len(with_x[0].prompt_token_ids) == 118
-    assert [o.num_cached_tokens for o in with_x] == [32, 32]
+    assert [o.num_cached_tokens for o in with_x] == [32, 112]
     with_y = vl.generate(*both([with_image(y)]))
     assert with_y[0].prompt_token_ids == with_x[0].prompt_token_ids
-    assert [o.num_cached_tokens for o in with_y] == [32, 32]
+    assert [o.num_cached_tokens for o in with_y] == [48, 112]
     assert with_x[0].outputs[0].token_ids != with_y[0].outputs[0].token_ids  # so a hit past the image would show
     assert [o.num_cached_tokens for o in vl.generate(*both([with_image(x)]))] == [112, 112]
     vl.finish()
@@ -341,16 +379,17 @@ def test_second_chat_turn_resumes_although_the_template_strips_thinking(demo, th
     chats = [[system, {"role": "user", "content": "How do I read a file line by line and strip the newlines?"}]] * 2
     sp = [greedy(), seeded()]
     turn1 = demo.chat(chats, sp, **kw)
-    assert [o.num_cached_tokens for o in turn1] == [0, 0]
+    n1 = len(turn1[0].prompt_token_ids)
+    assert [o.num_cached_tokens for o in turn1] == [0, floor16(n1 - 1)]  # the copy waits for the first
     chats = [chat + [reply(o, "The user wants open() and a loop."),
                      {"role": "user", "content": "And how do I write the lines back to another file?"}]
              for chat, o in zip(chats, turn1)]
     turn2 = demo.chat(chats, [greedy(), seeded()], **kw)
-    n1 = len(turn1[0].prompt_token_ids)
     for o in turn2:
         parted = next(i for i, (u, v) in enumerate(zip(turn1[0].prompt_token_ids, o.prompt_token_ids)) if u != v)
         assert n1 - 9 < parted < n1  # only the generation prompt differs
-        assert o.num_cached_tokens == max(p for p in snapshot_positions(n1) if p <= parted) > 0
+    parted = next(i for i, (u, v) in enumerate(zip(turn1[0].prompt_token_ids, turn2[0].prompt_token_ids)) if u != v)
+    assert turn2[0].num_cached_tokens == max(p for p in snapshot_positions(n1) if p <= parted) > 0
     chats = [chat + [reply(o, "shutil, or a loop with write()."), {"role": "user", "content": "Thanks. And gzip?"}]
              for chat, o in zip(chats, turn2)]
     turn3 = demo.chat(chats, [greedy(), seeded()], **kw)
@@ -369,7 +408,9 @@ def test_edited_last_message_and_regenerate(demo):
     first = demo.chat([asked, asked], [greedy(), seeded()])
     assert first[0].num_cached_tokens > 0
     edit = demo.chat([edited, edited], [greedy(), seeded()])
-    assert [o.num_cached_tokens for o in edit] == [first[0].num_cached_tokens] * 2  # turn 1's snapshot
+    # turn 1's snapshot; the copy waits for the first and resumes at its last boundary
+    n_edit = len(edit[0].prompt_token_ids)
+    assert [o.num_cached_tokens for o in edit] == [first[0].num_cached_tokens, floor16(n_edit - 1)]
     again = demo.chat([edited, edited], [greedy(), seeded()])
-    assert [o.num_cached_tokens for o in again] == [floor16(len(edit[0].prompt_token_ids) - 1)] * 2
+    assert [o.num_cached_tokens for o in again] == [floor16(n_edit - 1)] * 2
     demo.finish()
