@@ -76,7 +76,8 @@ def test_snapshot_positions_of_a_prompt():
     assert pc._positions(17) == [16]
     assert pc._positions(50) == [32, 48]  # the last boundary, and one before it within the tail
     assert pc._positions(60) == [48]  # the tail stays in one block
-    assert pc._positions(3000) == [1024, 2048, 2976, 2992]
+    assert pc._positions(1000) == [256, 512, 768, 976, 992]  # every 256 tokens
+    assert pc._positions(3000) == [368 * k for k in range(1, 9)] + [2976, 2992]  # at most 8 of those, evenly
     long = pc._positions(100_000)
     assert len(long) <= 8 + 2 and long[-1] == 99_984 and all(p % 16 == 0 for p in long)
 

@@ -23,7 +23,7 @@ from qwen35.cache.manager import BlockManager
 # within TAIL tokens of the end (a chat template rewrites the generation prompt's last few tokens in the next turn's
 # history, e.g. dropping `<think>`); plus every SNAPSHOT_INTERVAL tokens of a long prompt, at most MAX_PER_PROMPT.
 TAIL = 8
-SNAPSHOT_INTERVAL = 1024
+SNAPSHOT_INTERVAL = 256
 MAX_PER_PROMPT = 8
 
 
@@ -190,24 +190,35 @@ class PrefixCache:
             s.hits, s.hit_tokens = s.hits + 1, s.hit_tokens + req.num_computed_tokens
 
     def add_in_flight(self, flight: dict, req) -> None:
-        """Record the prompt blocks a prefill will compute (not cached yet) in `flight`, by hash."""
-        hs = self.hashes(req)
-        for h in hs[req.num_registered_blocks:req.num_prompt_tokens // self.block_size]:
+        """Record in `flight`, by hash, what a prefill will add to the cache: the prompt blocks it computes (not
+        cached yet) and the snapshots it will take (keyed ("snapshot", hash))."""
+        hs, bs = self.hashes(req), self.block_size
+        for h in hs[req.num_registered_blocks:req.num_prompt_tokens // bs]:
             flight.setdefault(h, req)
+        if self.snapshots is not None:
+            for p in {*self._positions(req.num_prompt_tokens), *req.extra_snapshots}:
+                if p > req.num_computed_tokens:
+                    flight.setdefault(("snapshot", hs[p // bs - 1]), req)
 
-    def wait_for(self, req, flight: dict) -> tuple[object, int] | None:
-        """When another prefill is computing the next blocks this request needs: (that request, the position where
-        their prompts part). The caller has it snapshot there and lets this one wait to resume from it, instead of
-        computing the same prefix twice (requests with one system prompt arriving together)."""
-        hs, limit = self.hashes(req), (req.num_tokens - 1) // self.block_size
+    def wait_for(self, req, flight: dict) -> tuple[object, int | None] | None:
+        """When another prefill will give this request a deeper start than the cache does now: (that request, the
+        position where it must snapshot for that, or None if it will anyway). The caller lets this one wait, instead
+        of computing the same prefix twice (requests with one system prompt arriving together)."""
+        if self.snapshots is None:
+            return None
+        hs, bs, limit = self.hashes(req), self.block_size, (req.num_tokens - 1) // self.block_size
         h = len(self.blocks.match(hs[:limit]))
+        for j in range(h, req.num_computed_tokens // bs, -1):  # a snapshot it takes on cached blocks of ours
+            other = flight.get(("snapshot", hs[j - 1]))
+            if other is not None and other is not req:
+                return other, None
         other = flight.get(hs[h]) if h < limit else None
-        if other is None or other is req or self.snapshots is None:
+        if other is None or other is req:
             return None
         b = h
         while b < limit and flight.get(hs[b]) is other:
             b += 1
-        return other, b * self.block_size
+        return other, b * bs
 
     def plan_snapshots(self, req, start: int, n: int, positions=None) -> list[tuple[int, int]]:
         """Snapshots to take while computing tokens start .. start+n-1 (at `positions`, default the request's own):

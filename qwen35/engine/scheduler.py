@@ -130,16 +130,18 @@ class Scheduler:
         return snap
 
     def _waits_for_shared_prefix(self, req: Request, flight: dict, out: list[ScheduledChunk]) -> bool:
-        """Another prefill computes the blocks this request would resume into: it snapshots where their prompts
-        part (in this step's chunk if that reaches there), and this one waits to resume from that snapshot."""
+        """Another prefill will snapshot deeper on this request's prefix than the cache holds now (or computes the
+        blocks it would resume into: it then snapshots where their prompts part, in this step's chunk if that reaches
+        there): this one waits to resume from that snapshot."""
         if self.prefix is None or req.prompt_logprobs is not None:
             return False
         found = self.prefix.wait_for(req, flight)
         if found is None:
             return False
         other, point = found
-        if point not in other.extra_snapshots:
+        if point is not None and point not in other.extra_snapshots:
             other.extra_snapshots.add(point)
+            self.prefix.add_in_flight(flight, other)
             c = next((c for c in out if c.request is other), None)
             if c is not None and c.num_tokens:
                 c.snapshots += self.prefix.plan_snapshots(other, other.num_computed_tokens, c.num_tokens, [point])
