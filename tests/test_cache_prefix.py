@@ -167,3 +167,61 @@ def test_state_copies_part_way_equal_a_prefill_that_stopped_there(checkpoint, ba
             torch.testing.assert_close(cache.ssm[i][snap], ref.ssm[i][slot], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(cache.conv[i][snap], ref.conv[i][slot], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.ssm[i][2], ref.ssm[i][2], rtol=1e-5, atol=1e-5)
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    """b and c share a's first 40 tokens and arrive with it: they wait while a computes them and snapshots at 32,
+    where their prompts part (the last block boundary they share), then resume there. d, arriving later, finds a's
+    blocks cached to 64 but no snapshot past 32: it resumes at 32 and snapshots at 64, the branch point, which e
+    then resumes from."""
+    blocks, slots = BlockManager(64, 16), SlotPool(8)
+    s = Scheduler(blocks, slots, 8, 200, prefix=PrefixCache(blocks, SnapshotPool(8, 8)))
+
+    def run(step):
+        s.step_done()
+        for c in step:
+            c.request.num_computed_tokens += c.num_tokens
+
+    shared = list(range(40))
+    a, b, c = (req(x, shared + [i] * 60) for i, x in enumerate("abc"))
+    for r in (a, b, c):
+        s.add(r)
+    step = s.schedule()
+    assert [x.request for x in step] == [a] and sorted(k for k, _ in step[0].snapshots) == [32, 80, 96]
+    run(step)
+    step = s.schedule()
+    assert [(x.request, x.request.num_cached_tokens, x.num_tokens) for x in step] == [(b, 32, 68), (c, 32, 68)]
+    run(step)
+    d, e = req("d", a.prompt_token_ids[:72] + [4] * 40), req("e", a.prompt_token_ids[:70] + [5] * 40)
+    s.add(d)
+    (x,) = s.schedule()
+    assert x.request is d and d.num_cached_tokens == 32 and sorted(k + 32 for k, _ in x.snapshots) == [64, 96]
+    run([x])
+    s.add(e)
+    (x,) = s.schedule()
+    assert x.request is e and e.num_cached_tokens == 64
+
+
+def test_a_prompts_own_snapshots_do_not_cover_each_other():
+    """A's snapshots at 80 and 96 are a pair: the next turn parts from A between them and needs 80. So 96 does not
+    make 80 first to go; B, which went on from 80, does."""
+    blocks, slots = BlockManager(64, 16), SlotPool(4)
+    pool = SnapshotPool(4, 8)
+    s = Scheduler(blocks, slots, 4, 500, prefix=PrefixCache(blocks, pool))
+
+    def run():
+        step = s.schedule()
+        s.step_done()
+        for c in step:
+            c.request.num_computed_tokens += c.num_tokens
+
+    a = req("a", range(100))
+    s.add(a)
+    run()
+    hs = a.block_hashes
+    assert [pool.find(hs[4]).num_covering, pool.find(hs[5]).num_covering] == [0, 0]
+    b = req("b", list(range(93)) + [7] * 60)  # the next turn: parts from a at 93
+    s.add(b)
+    run()
+    assert b.num_cached_tokens == 80
+    assert [pool.find(hs[4]).num_covering, pool.find(hs[5]).num_covering] == [1, 0]

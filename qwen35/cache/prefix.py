@@ -46,9 +46,10 @@ def block_hashes(token_ids: list[int], block_size: int, prev: bytes | None, star
 class Snapshot:
     slot: int
     num_tokens: int
+    owner: str = ""  # the request that took it
     key: bytes = b""
-    ancestors: list[Snapshot] = field(default_factory=list)  # shallower snapshots on the same path
-    num_covering: int = 0  # deeper snapshots whose path runs through this one
+    ancestors: list[Snapshot] = field(default_factory=list)  # shallower snapshots it covers
+    num_covering: int = 0  # deeper snapshots of later requests whose path runs through this one
     pins: int = 0
 
 
@@ -56,8 +57,10 @@ class SnapshotPool:
     """Snapshot slots (cache state slots first_slot .. first_slot + num_slots - 1), found by key.
 
     Eviction is least recently used, where only a hit refreshes (the one snapshot used, not its whole path), and
-    among those a snapshot that a deeper one covers goes first: the deeper one serves every request the shallower
-    would, except a branch between the two."""
+    among those a snapshot that a later request's deeper one covers goes first: the conversation went on past it,
+    and the deeper one serves every request the shallower would, except a branch between the two. A prompt's own
+    snapshots do not cover each other: the one just before its end serves the next chat turn, whose history parts
+    from the prompt a few tokens before the last snapshot."""
 
     def __init__(self, first_slot: int, num_slots: int):
         self.first_slot, self.num_slots = first_slot, num_slots
@@ -84,11 +87,11 @@ class SnapshotPool:
     def unpin(self, snap: Snapshot) -> None:
         snap.pins -= 1
 
-    def reserve(self, num_tokens: int) -> Snapshot | None:
+    def reserve(self, num_tokens: int, owner: str = "") -> Snapshot | None:
         """A slot to write a new snapshot into this step (evicting one if needed), or None if every slot is pinned."""
         if not self._free and not self._evict():
             return None
-        snap = Snapshot(heapq.heappop(self._free), num_tokens)
+        snap = Snapshot(heapq.heappop(self._free), num_tokens, owner)
         self._reserved[snap.slot] = snap
         return snap
 
@@ -232,7 +235,7 @@ class PrefixCache:
             positions = sorted({*self._positions(req.num_prompt_tokens), *req.extra_snapshots})
         for p in positions:
             if start < p <= start + n and p not in pending and self.snapshots.find(hs[p // bs - 1]) is None:
-                snap = self.snapshots.reserve(p)
+                snap = self.snapshots.reserve(p, req.request_id)
                 if snap is None:
                     break
                 req.pending_snapshots.append(snap)
@@ -255,7 +258,7 @@ class PrefixCache:
         req.num_registered_blocks = max(req.num_registered_blocks, num_computed // bs)
         for snap in req.pending_snapshots:
             j = snap.num_tokens // bs
-            ancestors = [a for a in map(self.snapshots.find, hs[:j - 1]) if a is not None]
+            ancestors = [a for a in map(self.snapshots.find, hs[:j - 1]) if a is not None and a.owner != req.request_id]
             self.snapshots.publish(snap, hs[j - 1], ancestors)
         req.pending_snapshots = []
 
