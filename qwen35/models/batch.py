@@ -1,11 +1,10 @@
 """Per-step metadata of one packed forward pass: which tokens belong to which sequence, where each sequence's
 K/V blocks and recurrent-state slot are, which rows need logits, and where a copy of a sequence's recurrent state
-is wanted part-way through its new tokens (a prefix cache's snapshot). Built by whoever drives the model (the
+is wanted after some of its new tokens (a prefix cache's snapshot). Built by whoever drives the model (the
 engine's runner, or a test), passed explicitly down to every layer."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +24,6 @@ class SeqChunk:
 
 
 @dataclass
-class StateSegment:
-    """One round of the recurrent layers' work when states are copied part-way: for each sequence it advances,
-    the next piece of its new tokens; at the end of a piece its state is copied to a slot (or not: -1)."""
-
-    rows: torch.Tensor  # [n] packed rows of the pieces
-    seqs: torch.Tensor  # [m] the sequences advanced (indices into the batch)
-    cu_seqlens: torch.Tensor  # [m+1] over `rows`
-    copy_to: torch.Tensor  # [m] slot for the state at the end of each piece, -1 for none
-
-
-@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] or [3, N] int64
@@ -46,7 +34,7 @@ class ForwardBatch:
     block_tables: torch.Tensor | None = None  # [S, max_blocks] int64
     slot_mapping: torch.Tensor | None = None  # [N] int64 flat KV position (block * block_size + offset)
     logits_indices: torch.Tensor | None = None  # [M] rows whose logits are wanted
-    segments: list[StateSegment] | None = None  # set when a state copy falls inside a sequence's new tokens
+    state_copies: list[tuple[int, int, int]] | None = None  # (sequence, after k of its new tokens, to slot)
 
     @property
     def num_seqs(self) -> int:
@@ -54,7 +42,7 @@ class ForwardBatch:
 
     @staticmethod
     def build(chunks: list[SeqChunk], block_size: int = 16, device: str | torch.device = "cpu") -> "ForwardBatch":
-        ids, pos, cu, ctx, slots, tables, slot_map, logit_rows, cuts = [], [], [0], [], [], [], [], [], []
+        ids, pos, cu, ctx, slots, tables, slot_map, logit_rows, copies = [], [], [0], [], [], [], [], [], []
         use_cache = chunks[0].state_slot is not None or chunks[0].block_ids is not None
         mrope = any(c.positions is not None for c in chunks)
         for c in chunks:
@@ -74,7 +62,10 @@ class ForwardBatch:
                     raise ValueError(f"{len(c.block_ids)} blocks cannot hold {c.num_past + T} tokens")
                 slots.append(c.state_slot)
                 tables.append(c.block_ids)
-                cuts.append(sorted(c.snapshots or []))
+                for k, to in c.snapshots or []:
+                    if not 1 <= k <= T:
+                        raise ValueError(f"a state copy after {k} of {T} new tokens")
+                    copies.append((len(slots) - 1, k, to))
                 slot_map.extend(c.block_ids[i // block_size] * block_size + i % block_size for i in p.tolist())
             elif c.num_past:
                 raise ValueError("a sequence with past tokens needs a cache")
@@ -93,25 +84,5 @@ class ForwardBatch:
             batch.state_slots = t(slots)
             batch.block_tables = t([b + [0] * (width - len(b)) for b in tables])
             batch.slot_mapping = t(slot_map)
-            if any(cuts):
-                batch.segments = _segments(cu, cuts, device)
+            batch.state_copies = copies or None
         return batch
-
-
-def _segments(cu: list[int], cuts: list[list[tuple[int, int]]], device) -> list[StateSegment]:
-    """Round r advances every sequence by its r-th piece: sequence s's new tokens cut after each k of its cuts."""
-    pieces = []  # per sequence: [(start row, end row, copy_to)]
-    for s, c in enumerate(cuts):
-        bounds = [k for k, _ in c if 0 < k < cu[s + 1] - cu[s]]
-        edges = [0, *bounds, cu[s + 1] - cu[s]]
-        slot_at = dict(c)
-        pieces.append([(cu[s] + a, cu[s] + b, slot_at.get(b, -1)) for a, b in zip(edges, edges[1:])])
-    out = []
-    for r in range(max(len(p) for p in pieces)):
-        now = [(s, p[r]) for s, p in enumerate(pieces) if r < len(p)]
-        rows = [i for _, (a, b, _) in now for i in range(a, b)]
-        lens = [b - a for _, (a, b, _) in now]
-        t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-        out.append(StateSegment(t(rows), t([s for s, _ in now]), t([0, *itertools.accumulate(lens)]),
-                                t([slot for _, (_, _, slot) in now])))
-    return out

@@ -56,7 +56,9 @@ class GatedDeltaNet(nn.Module):
 
     def mix(self, mixed, a, b, batch: ForwardBatch, cache=None, conv=causal_conv1d, conv_weight=None):
         """Everything between the projections: the causal conv and the delta rule over the cache's states, which
-        are read, written back, and copied to the slots the batch names part-way through (`batch.segments`)."""
+        are read and written back, and copied to other slots after some of a sequence's tokens where the batch asks
+        (`batch.state_copies`: the delta rule reads those states off inside its chunks, the conv history is the
+        inputs before that point)."""
         weight = self.conv1d.weight[:, 0, :] if conv_weight is None else conv_weight
         g, beta = self._gates(a, b)
         if cache is None:
@@ -67,25 +69,24 @@ class GatedDeltaNet(nn.Module):
         conv_state = torch.where(has, conv_pool[batch.state_slots], 0)  # where, not *: a stale slot may hold NaN
         ssm_state = torch.where(has[..., None], ssm_pool[batch.state_slots], 0)
         # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
-        mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
-        if batch.segments is None:
-            mixed, conv_state = conv(mixed, weight, batch.cu_seqlens, conv_state)
-            o, ssm_state = gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state)
-        else:
-            o = None
-            for seg in batch.segments:
-                y, cs = conv(mixed[seg.rows], weight, seg.cu_seqlens, conv_state[seg.seqs])
-                o_seg, ss = gated_delta_rule(*self._split(y), g[seg.rows], beta[seg.rows], seg.cu_seqlens,
-                                             ssm_state[seg.seqs])
-                if o is None:
-                    o = o_seg.new_empty((mixed.shape[0], *o_seg.shape[1:]))
-                o[seg.rows] = o_seg
-                conv_state[seg.seqs], ssm_state[seg.seqs] = cs.to(conv_state.dtype), ss
-                copy = seg.copy_to >= 0
-                conv_pool[seg.copy_to[copy]] = cs[copy].to(conv_pool.dtype)
-                ssm_pool[seg.copy_to[copy]] = ss[copy]
-        conv_pool[batch.state_slots] = conv_state.to(conv_pool.dtype)
-        ssm_pool[batch.state_slots] = ssm_state
+        x = mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
+        mixed, new_conv_state = conv(mixed, weight, batch.cu_seqlens, conv_state)
+        lengths = batch.cu_seqlens.diff().tolist()
+        copies = batch.state_copies or []
+        inside = [(s, k) for s, k, _ in copies if k < lengths[s]]
+        o, new_ssm_state, *captured = gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state,
+                                                       capture=inside)
+        at = {c: i for i, c in enumerate(inside)}
+        for s, k, to in copies:
+            if k == lengths[s]:
+                conv_pool[to], ssm_pool[to] = new_conv_state[s].to(conv_pool.dtype), new_ssm_state[s]
+            else:  # the history after k tokens: the last Kw - 1 conv inputs up to there, the older state first
+                start = int(batch.cu_seqlens[s])
+                hist = torch.cat([conv_state[s].to(x.dtype), x[start:start + k].T], dim=1)
+                conv_pool[to] = hist[:, -conv_state.shape[2]:].to(conv_pool.dtype)
+                ssm_pool[to] = captured[0][at[s, k]]
+        conv_pool[batch.state_slots] = new_conv_state.to(conv_pool.dtype)
+        ssm_pool[batch.state_slots] = new_ssm_state
         return o
 
     def _split(self, mixed):

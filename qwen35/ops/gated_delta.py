@@ -65,12 +65,15 @@ def gated_delta_rule_chunked(
     *,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
-) -> tuple[Tensor, Tensor]:
+    capture: list[tuple[int, int]] | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """The recurrence computed C = chunk_size tokens at a time (UT/WY form; see README.md).
 
     Everything inside a chunk is computed for all chunks of all sequences at once; only the state hand-off from chunk
     to chunk is a loop, over chunk index i, advancing the i-th chunk of every sequence that has one.
-    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32).
+    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32), and with `capture` = [(sequence, t)]
+    also the states after each sequence's first t tokens, [len(capture), Hv, K, V] float32 (read off inside the
+    chunk that holds token t: S_t = exp(gamma_t)·S_in + Σ_{s<=t} exp(gamma_t − gamma_s)·k_s u_sᵀ).
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     N, Hv, V = v.shape
@@ -134,6 +137,13 @@ def gated_delta_rule_chunked(
     k_decayed = (k[:, :, None] * per_v_head((gamma[..., -1:] - gamma).exp())[..., None]).view(total_chunks, Hv, C, K)
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [.., 1, 1]
 
+    at_chunk: dict[int, list[tuple[int, int, int]]] = {}  # chunk index -> (rank, token in chunk, capture index)
+    for m, (seq, t) in enumerate(capture or []):
+        if not 1 <= t <= lengths[seq]:
+            raise ValueError(f"capture: sequence {seq} has {lengths[seq]} tokens, no state after {t}")
+        at_chunk.setdefault((t - 1) // C, []).append((rank[seq], (t - 1) % C, m))
+    captured = v.new_empty(len(capture or []), Hv, K, V)
+
     state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in rank order
     outs, finished = [], []  # no state is written in place, so autograd can differentiate the scan
     for i, n in enumerate(num_active):
@@ -141,10 +151,16 @@ def gated_delta_rule_chunked(
         c = slice(offsets[i], offsets[i] + n)  # chunk i of the n sequences that have one
         u = u0[c] - w[c] @ state  # the actual writes: remove what the incoming state already predicts
         outs.append(q_decayed[c] @ state + attn[c] @ u)
+        for j, r, m in at_chunk.get(i, []):
+            cj, gr = offsets[i] + j, gamma[offsets[i] + j, :, r]  # [Hv]
+            kj = k[cj].repeat_interleave(G, dim=0)[:, :r + 1]  # [Hv, r+1, K]
+            kj = kj * (gr[:, None] - gamma[cj, :, :r + 1]).exp()[..., None]
+            captured[m] = gr.exp()[:, None, None] * state[j] + kj.mT @ u[j, :, :r + 1]
         state = chunk_decay[c] * state + k_decayed[c].mT @ u
 
     o = torch.cat(outs).transpose(1, 2).reshape(total_chunks * C, Hv, V)[slot]  # outs: [total_chunks, Hv, C, V]
-    return o.to(out_dtype), _restore_order(torch.cat([state, *finished[::-1]]), order)
+    final = _restore_order(torch.cat([state, *finished[::-1]]), order)
+    return (o.to(out_dtype), final) if capture is None else (o.to(out_dtype), final, captured)
 
 
 class _ChunkedRecompute(torch.autograd.Function):
@@ -206,21 +222,29 @@ def gated_delta_rule(
     initial_state: Tensor | None = None,
     *,
     use_qk_l2norm: bool = True,
-) -> tuple[Tensor, Tensor]:
+    capture: list[tuple[int, int]] | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Length-1 sequences (decode) take one recurrent step, longer ones (prefill) the chunked form.
 
     A chunked run would pad every length-1 sequence to a whole chunk, so in a mixed batch the two groups are run
     apart and their outputs and states put back in place. When a gradient is wanted the chunked part recomputes its
     intermediates in the backward (gated_delta_rule_chunked_recompute); inference runs the plain chunked form.
+    capture = [(sequence, t)]: also return the states after those sequences' first t tokens (t < their length;
+    inference only), as gated_delta_rule_chunked does.
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     kwargs = dict(use_qk_l2norm=use_qk_l2norm)
     chunked = (gated_delta_rule_chunked_recompute if _wants_grad(q, k, v, g, beta, initial_state)
                else gated_delta_rule_chunked)
+    more = {}
+    if capture:
+        if any(not 1 <= t < lengths[seq] for seq, t in capture):
+            raise ValueError("capture: a state after t tokens needs 1 <= t < the sequence's length")
+        chunked, more = gated_delta_rule_chunked, {"capture": capture}
     if all(length == 1 for length in lengths):
         return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
     if all(length > 1 for length in lengths):
-        return chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
+        return chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs, **more)
 
     device = v.device
     lengths_t = torch.tensor(lengths, device=device)
@@ -231,18 +255,21 @@ def gated_delta_rule(
     decode_cu_seqlens = torch.arange(len(decode_seqs) + 1, device=device)
     prefill_cu_seqlens = torch.nn.functional.pad(lengths_t[prefill_seqs].cumsum(0), (1, 0))
 
-    def run(form, seqs: Tensor, tokens: Tensor, seq_cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    def run(form, seqs: Tensor, tokens: Tensor, seq_cu_seqlens: Tensor, **more) -> tuple[Tensor, ...]:
         state = None if initial_state is None else initial_state[seqs]
-        return form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens, state, **kwargs)
+        return form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens, state, **kwargs, **more)
 
     o_decode, state_decode = run(gated_delta_rule_recurrent, decode_seqs, decode_tokens, decode_cu_seqlens)
-    o_prefill, state_prefill = run(chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens)
+    if capture:  # sequence indices within the prefill group
+        rank = {s: i for i, s in enumerate(prefill_seqs.tolist())}
+        more = {"capture": [(rank[s], t) for s, t in capture]}
+    o_prefill, state_prefill, *captured = run(chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens, **more)
 
     o = torch.empty_like(v)
     o[decode_tokens], o[prefill_tokens] = o_decode, o_prefill
     state = state_decode.new_empty(len(lengths), *state_decode.shape[1:])
     state[decode_seqs], state[prefill_seqs] = state_decode, state_prefill
-    return o, state
+    return (o, state, *captured)
 
 
 def _sequence_lengths(q: Tensor, v: Tensor, cu_seqlens: Tensor) -> list[int]:

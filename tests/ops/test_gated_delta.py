@@ -303,3 +303,22 @@ def test_inference_takes_the_plain_chunked_form(monkeypatch):
     gated_delta_rule(**inputs)
     with torch.no_grad():
         gated_delta_rule(**{**inputs, "v": inputs["v"].clone().requires_grad_(True)})
+
+
+@pytest.mark.parametrize("lengths", [[200], [70, 1, 130, 5], [1, 64, 1]], ids=lambda x: "-".join(map(str, x)))
+def test_captured_states_equal_a_prefill_that_stopped_there(lengths):
+    """capture=[(s, t)] returns the state after sequence s's first t tokens, read off inside its chunk: at chunk
+    boundaries and inside chunks, first and last tokens, in batches mixing decode and prefill; outputs and final
+    states are those of the run without captures."""
+    inputs = make_inputs(lengths, ratio=2)
+    capture = [(s, t) for s, n in enumerate(lengths) if n > 1 for t in sorted({1, 2, 16, 63, 64, 65, 128, n - 1})
+               if t < n]
+    o, state, captured = gated_delta_rule(**inputs, capture=capture)
+    ref_o, ref_state = gated_delta_rule(**inputs)
+    assert torch.equal(o, ref_o) and torch.equal(state, ref_state)
+    assert captured.shape == (len(capture), *state.shape[1:])
+    for got, (s, t) in zip(captured, capture):
+        head, _ = split(select(inputs, s), t)
+        assert_close(got, gated_delta_rule_recurrent(**head)[1][0])
+    with pytest.raises(ValueError, match="capture"):
+        gated_delta_rule(**inputs, capture=[(0, lengths[0])])
