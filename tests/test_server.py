@@ -367,3 +367,25 @@ def test_waiting_limit_503(servers):
     wait_for(lambda: idle(small.metrics()))
     ok = httpx.post(small.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(server, client):
+    """The same conversation asked again resumes from the cache: usage.prompt_tokens_details.cached_tokens says how
+    many prompt tokens, and /metrics counts them (tokens and requests) beside the snapshot pool's gauges."""
+    before = server.metrics()
+    messages = [{"role": "system", "content": "You are a careful assistant who answers in one short sentence."},
+                {"role": "user", "content": "Name a river in Europe and the sea it flows into, please."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    after = server.metrics()
+    grew = {k: after[k] - before.get(k, 0) for k in ("qwen35_prefix_cache_queries_total",
+                                                     "qwen35_prefix_cache_hits_total",
+                                                     "qwen35_prefix_cache_requests_total",
+                                                     "qwen35_prefix_cache_request_hits_total")}
+    assert grew == {"qwen35_prefix_cache_queries_total": 2 * n, "qwen35_prefix_cache_hits_total": (n - 1) // 16 * 16,
+                    "qwen35_prefix_cache_requests_total": 2, "qwen35_prefix_cache_request_hits_total": 1}
+    assert after["qwen35_state_snapshots_used"] >= 1 and after["qwen35_state_snapshots_total"] > 0
+    assert after["qwen35_kv_blocks_cached"] >= 1
