@@ -5,7 +5,6 @@ before any model loads, so a bad value is a one-line usage error naming the flag
 from __future__ import annotations
 
 import argparse
-
 import json
 from argparse import ArgumentTypeError
 
@@ -14,6 +13,13 @@ def positive_int(value: str) -> int:
     n = int(value)  # a ValueError reads "invalid positive_int value: 'x'"
     if n < 1:
         raise ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ArgumentTypeError(f"must be at least 0, got {n}")
     return n
 
 
@@ -92,14 +98,12 @@ def add_cache_flags(p) -> None:
     """The prefix-cache flags of every command that runs the engine (LLM(enable_prefix_caching=...) and friends)."""
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks and Gated DeltaNet state snapshots of earlier prompts (default: on)")
-    p.add_argument("--state-snapshot-bytes", type=int, default=None, metavar="N",
+    p.add_argument("--state-snapshot-bytes", type=non_negative_int, default=None, metavar="N",
                    help="memory for the prefix cache's state snapshots (default: 8 per sequence slot, at most 1 GiB "
                         "on CPU; 0: none, so only n > 1 completions share a prompt)")
 
 
 def cache_kwargs(args) -> dict:
-    if args.state_snapshot_bytes is not None and args.state_snapshot_bytes < 0:
-        raise SystemExit(f"--state-snapshot-bytes must be at least 0, got {args.state_snapshot_bytes}")
     return dict(enable_prefix_caching=args.enable_prefix_caching, state_snapshot_bytes=args.state_snapshot_bytes)
 
 

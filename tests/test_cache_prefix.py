@@ -225,3 +225,22 @@ def test_a_prompts_own_snapshots_do_not_cover_each_other():
     run()
     assert b.num_cached_tokens == 80
     assert [pool.find(hs[4]).num_covering, pool.find(hs[5]).num_covering] == [1, 0]
+
+
+def test_the_snapshot_budget_is_checked_and_planned(checkpoint):
+    """state_snapshot_bytes too small for one snapshot is an error naming it and one snapshot's size; the pool takes
+    what the budget holds; caching off reserves none."""
+    from qwen35 import LLM
+    from qwen35.engine.llm_engine import EngineError
+
+    path = checkpoint("moe", seed=5)[0]
+    with pytest.raises(EngineError, match=r"state_snapshot_bytes \(1\) holds no snapshot: one takes \d+ bytes"):
+        LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=64, state_snapshot_bytes=1)
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=2)
+    e = llm.engine
+    per_slot = HybridCache.bytes_per_slot(llm.model.cache_spec(), torch.float32)
+    assert e.snapshots.num_slots == 16 and e.cache.ssm[0].shape[0] == 2 + 16  # 8 per sequence slot, past them
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=64, state_snapshot_bytes=3 * per_slot)
+    assert llm.engine.snapshots.num_slots == 3
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=64, enable_prefix_caching=False)
+    assert llm.engine.snapshots.num_slots == 0 and llm.engine.prefix is None

@@ -47,6 +47,7 @@ def failure(argv, capsys) -> str:
     (["generate", "--max-num-seqs", "0", "x"], "argument --max-num-seqs: must be at least 1, got 0"),
     (["generate", "--max-model-len", "-5", "x"], "argument --max-model-len: must be at least 1, got -5"),
     (["serve", "--kv-cache-bytes", "0"], "argument --kv-cache-bytes: must be at least 1, got 0"),
+    (["serve", "--state-snapshot-bytes", "-1"], "argument --state-snapshot-bytes: must be at least 0, got -1"),
     (["serve", "--max-waiting", "0"], "argument --max-waiting: must be at least 1, got 0"),
     (["serve", "--max-body-bytes", "-1"], "argument --max-body-bytes: must be at least 1, got -1"),
     (["serve", "--port", "99999"], "argument --port: must be in 0..65535 (0 picks a free port), got 99999"),
@@ -153,9 +154,10 @@ def test_serve_runs_uvicorn_on_the_socket_it_bound_first(monkeypatch, capsys):
     monkeypatch.setattr("qwen35.serve.app.build_app", lambda llm, *a, **kw: object())
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     assert main(["serve", "--port", str(seen["port"]), "--max-num-seqs", "3", "--quantization", "int4",
-                 "--quantization-group-size", "64"]) == 0
+                 "--quantization-group-size", "64", "--no-enable-prefix-caching", "--state-snapshot-bytes", "0"]) == 0
     assert seen["kwargs"]["max_num_seqs"] == 3
     assert (seen["kwargs"]["quantization"], seen["kwargs"]["quantization_group_size"]) == ("int4", 64)
+    assert (seen["kwargs"]["enable_prefix_caching"], seen["kwargs"]["state_snapshot_bytes"]) == (False, 0)
     assert seen["sockets"] == [("127.0.0.1", seen["port"])]
     socket.create_server(("127.0.0.1", seen["port"])).close()  # released once the server returned
 
