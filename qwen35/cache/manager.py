@@ -84,9 +84,6 @@ class BlockManager:
             out.append(b)
         return out
 
-    def has(self, h: bytes) -> bool:
-        return h in self._by_hash
-
     def acquire(self, blocks: list[int]) -> None:
         """Take a reference on matched blocks."""
         for b in blocks:

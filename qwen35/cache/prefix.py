@@ -195,6 +195,8 @@ class PrefixCache:
     def add_in_flight(self, flight: dict, req) -> None:
         """Record in `flight`, by hash, what a prefill will add to the cache: the prompt blocks it computes (not
         cached yet) and the snapshots it will take (keyed ("snapshot", hash))."""
+        if req.num_computed_tokens >= req.num_prompt_tokens:  # decoding: adds nothing another prompt could wait for
+            return
         hs, bs = self.hashes(req), self.block_size
         for h in hs[req.num_registered_blocks:req.num_prompt_tokens // bs]:
             flight.setdefault(h, req)

@@ -130,10 +130,10 @@ class LLMEngine:
             raise EngineError(f"request id {request_id!r} is already running")
         params = replace(params)  # validated again, and a copy: later changes by the caller cannot reach the step
         self._check(prompt_token_ids, params, mm)
-        children = []
-        for i in range(params.n):
-            children.append(self._child(request_id, i, prompt_token_ids, params, prompt, mm,
-                                        children[0] if children else None))
+        children = [self._child(request_id, i, prompt_token_ids, params, prompt, mm) for i in range(params.n)]
+        if self.prefix is not None:  # one prefill: the others are forked from the first's
+            for sib in children[1:]:
+                sib.fork_of = children[0]
         for req in children:
             self.scheduler.add(req)
         self._parents[request_id] = children
@@ -176,8 +176,8 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
 
-    def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm,
-               first: Request | None) -> Request:
+    def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm
+               ) -> Request:
         gen = None
         if params.seed is not None:  # an int64 seed + i (i < SamplingParams.MAX_N) stays within torch's uint64
             gen = torch.Generator().manual_seed(params.seed + i)
@@ -191,8 +191,6 @@ class LLMEngine:
             req.logprobs = []
         if params.prompt_logprobs is not None and i == 0:  # reported once per parent
             req.prompt_logprobs = [None]
-        if i and self.prefix is not None:
-            req.fork_of = first
         if self.tokenizer is not None:
             req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
         return req

@@ -89,7 +89,7 @@ class Scheduler:
         # After a preemption, admitting anyone would only take back the blocks just freed (thrashing).
         waiting = [r for r in self.waiting if r.fork_of is None or r.fork_of.is_finished]  # others wait for theirs
         flight = {}  # prompt blocks that running prefills will compute, by hash
-        if self.prefix is not None:
+        if self.prefix is not None and waiting:
             for r in self.running:
                 self.prefix.add_in_flight(flight, r)
         for req in waiting:
@@ -183,7 +183,7 @@ class Scheduler:
 
     def fork(self, leader: Request, req: Request) -> bool:
         """Give a waiting sibling the leader's prompt: its full blocks shared, its last partial block and its state
-        slot to be copied by the runner (`forked_from`). False when no slot or block is free; the sibling then
+        slot to be copied by the runner (`ModelRunner.fork`). False when no slot or block is free; the sibling then
         waits as any request would (and resumes from the cache)."""
         bs = self.blocks.block_size
         n_full = leader.num_computed_tokens // bs

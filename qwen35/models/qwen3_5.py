@@ -71,8 +71,8 @@ class GatedDeltaNet(nn.Module):
         # conv inputs at the cache's precision, so a prompt fed whole or in pieces sees the same history
         x = mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
         mixed, new_conv_state = conv(mixed, weight, batch.cu_seqlens, conv_state)
-        lengths = batch.cu_seqlens.diff().tolist()
         copies = batch.state_copies or []
+        lengths = batch.cu_seqlens.diff().tolist() if copies else []
         inside = [(s, k) for s, k, _ in copies if k < lengths[s]]
         o, new_ssm_state, *captured = gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state,
                                                        capture=inside)
