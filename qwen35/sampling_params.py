@@ -4,6 +4,7 @@ Every number must be finite and in range; what needs the model (the vocabulary, 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -11,6 +12,65 @@ from typing import ClassVar
 
 class SamplingParamsError(ValueError):
     """An invalid sampling parameter; the message names the field."""
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`): exactly one of a JSON schema (a dict or its
+    JSON text), any JSON object, a regular expression, a choice among strings, or a grammar (Lark, or GBNF/EBNF with
+    `::=` rules). JSON is generated compact unless `whitespace_pattern` (a regex) allows more between tokens;
+    `disable_any_whitespace` is accepted for vLLM compatibility (compact is already the default)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self):
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def validate(self) -> None:
+        def fail(why):
+            raise SamplingParamsError(f"SamplingParams.structured_outputs {why}")
+
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            fail(f"must set exactly one of {', '.join(self.KINDS)}; got {', '.join(given) or 'none'}")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    fail(f"json is not valid JSON: {e}")
+            if not isinstance(schema, (dict, bool)):
+                fail(f"json must be a JSON schema (an object), got {type(schema).__name__}")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or (not v and name != "whitespace_pattern")):
+                fail(f"{name} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            fail("choice must be a non-empty list of strings")
+
+    def key(self) -> str:
+        """A canonical spelling: equal constraints compile once (the grammar cache's key)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(d["json"], str):
+            d["json"] = json.loads(d["json"])
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
@@ -36,6 +96,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids (OpenAI: [-100, 100])
+    allowed_token_ids: list[int] | None = None  # draw only from these ids
+    structured_outputs: StructuredOutputsParams | None = None
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: as many as fit)
     _user_set: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self):
@@ -45,6 +109,12 @@ class SamplingParams:
             self.stop = list(self.stop or [])
         if self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_id(k): v for k, v in self.logit_bias.items()}  # JSON spells keys as strings
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     @property
@@ -118,6 +188,33 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of non-negative integers")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias", "must map token ids to numbers")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    fail("logit_bias", f"has key {t!r}, which is not a token id")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not _is_finite(b) or not -100 <= b <= 100:
+                    fail("logit_bias", f"has value {b!r} for token {t}; biases must be numbers in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):
+            fail("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                fail("structured_outputs", "must be a StructuredOutputsParams")
+            self.structured_outputs.validate()
+        if self.truncate_prompt_tokens is not None:
+            check_type("truncate_prompt_tokens", (int,))
+            if self.truncate_prompt_tokens < -1 or self.truncate_prompt_tokens == 0:
+                fail("truncate_prompt_tokens", "must be -1 (as many as fit) or a positive number of tokens")
+
+
+def _token_id(key):
+    try:
+        return int(key) if isinstance(key, str) else key
+    except ValueError:
+        return key  # validate() names it
 
 
 def _is_finite(x: int | float) -> bool:

@@ -113,6 +113,11 @@ class Tokenizer:
         """The added tokens marked special (`<|im_start|>`, `<|image_pad|>`, ...), which `encode` matches in text."""
         return tuple(t.content for _, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.special)
 
+    @property
+    def added_tokens(self) -> frozenset[str]:
+        """Every added token (special or not: `<tool_call>`, `<think>`, ...): single ids that grammars name bare."""
+        return frozenset(t.content for t in self.backend.get_added_tokens_decoder().values())
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Added tokens written in the text (e.g. `<|im_start|>`) become their single ids,
         except special tokens inside the `literal_spans` of a ChatPrompt (strings that came from message content):

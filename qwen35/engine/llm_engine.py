@@ -20,6 +20,7 @@ from qwen35.engine.request import Request
 from qwen35.engine.runner import ModelRunner
 from qwen35.engine.sampler import SampleRow, sample_row, top_logprobs
 from qwen35.engine.scheduler import Scheduler
+from qwen35.engine.structured import StructuredOutputs
 from qwen35.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen35.sampling_params import SamplingParams
 
@@ -85,6 +86,10 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
+        self.structured = None
+        if tokenizer is not None:
+            self.structured = StructuredOutputs(tokenizer, text.vocab_size, (tokenizer.token_to_id("<think>"),
+                                                                             tokenizer.token_to_id("</think>")))
 
     def _num_snapshots(self, per_slot: int) -> int:
         """Snapshots the pool holds: state_snapshot_bytes' worth, by default 8 per sequence slot within
@@ -129,6 +134,7 @@ class LLMEngine:
         if request_id in self._parents:
             raise EngineError(f"request id {request_id!r} is already running")
         params = replace(params)  # validated again, and a copy: later changes by the caller cannot reach the step
+        prompt_token_ids = self._truncate(prompt_token_ids, params, mm)
         self._check(prompt_token_ids, params, mm)
         children = [self._child(request_id, i, prompt_token_ids, params, prompt, mm) for i in range(params.n)]
         if self.prefix is not None:  # one prefill: the others are forked from the first's
@@ -137,6 +143,19 @@ class LLMEngine:
         for req in children:
             self.scheduler.add(req)
         self._parents[request_id] = children
+
+    def _truncate(self, prompt_token_ids: list[int], params: SamplingParams, mm) -> list[int]:
+        """The prompt's last `truncate_prompt_tokens` tokens (-1: as many as leave room for max_tokens or one)."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return prompt_token_ids
+        if k == -1:
+            k = self.max_model_len - (params.max_tokens or 1)
+        if k >= len(prompt_token_ids):
+            return prompt_token_ids
+        if mm is not None:
+            raise EngineError("truncate_prompt_tokens cannot cut a prompt with images or videos")
+        return list(prompt_token_ids[len(prompt_token_ids) - k:]) if k > 0 else []
 
     def _check(self, prompt_token_ids: list[int], params: SamplingParams, mm) -> None:
         if not prompt_token_ids:
@@ -152,9 +171,12 @@ class LLMEngine:
             if (getattr(params, name) or 0) > vocab:
                 raise EngineError(f"SamplingParams.{name} ({getattr(params, name)}) exceeds the vocabulary size "
                                   f"({vocab})")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise EngineError(f"SamplingParams.stop_token_ids: {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= vocab]
+            if bad:
+                raise EngineError(f"SamplingParams.{name}: {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.structured_outputs is not None and self.structured is None:
+            raise EngineError("structured output needs a tokenizer")
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise EngineError(f"the prompt has {n_prompt} tokens; max_model_len is {self.max_model_len}, which "
@@ -193,6 +215,8 @@ class LLMEngine:
             req.prompt_logprobs = [None]
         if self.tokenizer is not None:
             req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
+        if params.structured_outputs is not None:
+            req.grammar = self.structured.matcher(params.structured_outputs, req.prompt_token_ids)
         return req
 
     def abort(self, request_id: str) -> None:
@@ -236,6 +260,7 @@ class LLMEngine:
         if sampling:
             reqs = [r for r, _ in sampling]
             last = torch.stack([lg for _, lg in sampling]).float()
+            self._constrain(last, reqs)
             drawable = last[:, :self.vocab_limit]  # ids without a token are never drawn; logprobs see them all
             tokens = [None if r.is_finished else self._guarded(r, sample_row, drawable[i], SampleRow(
                 r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r)))
@@ -247,6 +272,26 @@ class LLMEngine:
         touched = dict.fromkeys([r.parent_id for r, _ in sampling] + self._failed)
         self._failed = []
         return [self._output(pid) for pid in touched if pid in self._parents]
+
+    def _constrain(self, last: torch.Tensor, reqs: list[Request]) -> None:
+        """Grammar masks on the rows of constrained requests (in place: their logprobs see the constraint, as in
+        vLLM). A row whose grammar allows nothing fails its request."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.grammar.active and not r.is_finished]
+        if not rows:
+            return
+        sub = last[rows]
+        try:
+            masks = self.structured.fill_masks([reqs[i].grammar for i in rows])
+            empty = self.structured.apply_masks(sub, masks)
+        except Exception as e:  # a broken matcher: fail those requests, not the step
+            for i in rows:
+                self._fail(reqs[i], e)
+            return
+        last[rows] = sub
+        for j, i in enumerate(rows):
+            if empty[j]:
+                self._fail(reqs[i], ValueError(f"structured output: no token can continue the output under its "
+                                               f"constraint ({reqs[i].grammar.error()})"))
 
     def _fork(self, sampling: list) -> list:
         """n > 1 siblings waiting on a prompt whose prefill just ended: forked from it, and sampled from its logits."""
@@ -330,6 +375,8 @@ class LLMEngine:
 
     def _append_token(self, req: Request, tok: int) -> None:
         p = req.params
+        if req.grammar is not None:
+            req.grammar.accept(tok, tok in self.eos_ids)
         req.output_token_ids.append(tok)
         if req.logprobs is not None:
             req.cumulative_logprob += req.logprobs[-1][tok].logprob

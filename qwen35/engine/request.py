@@ -44,6 +44,7 @@ class Request:
     error: str | None = None  # why the engine failed this request (finish_reason "error")
     detokenizer: object | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
+    grammar: object | None = None  # engine.structured.GrammarMatcher of a request with structured output
     mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)
     # prefix cache
     num_cached_tokens: int | None = None  # tokens the cache held at the first admission

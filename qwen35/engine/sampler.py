@@ -1,6 +1,7 @@
-"""From logits to tokens, vLLM's order: penalties on the raw logits, then greedy argmax, or temperature, min-p,
-top-k, top-p and a draw from the request's own generator (so a seeded request samples the same tokens whatever
-else shares its batch). Logprobs are those of the raw model distribution, as vLLM reports by default.
+"""From logits to tokens, vLLM's order: allowed token ids and logit biases, then penalties, then greedy argmax, or
+temperature, min-p, top-k, top-p and a draw from the request's own generator (so a seeded request samples the same
+tokens whatever else shares its batch). Logprobs are those of the model distribution before these (after a
+structured-output mask, which the engine applies first), as vLLM reports by default.
 
 Any finite parameter gives a valid distribution: factors past float32's range are clamped to it (so no inf * 0 =
 NaN), top-p always keeps the most likely token, and a row left with nothing to draw raises (for its request
@@ -42,6 +43,20 @@ def apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
     return logits
 
 
+def apply_token_filters(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """allowed_token_ids (everything else to -inf), then logit_bias added, in place. logits: [V] float32."""
+    V = logits.shape[-1]
+    if p.allowed_token_ids is not None:
+        keep = torch.zeros(V, dtype=torch.bool, device=logits.device)
+        keep[[t for t in p.allowed_token_ids if t < V]] = True
+        logits.masked_fill_(~keep, float("-inf"))
+    if p.logit_bias:
+        ids = [t for t in p.logit_bias if t < V]
+        if ids:
+            logits[ids] += torch.tensor([float(p.logit_bias[t]) for t in ids], device=logits.device)
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p masks (to -inf). logits: [V] float32."""
     logits = logits / min(p.temperature, FP32_MAX)  # a huge temperature flattens the logits; -inf stays -inf
@@ -69,6 +84,8 @@ def _argmax(x: torch.Tensor) -> int:
 def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
     """logits: [V] float32 over the ids that may be drawn (not modified). One token; raises if none can be drawn."""
     p = row.params
+    if p.allowed_token_ids is not None or p.logit_bias:
+        logits = apply_token_filters(logits.clone(), p)
     if row.banned_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         logits = apply_penalties(logits.clone(), row)
         banned = [t for t in row.banned_ids if t < logits.shape[-1]]

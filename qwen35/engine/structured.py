@@ -1,0 +1,165 @@
+"""Structured output: grammars compiled by llguidance, one matcher per request, token masks applied to the logits.
+
+`StructuredOutputs` owns the llguidance tokenizer (built once per engine from the checkpoint's tokenizer.json, in
+a background thread from the first call on: ~6 s for the 248k vocabulary) and an LRU cache of compiled grammars
+keyed by the constraint's canonical spelling; each request gets a copy of its grammar's pristine matcher.
+
+Each step, `fill_masks` writes one bit per token id for the constrained rows and `apply_masks` sets the logits of
+disallowed ids to -inf, vectorised over the batch. The matcher advances on every sampled token. A row whose mask
+allows nothing, or a matcher that lands in an error state, fails that request alone with a message saying so.
+
+With reasoning (the prompt ends inside an open `<think>` block), the constraint starts after the model writes
+`</think>`: the thinking itself is free text, as in vLLM's reasoning-parser gating."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from qwen35.sampling_params import SamplingParamsError, StructuredOutputsParams
+
+MAX_CACHED_GRAMMARS = 256
+
+
+class StructuredOutputError(SamplingParamsError):
+    """A constraint that does not compile (bad schema, regex or grammar); the message says why."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:  # a dependency, so only a broken install gets here
+        raise StructuredOutputError("structured output needs the llguidance package (pip install llguidance)") \
+            from None
+    return llguidance
+
+
+def grammar_text(c: StructuredOutputsParams) -> str:
+    """The llguidance grammar (its JSON form) for a constraint."""
+    llg = _llguidance()
+    if c.json is not None or c.json_object:
+        schema = {"type": "object"} if c.json_object else c.json
+        if isinstance(schema, str):
+            schema = json.loads(schema)
+        options = {"whitespace_flexible": False}
+        if c.whitespace_pattern:
+            options["whitespace_pattern"] = c.whitespace_pattern
+        if c.disable_additional_properties and isinstance(schema, dict):
+            schema = {**schema, "additionalProperties": False}
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
+        except ValueError as e:
+            raise StructuredOutputError(f"invalid JSON schema: {e}") from None
+    if c.regex is not None:
+        return llg.LLMatcher.grammar_from_regex(c.regex)
+    if c.choice is not None:
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(s) for s in c.choice))
+    grammar = c.grammar
+    if "::=" in grammar:  # GBNF / EBNF (llama.cpp's and xgrammar's spelling)
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+        try:
+            grammar = gbnf_to_lark(grammar)
+        except Exception as e:  # the converter raises plain exceptions on syntax it cannot read
+            raise StructuredOutputError(f"invalid GBNF grammar: {e}") from None
+    return llg.LLMatcher.grammar_from_lark(grammar)
+
+
+class StructuredOutputs:
+    """The engine's grammar compiler and mask applier. tokenizer: qwen35.tokenizer.Tokenizer; vocab_size: the
+    logits' width (the embedding's padding rows past the tokenizer are never allowed)."""
+
+    def __init__(self, tokenizer, vocab_size: int, think_ids: tuple[int | None, int | None] = (None, None)):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.think_start, self.think_end = think_ids
+        self.num_words = (vocab_size + 31) // 32
+        self._lltok = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, object] = OrderedDict()  # key -> pristine LLMatcher
+
+    def warm_up(self) -> None:
+        """Build the llguidance tokenizer in a background thread, so the first constrained request need not wait."""
+        threading.Thread(target=self.lltokenizer, daemon=True, name="qwen35-llguidance").start()
+
+    def lltokenizer(self):
+        with self._lock:
+            if self._lltok is None:
+                llg = _llguidance()
+                self._lltok = llg.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                              eos_token=list(self.tokenizer.eos_token_ids))
+            return self._lltok
+
+    def matcher(self, c: StructuredOutputsParams, prompt_token_ids: list[int]) -> "GrammarMatcher":
+        """A fresh matcher for one request; raises StructuredOutputError when the constraint does not compile."""
+        key = c.key()
+        with self._lock:
+            pristine = self._cache.get(key)
+            if pristine is not None:
+                self._cache.move_to_end(key)
+        if pristine is None:
+            llg = _llguidance()
+            grammar = grammar_text(c)
+            tok = self.lltokenizer()
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tok)
+            if is_error:
+                raise StructuredOutputError(f"invalid {c.kind} constraint: {messages[0].strip()}")
+            pristine = llg.LLMatcher(tok, grammar, log_level=0)
+            if pristine.is_error():
+                raise StructuredOutputError(f"invalid {c.kind} constraint: {pristine.get_error()}")
+            with self._lock:
+                self._cache[key] = pristine
+                while len(self._cache) > MAX_CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
+        return GrammarMatcher(pristine.deep_copy(), waits_for=self._open_think(prompt_token_ids),
+                              think_end=self.think_end)
+
+    def _open_think(self, ids: list[int]) -> bool:
+        """The prompt ends inside a `<think>` block the model must close before the constraint starts."""
+        if self.think_start is None or self.think_end is None:
+            return False
+        for t in reversed(ids):
+            if t == self.think_end:
+                return False
+            if t == self.think_start:
+                return True
+        return False
+
+    def fill_masks(self, matchers: list["GrammarMatcher"]) -> torch.Tensor:
+        """int32 [len(matchers), ceil(V/32)]: bit j of word i allows token 32·i + j."""
+        llg_torch = __import__("llguidance.torch", fromlist=["fill_next_token_bitmask"])
+        masks = torch.empty(len(matchers), self.num_words, dtype=torch.int32)
+        for i, m in enumerate(matchers):
+            llg_torch.fill_next_token_bitmask(m.matcher, masks, i)
+        return masks
+
+    def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """logits [B, V'] (V' <= vocab_size) in place: disallowed ids to -inf. Returns which rows allow nothing."""
+        # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first
+        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :logits.shape[-1]]
+        disallowed = torch.from_numpy(bits).to(logits.device) == 0
+        logits.masked_fill_(disallowed, float("-inf"))
+        return disallowed.all(-1)
+
+
+class GrammarMatcher:
+    """One request's position in its grammar. `active` is False while the model is still thinking."""
+
+    def __init__(self, matcher, waits_for: bool = False, think_end: int | None = None):
+        self.matcher, self.think_end = matcher, think_end
+        self.active = not waits_for
+
+    def accept(self, token_id: int, is_eos: bool) -> None:
+        """Advance on a sampled token; raises ValueError if the grammar rejects it."""
+        if not self.active:
+            self.active = token_id == self.think_end
+            return
+        if is_eos and self.matcher.is_accepting():
+            return
+        if not self.matcher.consume_token(token_id):
+            raise ValueError(f"structured output: the grammar rejected token {token_id}: {self.matcher.get_error()}")
+
+    def error(self) -> str:
+        return self.matcher.get_error() or "the output cannot continue"
