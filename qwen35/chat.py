@@ -3,25 +3,49 @@ and tool calls, the way an OpenAI-compatible server reports them."""
 
 from __future__ import annotations
 
-from qwen35.chat_template import ChatTemplate, check_template_kwargs
+from qwen35.chat_template import ChatPrompt, ChatTemplate, check_template_kwargs
 from qwen35.multimodal.inputs import split_chat_media
 from qwen35.serve.reasoning import is_thinking_prompt, split_reasoning
 from qwen35.serve.tool_calls import parse_tool_calls
 
 
 def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generation_prompt=True,
-           escape_special_tokens=False) -> str:
+           escape_special_tokens=False, continue_final_message=False) -> str:
     """The prompt text. escape_special_tokens: special-token strings inside the conversation, tools and kwargs (not
-    the template's own markup) are marked so that `tokenizer.encode` turns them into plain-text ids."""
+    the template's own markup) are marked so that `tokenizer.encode` turns them into plain-text ids.
+    continue_final_message: the prompt ends right after the final message's content (no end-of-turn), so the model
+    continues that message (as transformers and vLLM do it); it excludes add_generation_prompt."""
     tok = llm.tokenizer
     if tok is None or not tok.chat_template:
         raise ValueError(f"{llm.model_path}: the checkpoint has no chat template (chat_template.jinja or "
                          "tokenizer_config.json 'chat_template')")
     check_template_kwargs(chat_template_kwargs or {})  # before the call: a key like 'tools' would clash with it
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
     template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
-    return template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                           literal_tokens=tok.special_tokens if escape_special_tokens else (),
-                           **(chat_template_kwargs or {}))
+    prompt = template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                             literal_tokens=tok.special_tokens if escape_special_tokens else (),
+                             **(chat_template_kwargs or {}))
+    return _cut_after_final(prompt, conversation) if continue_final_message else prompt
+
+
+def final_message_text(conversation) -> str:
+    """The text of the last message (its text parts joined), '' when it has none."""
+    content = conversation[-1].get("content") if conversation else None
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else ""
+
+
+def _cut_after_final(prompt: str, conversation) -> str:
+    final = final_message_text(conversation).rstrip()
+    at = prompt.rfind(final) if final else -1
+    if at < 0:
+        raise ValueError("continue_final_message: the final message's text does not appear in the rendered prompt "
+                         "(the template changed it, or it is empty)")
+    end = at + len(final)
+    spans = [(a, b) for a, b in getattr(prompt, "literal_spans", ()) if b <= end]
+    return ChatPrompt(prompt[:end], spans) if spans else prompt[:end]
 
 
 def assistant_message(text: str, thinking: bool, tools) -> dict:
@@ -37,13 +61,14 @@ def assistant_message(text: str, thinking: bool, tools) -> dict:
 
 
 def chat(llm, messages, sampling_params=None, tools=None, chat_template_kwargs=None, add_generation_prompt=True,
-         escape_special_tokens=False):
+         escape_special_tokens=False, continue_final_message=False):
     """messages: one conversation (a list of message dicts) or a list of conversations."""
     conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
     prompts, requests = [], []
     for c in conversations:
         c, images, videos = split_chat_media(c)  # media parts become the placeholders templates render
-        prompt = render(llm, c, tools, chat_template_kwargs, add_generation_prompt, escape_special_tokens)
+        prompt = render(llm, c, tools, chat_template_kwargs, add_generation_prompt, escape_special_tokens,
+                        continue_final_message)
         prompts.append(prompt)
         # The template already wrote every special token; encode it as written, with no BOS added (Qwen adds none).
         requests.append({"prompt": prompt, "prompt_token_ids": llm.tokenizer.encode(prompt),

@@ -273,10 +273,11 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, tools: list[dict] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True,
-             escape_special_tokens: bool = False):
+             escape_special_tokens: bool = False, continue_final_message: bool = False):
         """escape_special_tokens: encode special-token strings inside message content (e.g. a user's literal
-        `<|im_end|>`) as plain text instead of special tokens (the default, as in vLLM)."""
+        `<|im_end|>`) as plain text instead of special tokens (the default, as in vLLM).
+        continue_final_message: continue the final (assistant) message instead of starting a new one."""
         from qwen35.chat import chat as _chat
 
         return _chat(self, messages, sampling_params, tools, chat_template_kwargs, add_generation_prompt,
-                     escape_special_tokens)
+                     escape_special_tokens, continue_final_message)

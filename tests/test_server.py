@@ -241,10 +241,10 @@ def test_tool_round_trip_through_template(server, client):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_forced_tool_choice_makes_a_call(client, stream):
-    """tool_choice naming a function (or "required") writes the call's opening into the prompt, so even this
-    random model answers with a call to that function."""
+    """tool_choice naming a function (or "required") constrains the output to a call (of that function), so even
+    this random model answers with one."""
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
-              tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=4, temperature=0)
+              tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40, temperature=0)
     if not stream:
         r = client.chat.completions.create(**kw)
         calls = r.choices[0].message.tool_calls
@@ -275,7 +275,9 @@ def test_errors_keep_server_healthy(server):
     check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "temperature": -1}), 400, "temperature")
     check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "top_p": 5}), 400, "top_p")
     check(httpx.post(url + "/v1/chat/completions", headers=h,
-                     json={**chat, "response_format": {"type": "json_object"}}), 400, "response_format")
+                     json={**chat, "response_format": {"type": "xml"}}), 400, "response_format")
+    check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}), 400, "response_format")
     check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "tools": TOOLS, "tool_choice": {
         "type": "function", "function": {"name": "no_such_tool"}}}), 400, "tool_choice")
     check(httpx.post(url + "/v1/chat/completions", headers=h, json={**chat, "tool_choice": "required"}), 400,

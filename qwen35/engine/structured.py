@@ -94,6 +94,12 @@ class StructuredOutputs:
 
     def matcher(self, c: StructuredOutputsParams, prompt_token_ids: list[int]) -> "GrammarMatcher":
         """A fresh matcher for one request; raises StructuredOutputError when the constraint does not compile."""
+        return GrammarMatcher(self.compile(c).deep_copy(), waits_for=self._open_think(prompt_token_ids),
+                              think_end=self.think_end)
+
+    def compile(self, c: StructuredOutputsParams):
+        """The constraint's pristine matcher, compiled once and cached; raises StructuredOutputError naming what
+        does not compile."""
         key = c.key()
         with self._lock:
             pristine = self._cache.get(key)
@@ -113,8 +119,7 @@ class StructuredOutputs:
                 self._cache[key] = pristine
                 while len(self._cache) > MAX_CACHED_GRAMMARS:
                     self._cache.popitem(last=False)
-        return GrammarMatcher(pristine.deep_copy(), waits_for=self._open_think(prompt_token_ids),
-                              think_end=self.think_end)
+        return pristine
 
     def _open_think(self, ids: list[int]) -> bool:
         """The prompt ends inside a `<think>` block the model must close before the constraint starts."""

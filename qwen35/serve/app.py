@@ -21,7 +21,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
+from qwen35.chat import final_message_text
 from qwen35.engine.llm_engine import EngineError
+from qwen35.engine.structured import StructuredOutputError
 from qwen35.multimodal.inputs import fetch_remote_media, prepare_prompt
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams, SamplingParamsError
@@ -29,7 +31,8 @@ from qwen35.serve.async_engine import AsyncEngine
 from qwen35.serve.metrics import Metrics
 from qwen35.serve.middleware import (ERROR_RESPONSES, APIError, Guard, InFlight, check_api_key, error_response,
                                      install_error_handlers)
-from qwen35.serve.prompts import Prompts, default_max_body_bytes, forced_tool_call
+from qwen35.serve.constraints import request_constraint
+from qwen35.serve.prompts import Prompts, default_max_body_bytes
 from qwen35.serve.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatCompletionStreamChoice, CompletionChoice, CompletionRequest,
                                    CompletionResponse, DeltaMessage, DetokenizeRequest, PromptTokensDetails,
@@ -121,6 +124,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     metrics = Metrics()
     tokenizer = llm.tokenizer
     max_model_len = engine.engine.max_model_len
+    structured = engine.engine.structured
+    structured.warm_up()  # the grammar tokenizer takes seconds to build for a full vocabulary
     prompts = Prompts(llm, max_model_len, default_chat_template_kwargs, escape_special_tokens)
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(max_model_len, prompts.max_token_bytes,
@@ -156,6 +161,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     def make_params(req, **extra) -> SamplingParams:
         try:
             params = SamplingParams.from_optional(
+                logit_bias=req.logit_bias, allowed_token_ids=req.allowed_token_ids,
+                truncate_prompt_tokens=req.truncate_prompt_tokens,
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                 repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
@@ -165,6 +172,17 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             return params.with_defaults(llm._generation_defaults())
         except SamplingParamsError as e:
             raise _bad_request(e) from None
+
+    async def constraint_of(req, tools=None):
+        """The request's output constraint, compiled (and cached) here, off the engine's thread, so that a bad
+        schema is a 400 naming its field before anything is queued."""
+        constraint, field = request_constraint(req, tools, tokenizer.added_tokens)
+        if constraint is not None:
+            try:
+                await asyncio.to_thread(structured.compile, constraint)
+            except StructuredOutputError as e:
+                raise APIError(400, f"{field}: {e}", field) from None
+        return constraint
 
     async def start(request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None, mm=None):
         check_capacity(params.n)
@@ -269,55 +287,89 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(request: Request):
         req = await parse_body(request, ChatCompletionRequest)
+        result = await run_chat(req, request)
+        if req.stream:
+            return StreamingResponse(sse_stream(result), media_type="text/event-stream")
+        return result if result is not None else error_response(499, "the client closed the connection")
+
+    async def sse_stream(chunks) -> AsyncIterator[str]:
+        """Server-sent events of a chat stream; an error after the headers went out becomes its last event."""
+        try:
+            async for ch in chunks:
+                yield sse(ch)
+        except Exception as e:
+            logger.warning("stream failed: %r", e)
+            yield sse_error(e)
+        finally:
+            await chunks.aclose()
+        yield "data: [DONE]\n\n"
+
+    async def run_chat(req: ChatCompletionRequest, request: Request):
+        """A validated chat request, run: the ChatCompletionResponse (None if the client disconnected first), or
+        with req.stream an async iterator of ChatCompletionChunk (close it when not read to the end). The
+        Responses API runs on this too."""
         check_model(req.model)
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported "
-                                "(no guided decoding); only 'text'", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        call_prefix = forced_tool_call(req.tool_choice, req.tools)
+        if req.continue_final_message and req.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt=false", "continue_final_message")
+        constraint = await constraint_of(req, req.tools)
+        forced_call = req.tool_choice not in (None, "auto", "none")
         parse_tools = req.tools if req.tools and req.tool_choice != "none" else None
-        prompt, images, videos = await asyncio.to_thread(prompts.render_chat, req.messages, req.tools,
-                                                         req.chat_template_kwargs)
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.reasoning_effort is not None and "enable_thinking" not in kwargs:
+            kwargs["enable_thinking"] = req.reasoning_effort not in ("none", "minimal")
+        prompt, images, videos = await asyncio.to_thread(prompts.render_chat, req.messages, req.tools, kwargs,
+                                                         req.add_generation_prompt, req.continue_final_message)
         thinking = is_thinking_prompt(prompt)
-        # A forced call is written into the prompt (after closing an open think block); the parsers see it as the
-        # start of the output.
-        forced = ("\n</think>\n\n" if thinking and call_prefix else "") + call_prefix
-        prompt += forced
+        # A forced call starts right away: an open think block is closed in the prompt, so the grammar (which only
+        # applies after the thinking) constrains the first token on.
+        prefix = "\n</think>\n\n" if thinking and forced_call else ""
+        prompt += prefix
         prompt_ids = await asyncio.to_thread(prompts.encode, prompt, "messages")
         prompt_ids, mm = await with_media(prompt_ids, images, videos)
+        echo = ""
+        if req.echo and req.messages and (not req.add_generation_prompt or req.messages[-1].get("role") == "assistant"):
+            echo = final_message_text(req.messages)
         k = req.top_logprobs or 0
         params = make_params(req, max_tokens=max_tokens_for(req.max_completion_tokens or req.max_tokens,
                                                             len(prompt_ids)),
-                             logprobs=k if req.logprobs else None)
+                             logprobs=k if req.logprobs else None, structured_outputs=constraint)
         request_id = random_id("chatcmpl")
         stream = tracked(await start(request_id, prompt_ids, params, prompt, mm))
+        single_call = req.parallel_tool_calls is False
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(chat_stream(request_id, stream, params.n, thinking, parse_tools, k,
-                                                 include_usage, forced), media_type="text/event-stream")
+            so = req.stream_options
+            return chat_chunks(request_id, stream, params.n, thinking, parse_tools, k,
+                               bool(so and so.include_usage), bool(so and so.continuous_usage_stats), prefix, echo,
+                               single_call)
         final = await unless_disconnected(request, final_output(stream))
         if final is None:
-            return error_response(499, "the client closed the connection")
-        choices = [build_chat_choice(c.index, forced + c.text, c.finish_reason, c.stop_reason, thinking, parse_tools,
-                                     chat_logprobs(c, 0, k)) for c in final.outputs]
+            return None
+        choices = [build_chat_choice(c.index, prefix + c.text, c.finish_reason, c.stop_reason, thinking, parse_tools,
+                                     chat_logprobs(c, 0, k), echo, single_call) for c in final.outputs]
         return ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage(final))
 
-    async def chat_stream(request_id, stream, n, thinking, tools, k, include_usage, forced=""):
-        states = [ChatStreamState(thinking, tools) for _ in range(n)]
+    async def chat_chunks(request_id, stream, n, thinking, tools, k, include_usage, continuous_usage, prefix="",
+                          echo="", single_call=False) -> AsyncIterator[ChatCompletionChunk]:
+        states = [ChatStreamState(thinking, tools, single_call) for _ in range(n)]
+        now = {"usage": None}
 
         def chunk(index, delta, logprobs=None, finish_reason=None):
-            return sse(ChatCompletionChunk(id=request_id, model=model_name, choices=[ChatCompletionStreamChoice(
-                index=index, delta=DeltaMessage(**delta), logprobs=logprobs, finish_reason=finish_reason)]))
+            return ChatCompletionChunk(id=request_id, model=model_name, usage=now["usage"], choices=[
+                ChatCompletionStreamChoice(index=index, delta=DeltaMessage(**delta), logprobs=logprobs,
+                                           finish_reason=finish_reason)])
 
         try:
             for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-                for d in states[i].feed(forced, False) if forced else []:
+                yield chunk(i, {"role": "assistant", "content": echo})
+                for d in states[i].feed(prefix, False) if prefix else []:
                     yield chunk(i, d)
             last = None
             async for out in stream:
                 last = out
+                if continuous_usage:
+                    now["usage"] = usage(out)
                 for c in out.outputs:
                     st = states[c.index]
                     if st.done:
@@ -337,13 +389,9 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                             reason = "tool_calls"
                         yield chunk(c.index, {}, finish_reason=reason)
             if include_usage and last is not None:
-                yield sse(ChatCompletionChunk(id=request_id, model=model_name, choices=[], usage=usage(last)))
-        except Exception as e:  # the headers are sent: the error becomes the stream's last event
-            logger.warning("stream %s failed: %r", request_id, e)
-            yield sse_error(e)
+                yield ChatCompletionChunk(id=request_id, model=model_name, choices=[], usage=usage(last))
         finally:
             await stream.aclose()
-        yield "data: [DONE]\n\n"
 
     def completion_inputs(prompts_in, echo: bool) -> list[tuple[str | None, list[int], str | None]]:
         """(prompt text or None, prompt ids, text to echo or None) per prompt; runs in a worker thread."""
@@ -373,8 +421,10 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         k = req.logprobs
         results = []
         request_id = random_id("cmpl")
+        constraint = await constraint_of(req)
         for i, (text, ids, _) in enumerate(items):
             params = make_params(req, max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+                                 structured_outputs=constraint,
                                  logprobs=k, prompt_logprobs=k if (req.echo and k is not None) else None)
             rid = request_id if len(items) == 1 else f"{request_id}-{i}"
             try:
@@ -385,8 +435,10 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                 raise
         echoes = [echo for _, _, echo in items]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(completion_stream(request_id, results[0], echoes[0], k, include_usage),
+            so = req.stream_options
+            return StreamingResponse(completion_stream(request_id, results[0], echoes[0], k,
+                                                       bool(so and so.include_usage),
+                                                       bool(so and so.continuous_usage_stats)),
                                      media_type="text/event-stream")
 
         async def finals():
@@ -423,16 +475,17 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             ids, entries = list(out.prompt_token_ids) + ids, list(out.prompt_logprobs or []) + entries
         return ids, entries
 
-    async def completion_stream(request_id, stream, echo, k, include_usage):
+    async def completion_stream(request_id, stream, echo, k, include_usage, continuous_usage=False):
         # per choice: (characters of its text sent, tokens sent, text offset of the next token); None once done
         sent: dict[int, tuple[int, int, int] | None] = {}
+        last = None
 
         def chunk(index, text, logprobs=None, finish_reason=None):
             return sse(CompletionResponse(id=request_id, model=model_name, choices=[CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)]))
+                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)],
+                usage=usage(last) if continuous_usage else None))
 
         try:
-            last = None
             async for out in stream:
                 last = out
                 if echo is not None and k is not None and len(out.prompt_logprobs or []) < len(out.prompt_token_ids):

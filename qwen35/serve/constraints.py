@@ -64,9 +64,9 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
 
 def request_constraint(req, tools: list[dict] | None = None,
                        added_tokens: frozenset[str] = frozenset({"<tool_call>", "</tool_call>"})
-                       ) -> StructuredOutputsParams | None:
-    """The constraint a chat or completion request asks for (at most one spelling), or None. A 400 names the
-    field when the constraint is malformed or given twice."""
+                       ) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The constraint a chat or completion request asks for (at most one spelling) and the field that gave it, or
+    (None, None). A 400 names the field when the constraint is malformed or given twice."""
     given = []
     rf = getattr(req, "response_format", None)
     if rf is not None and rf.get("type") not in (None, "text"):
@@ -100,7 +100,7 @@ def request_constraint(req, tools: list[dict] | None = None,
         parallel = getattr(req, "parallel_tool_calls", None) is not False
         given.append(("tool_choice", {"grammar": tool_call_grammar(tools, name, parallel, added_tokens)}))
     if not given:
-        return None
+        return None, None
     if len(given) > 1:
         raise APIError(400, f"give one output constraint, not {' and '.join(f for f, _ in given)}", given[1][0])
     field, spec = given[0]
@@ -108,7 +108,7 @@ def request_constraint(req, tools: list[dict] | None = None,
     if ws is not None and "whitespace_pattern" not in spec:
         spec["whitespace_pattern"] = ws
     try:
-        return StructuredOutputsParams(**spec)
+        return StructuredOutputsParams(**spec), field
     except TypeError as e:
         raise APIError(400, f"{field}: {e}", field) from None
     except SamplingParamsError as e:

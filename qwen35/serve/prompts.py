@@ -1,7 +1,7 @@
 """Client input -> prompt text and token ids for the server: OpenAI messages checked and normalized for the chat
-template, rendering and tokenization (called from worker threads: both can take seconds on a large request), the
-forced-tool-call prefix, and the early rejection of a prompt that cannot fit the context, judged on its length in
-bytes before any tokenizing. The default request-body limit is derived from the same bound."""
+template, rendering and tokenization (called from worker threads: both can take seconds on a large request), and
+the early rejection of a prompt that cannot fit the context, judged on its length in bytes before any tokenizing.
+The default request-body limit is derived from the same bound."""
 
 from __future__ import annotations
 
@@ -113,21 +113,6 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def forced_tool_call(tool_choice, tools) -> str:
-    """The output prefix that makes the model call a tool: any tool for "required", the named one for
-    {"type": "function", "function": {"name": ...}}; "" for "auto" / "none" / absent."""
-    if tool_choice in (None, "auto", "none"):
-        return ""
-    if not tools:
-        raise APIError(400, f"tool_choice {tool_choice!r} needs tools", "tool_choice")
-    if tool_choice == "required":
-        return "<tool_call>\n<function="
-    name = tool_choice.function.name
-    if name not in [t["function"]["name"] for t in tools]:
-        raise APIError(400, f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
-    return f"<tool_call>\n<function={name}>\n"
-
-
 class Prompts:
     """Renders and tokenizes the server's prompts. Call from a worker thread: `Tokenizer.encode` releases the GIL,
     so the event loop keeps serving while a long prompt is tokenized."""
@@ -168,7 +153,8 @@ class Prompts:
             self.check_length(text, param)
         return self.tokenizer.encode(text)
 
-    def render_chat(self, messages, tools, template_kwargs, add_generation_prompt=True) -> tuple[str, list, list]:
+    def render_chat(self, messages, tools, template_kwargs, add_generation_prompt=True,
+                    continue_final_message=False) -> tuple[str, list, list]:
         """(prompt, image sources, video sources): media parts become the template's placeholders."""
         kwargs = {**self.default_chat_template_kwargs, **(template_kwargs or {})}
         try:
@@ -180,7 +166,7 @@ class Prompts:
                            "messages")
         try:
             prompt = render(self.llm, normalize_messages(messages), tools, kwargs, add_generation_prompt,
-                            self.escape_special_tokens)
+                            self.escape_special_tokens, continue_final_message)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
         return prompt, images, videos

@@ -47,10 +47,15 @@ def completion_logprobs(token_ids, entries, k: int, offset: int, decode: Callabl
 
 
 def build_chat_choice(index: int, text: str, finish_reason: str | None, stop_reason, thinking: bool,
-                      tools: list[dict] | None, logprobs: dict | None = None) -> ChatCompletionChoice:
-    """One non-streamed chat choice from the raw completion text (reasoning and tool calls split off)."""
+                      tools: list[dict] | None, logprobs: dict | None = None, echo: str = "",
+                      single_call: bool = False) -> ChatCompletionChoice:
+    """One non-streamed chat choice from the raw completion text (reasoning and tool calls split off). echo: text
+    the content starts with (vLLM's chat `echo`); single_call: report only the first tool call
+    (`parallel_tool_calls=false`)."""
     msg = assistant_message(text, thinking, tools)
-    calls = msg.get("tool_calls") or []
+    calls = (msg.get("tool_calls") or [])[:1 if single_call else None]
+    if echo:
+        msg["content"] = echo + (msg["content"] or "")
     if calls and finish_reason == "stop":
         finish_reason = "tool_calls"
     return ChatCompletionChoice(index=index, message=ChatMessage(content=msg["content"],
@@ -62,17 +67,20 @@ def build_chat_choice(index: int, text: str, finish_reason: str | None, stop_rea
 class ChatStreamState:
     """Turns one choice's text deltas into OpenAI delta dicts (reasoning, content, tool calls)."""
 
-    def __init__(self, thinking: bool, tools: list[dict] | None):
+    def __init__(self, thinking: bool, tools: list[dict] | None, single_call: bool = False):
         self.reasoning = ReasoningStreamParser(thinking)
         self.tools = ToolCallStreamParser(tools) if tools else None
+        self.single_call = single_call
         self.num_chars = self.num_tokens = 0
         self.done = False
 
     def _content(self, text: str, final: bool) -> list[dict]:
         if self.tools is None:
             return [{"content": text}] if text else []
-        out = self.tools.feed(text) if text else []
-        return out + (self.tools.finish() if final else [])
+        out = (self.tools.feed(text) if text else []) + (self.tools.finish() if final else [])
+        if self.single_call:  # parallel_tool_calls=false: the first call only
+            out = [d for d in out if "tool_calls" not in d or d["tool_calls"][0].get("index", 0) == 0]
+        return out
 
     def feed(self, text: str, final: bool) -> list[dict]:
         r = self.reasoning.feed(text)
