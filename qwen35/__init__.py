@@ -4,7 +4,7 @@ serves it."""
 __version__ = "0.1.0"
 
 from qwen35.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from qwen35.sampling_params import SamplingParams  # noqa: E402
+from qwen35.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):
@@ -15,4 +15,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]

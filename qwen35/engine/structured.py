@@ -38,6 +38,34 @@ def _llguidance():
     return llguidance
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "unevaluatedProperties", "additionalItems", "contains", "not", "if",
+            "then", "else", "propertyNames")
+
+
+def close_objects(schema, every_object: bool = False):
+    """The schema with `additionalProperties: false` wherever an object lists its properties and says nothing
+    about others (every object with `every_object`), as vLLM's default backend (xgrammar, strict mode) reads
+    schemas: otherwise a model may add keys forever. A copy; the caller's schema is untouched."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: close_objects(s, every_object) for name, s in schema[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            out[key] = [close_objects(s, every_object) for s in schema[key]]
+    for key in _SCHEMAS:
+        if key in schema:
+            out[key] = close_objects(schema[key], every_object)
+    is_object = "properties" in schema or (every_object and schema.get("type") == "object")
+    if is_object and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_text(c: StructuredOutputsParams) -> str:
     """The llguidance grammar (its JSON form) for a constraint."""
     llg = _llguidance()
@@ -48,8 +76,8 @@ def grammar_text(c: StructuredOutputsParams) -> str:
         options = {"whitespace_flexible": False}
         if c.whitespace_pattern:
             options["whitespace_pattern"] = c.whitespace_pattern
-        if c.disable_additional_properties and isinstance(schema, dict):
-            schema = {**schema, "additionalProperties": False}
+        if not c.json_object:
+            schema = close_objects(schema, every_object=c.disable_additional_properties)
         try:
             return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except ValueError as e:

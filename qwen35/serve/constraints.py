@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from qwen35.engine.structured import close_objects
 from qwen35.sampling_params import SamplingParamsError, StructuredOutputsParams
 from qwen35.serve.middleware import APIError
 from qwen35.serve.tool_calls import _is_string_schema
@@ -28,7 +29,7 @@ def _param_rule(rule: str, name: str, schema) -> list[str]:
         return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: " + " | ".join(_lit(v) for v in schema["enum"])]
     if _is_string_schema(schema):
         return [head, f'{rule}_v[stop="\\n</parameter>\\n"]: /(?s:.*)/']
-    body = json.dumps(schema if isinstance(schema, Mapping) else {}, ensure_ascii=False)
+    body = json.dumps(close_objects(dict(schema)) if isinstance(schema, Mapping) else {}, ensure_ascii=False)
     return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: %json {body}"]
 
 
