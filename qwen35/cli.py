@@ -119,6 +119,39 @@ def _add_sampling_flags(p, skip=()) -> None:
     p.add_argument("--no-skip-special-tokens", dest="skip_special_tokens", action="store_false", default=None)
 
 
+def _add_constraint_flags(p) -> None:
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON matching this schema (JSON text)")
+    g.add_argument("--json-schema-file", metavar="FILE", help="the same, read from a file")
+    g.add_argument("--json-object", action="store_true", default=None, help="the output is a JSON object")
+    g.add_argument("--regex", help="the output matches this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)")
+    g.add_argument("--grammar", help="the output follows this Lark (or GBNF) grammar")
+    g.add_argument("--grammar-file", metavar="FILE", help="the same, read from a file")
+
+
+def _constraint(args):
+    """The --json-schema / --regex / ... flags as StructuredOutputsParams (None without any), checked before the
+    model loads (a bad schema's compile error comes once the tokenizer is there)."""
+    from qwen35.sampling_params import StructuredOutputsParams
+
+    def read(flag, path):
+        try:
+            return Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--{flag} {path}: cannot read it ({e})") from None
+
+    schema = args.json_schema if args.json_schema_file is None else read("json-schema-file", args.json_schema_file)
+    grammar = args.grammar if args.grammar_file is None else read("grammar-file", args.grammar_file)
+    given = dict(json=schema, json_object=args.json_object, regex=args.regex, choice=args.choice, grammar=grammar)
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        return StructuredOutputsParams(**given) if given else None
+    except ValueError as e:
+        flag = "--json-schema" + ("-file" if args.json_schema_file else "") if "json" in given else "--constraint"
+        raise ValueError(f"{flag}: {str(e).removeprefix('SamplingParams.structured_outputs json ')}") from None
+
+
 def _make_llm(args):
     from qwen35.llm import LLM
 
@@ -136,7 +169,8 @@ def _sampling_params(args, **overrides):
 
     given = {name: getattr(args, name, None) for name, _, _ in SAMPLING_FLAGS}
     given.update(stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=args.skip_special_tokens,
-                 stop_token_ids=args.stop_token_ids)
+                 stop_token_ids=args.stop_token_ids,
+                 structured_outputs=_constraint(args) if hasattr(args, "json_schema") else None)
     for k, v in overrides.items():
         if given.get(k) is None:
             given[k] = v
@@ -300,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the structured result instead of streaming")
     _add_engine_flags(p)
     _add_sampling_flags(p)
+    _add_constraint_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal (streams; /help for commands)")

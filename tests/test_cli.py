@@ -3,6 +3,7 @@ any model loads, with one exit-status convention (0 success, 2 bad arguments or 
 commands run in-process through `main(argv)`; where a model would load, a stand-in fails the test if it is reached."""
 
 import json
+import re
 import socket
 
 import pytest
@@ -167,3 +168,24 @@ def test_forward_quantizes_the_embedded_model(capsys):
     assert main(["forward", "--quantization", "int8", "--token-ids", "1,2,3"]) == 0
     out = capsys.readouterr().out
     assert "weights int8 (" in out and "top next-token ids" in out
+
+
+def test_bad_constraint_flags_fail_before_loading(tmp_path, capsys, no_loading):
+    assert failure(["generate", "--json-schema", '{"type":', "x"], capsys).endswith(
+        "--json-schema: is not valid JSON: Expecting value: line 1 column 9 (char 8)")
+    assert "No such file" in failure(["generate", "--grammar-file", str(tmp_path / "none.lark"), "x"], capsys)
+    assert "not allowed with argument --regex" in usage_error(["generate", "--regex", "a", "--choice", "b", "x"],
+                                                               capsys)
+
+
+def test_generate_follows_a_regex_and_a_schema(tmp_path, capsys):
+    """The constraint flags reach the engine: the embedded model's answers match them."""
+    assert main(["generate", "--regex", "[a-c]{3}-[0-9]{2}", "--temperature", "0", "--max-tokens", "20", "Hi"]) == 0
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", capsys.readouterr().out.strip())
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+                                  "required": ["n"]}))
+    assert main(["generate", "--json-schema-file", str(schema), "--seed", "3", "--max-tokens", "20", "--json",
+                 "Hi"]) == 0
+    out = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert out["finish_reason"] == "stop" and 0 <= json.loads(out["text"])["n"] <= 9
