@@ -1,8 +1,9 @@
 """Structured output: grammars compiled by llguidance, one matcher per request, token masks applied to the logits.
 
-`StructuredOutputs` owns the llguidance tokenizer (built once per engine from the checkpoint's tokenizer.json, in
-a background thread from the first call on: ~6 s for the 248k vocabulary) and an LRU cache of compiled grammars
-keyed by the constraint's canonical spelling; each request gets a copy of its grammar's pristine matcher.
+`StructuredOutputs` owns the llguidance tokenizer (built from the checkpoint's tokenizer.json on first use, or in
+the background by `warm_up`: ~6 s for the 248k vocabulary; shared by engines of one process) and an LRU cache of
+compiled grammars keyed by the constraint's canonical spelling; each request gets a copy of its grammar's pristine
+matcher.
 
 Each step, `fill_masks` writes one bit per token id for the constrained rows and `apply_masks` sets the logits of
 disallowed ids to -inf, vectorised over the batch. The matcher advances on every sampled token. A row whose mask
@@ -13,6 +14,7 @@ With reasoning (the prompt ends inside an open `<think>` block), the constraint 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -96,6 +98,25 @@ def grammar_text(c: StructuredOutputsParams) -> str:
     return llg.LLMatcher.grammar_from_lark(grammar)
 
 
+_LLTOKENIZERS: OrderedDict[bytes, object] = OrderedDict()  # engines in one process share their grammar tokenizer
+_LLTOKENIZERS_LOCK = threading.Lock()
+
+
+def _shared_lltokenizer(tokenizer_json: str, vocab_size: int, eos_ids: tuple[int, ...]):
+    key = hashlib.blake2b(f"{vocab_size} {eos_ids}\n{tokenizer_json}".encode(), digest_size=16).digest()
+    with _LLTOKENIZERS_LOCK:
+        if key not in _LLTOKENIZERS:
+            try:
+                _LLTOKENIZERS[key] = _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab_size,
+                                                               eos_token=list(eos_ids))
+            except Exception as e:  # llguidance reads byte-level BPE tokenizer.json files (every Qwen3.5's)
+                raise StructuredOutputError(f"structured output cannot use this tokenizer: {e}") from None
+            while len(_LLTOKENIZERS) > 2:
+                _LLTOKENIZERS.popitem(last=False)
+        _LLTOKENIZERS.move_to_end(key)
+        return _LLTOKENIZERS[key]
+
+
 class StructuredOutputs:
     """The engine's grammar compiler and mask applier. tokenizer: qwen35.tokenizer.Tokenizer; vocab_size: the
     logits' width (the embedding's padding rows past the tokenizer are never allowed)."""
@@ -115,14 +136,16 @@ class StructuredOutputs:
     def lltokenizer(self):
         with self._lock:
             if self._lltok is None:
-                llg = _llguidance()
-                self._lltok = llg.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                              eos_token=list(self.tokenizer.eos_token_ids))
+                self._lltok = _shared_lltokenizer(self.tokenizer.backend.to_str(), self.vocab_size,
+                                                  tuple(self.tokenizer.eos_token_ids))
             return self._lltok
 
     def matcher(self, c: StructuredOutputsParams, prompt_token_ids: list[int]) -> "GrammarMatcher":
         """A fresh matcher for one request; raises StructuredOutputError when the constraint does not compile."""
-        return GrammarMatcher(self.compile(c).deep_copy(), waits_for=self._open_think(prompt_token_ids),
+        pristine = self.compile(c)
+        with self._lock:  # the server compiles in worker threads while the engine thread copies
+            matcher = pristine.deep_copy()
+        return GrammarMatcher(matcher, waits_for=self._open_think(prompt_token_ids),
                               think_end=self.think_end)
 
     def compile(self, c: StructuredOutputsParams):

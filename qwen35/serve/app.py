@@ -125,7 +125,6 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     tokenizer = llm.tokenizer
     max_model_len = engine.engine.max_model_len
     structured = engine.engine.structured
-    structured.warm_up()  # the grammar tokenizer takes seconds to build for a full vocabulary
     prompts = Prompts(llm, max_model_len, default_chat_template_kwargs, escape_special_tokens)
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(max_model_len, prompts.max_token_bytes,
