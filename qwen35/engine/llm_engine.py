@@ -279,15 +279,13 @@ class LLMEngine:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.grammar.active and not r.is_finished]
         if not rows:
             return
-        sub = last[rows]
         try:
             masks = self.structured.fill_masks([reqs[i].grammar for i in rows])
-            empty = self.structured.apply_masks(sub, masks)
+            empty = self.structured.apply_masks(last, masks, rows)
         except Exception as e:  # a broken matcher: fail those requests, not the step
             for i in rows:
                 self._fail(reqs[i], e)
             return
-        last[rows] = sub
         for j, i in enumerate(rows):
             if empty[j]:
                 self._fail(reqs[i], ValueError(f"structured output: no token can continue the output under its "

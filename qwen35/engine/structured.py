@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 from qwen35.sampling_params import SamplingParamsError, StructuredOutputsParams
 
 MAX_CACHED_GRAMMARS = 256
+# A constraint whose first token mask takes longer is refused: real schemas take milliseconds, a hostile regex like
+# `(a{1000}){1000}` seconds, and each request's copy of the matcher pays part of that again inside engine steps.
+MAX_FIRST_MASK_SECONDS = 1.0
 
 
 class StructuredOutputError(SamplingParamsError):
@@ -164,8 +168,16 @@ class StructuredOutputs:
             if is_error:
                 raise StructuredOutputError(f"invalid {c.kind} constraint: {messages[0].strip()}")
             pristine = llg.LLMatcher(tok, grammar, log_level=0)
+            # The first mask builds most of the lexer: here, in the caller's thread (a server worker), not in an
+            # engine step that every running request waits for.
+            t0 = time.perf_counter()
+            self.fill_masks([GrammarMatcher(pristine)])
+            seconds = time.perf_counter() - t0
             if pristine.is_error():
                 raise StructuredOutputError(f"invalid {c.kind} constraint: {pristine.get_error()}")
+            if seconds > MAX_FIRST_MASK_SECONDS:
+                raise StructuredOutputError(f"the {c.kind} constraint is too complex: its first token mask took "
+                                            f"{seconds:.1f} s (the limit is {MAX_FIRST_MASK_SECONDS:.0f} s)")
             with self._lock:
                 self._cache[key] = pristine
                 while len(self._cache) > MAX_CACHED_GRAMMARS:
@@ -183,20 +195,27 @@ class StructuredOutputs:
                 return True
         return False
 
-    def fill_masks(self, matchers: list["GrammarMatcher"]) -> torch.Tensor:
-        """int32 [len(matchers), ceil(V/32)]: bit j of word i allows token 32·i + j."""
-        llg_torch = __import__("llguidance.torch", fromlist=["fill_next_token_bitmask"])
-        masks = torch.empty(len(matchers), self.num_words, dtype=torch.int32)
+    def fill_masks(self, matchers: list["GrammarMatcher"]) -> np.ndarray:
+        """int32 [len(matchers), ceil(V/32)]: bit j of word i allows token 32·i + j. (Straight into the buffer:
+        llguidance's torch helpers would import torch.compile's machinery, seconds on first use.)"""
+        masks = np.empty((len(matchers), self.num_words), dtype=np.int32)
+        row_bytes = self.num_words * 4
         for i, m in enumerate(matchers):
-            llg_torch.fill_next_token_bitmask(m.matcher, masks, i)
+            m.matcher.unsafe_compute_mask_ptr(masks.ctypes.data + i * row_bytes, row_bytes)
         return masks
 
-    def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """logits [B, V'] (V' <= vocab_size) in place: disallowed ids to -inf. Returns which rows allow nothing."""
+    def apply_masks(self, logits: torch.Tensor, masks, rows: list[int] | None = None) -> torch.Tensor:
+        """Disallowed ids to -inf, in place, on logits [B, V'] (V' <= vocab_size): mask j applies to row rows[j]
+        (row j without `rows`). Returns, per mask, whether it allows nothing."""
+        masks = masks.numpy() if isinstance(masks, torch.Tensor) else masks
         # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first
-        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :logits.shape[-1]]
+        bits = np.unpackbits(masks.view(np.uint8), axis=-1, bitorder="little")[:, :logits.shape[-1]]
         disallowed = torch.from_numpy(bits).to(logits.device) == 0
-        logits.masked_fill_(disallowed, float("-inf"))
+        if rows is None:
+            logits.masked_fill_(disallowed, float("-inf"))
+        else:
+            for j, i in enumerate(rows):  # row views: no copy of the batch's logits
+                logits[i].masked_fill_(disallowed[j], float("-inf"))
         return disallowed.all(-1)
 
 
