@@ -4,6 +4,7 @@ their outputs) reach the template, forced function calls and json_schema outputs
 in the SDK's order and add up to the non-streamed response, reasoning items, max_output_tokens, and 400s naming the
 Responses field."""
 
+import asyncio
 import json
 
 import httpx
@@ -12,7 +13,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from qwen35.serve.responses_api import ResponsesRequest, input_messages
+from qwen35.serve.protocol import ChatCompletionChunk, ChatCompletionStreamChoice, DeltaMessage
+from qwen35.serve.responses_api import ResponseBuilder, ResponsesRequest, input_messages, response_events
 from tests.test_server import Server
 
 MODEL = "demo"
@@ -210,6 +212,47 @@ def test_sdk_stream_helper(client):
     check_weather_args(call.arguments)
 
 
+def test_streamed_function_call_events(server):
+    events = stream_events(server, {"input": "Weather in Paris?", "tools": TOOLS, "tool_choice": "required",
+                                    "parallel_tool_calls": False, "temperature": 0, "max_output_tokens": 60})
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    added, done, final = events[2]["item"], events[-2]["item"], events[-1]["response"]
+    assert added["type"] == "function_call" and added["arguments"] == "" and added["status"] == "in_progress"
+    args = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    assert args == events[-3]["arguments"] == done["arguments"] and done["call_id"] == added["call_id"]
+    check_weather_args(args)
+    assert final["output"] == [done] and final["status"] == "completed"
+
+
+def test_error_mid_stream_is_the_last_event():
+    """A failure after the headers went out (here: the chunk stream raising) ends the stream with an `error` event;
+    the chunk stream is closed."""
+    closed = []
+
+    async def chunks():
+        try:
+            yield ChatCompletionChunk(id="c", model=MODEL, choices=[ChatCompletionStreamChoice(
+                index=0, delta=DeltaMessage(role="assistant", content="Hello"))])
+            raise RuntimeError("engine died")
+        finally:
+            closed.append(True)
+
+    async def collect():
+        req = ResponsesRequest(model=MODEL, input="Hi", stream=True)
+        return [e async for e in response_events(chunks(), ResponseBuilder(req, MODEL, len))]
+
+    events = [json.loads(e.split("data: ", 1)[1]) for e in asyncio.run(collect())]
+    for e in events:
+        EVENTS.validate_python(e)
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.content_part.added", "response.output_text.delta", "error"]
+    assert events[-1]["message"] == "RuntimeError: engine died" and events[-1]["code"] == "server_error"
+    assert [e["sequence_number"] for e in events] == list(range(6)) and closed == [True]
+
+
 def test_max_output_tokens_is_incomplete(client):
     r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=3, extra_body={"ignore_eos": True})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
@@ -235,6 +278,14 @@ def test_reasoning_items_when_thinking(server, client):
     r = client.responses.create(model=MODEL, input=QUESTION, reasoning={"effort": "none"}, temperature=0,
                                 max_output_tokens=4, extra_body={"ignore_eos": True})
     assert [item.type for item in r.output] == ["message"]
+
+
+def test_openapi_documents_the_body(server):
+    doc = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    body = doc["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ResponsesRequest"}
+    assert "max_output_tokens" in doc["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert "ChatCompletionRequest" in doc["components"]["schemas"]  # the app's own bodies are still there
 
 
 @pytest.mark.parametrize("body, param", [
