@@ -5,12 +5,15 @@ in the SDK's order and add up to the non-streamed response, reasoning items, max
 Responses field."""
 
 import asyncio
+import base64
+import io
 import json
 
 import httpx
 import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
+from PIL import Image
 from pydantic import TypeAdapter
 
 from qwen35.serve.protocol import ChatCompletionChunk, ChatCompletionStreamChoice, DeltaMessage
@@ -97,6 +100,18 @@ def test_instructions_and_message_items(client):
                                        {"role": "user", "content": QUESTION}])
     assert r.output_text == chat.choices[0].message.content
     assert r.usage.input_tokens == chat.usage.prompt_tokens and r.instructions == "Answer briefly."
+
+
+def test_input_image_equals_chat_image(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What is this?"}]}])
+    r = client.responses.create(model=MODEL, temperature=0, max_output_tokens=8, input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": url, "detail": "auto"}, {"type": "input_text", "text": "What is this?"}]}])
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.output_text == chat.choices[0].message.content
 
 
 def test_turn_items_merge_into_one_assistant_message():
