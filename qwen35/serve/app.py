@@ -39,6 +39,7 @@ from qwen35.serve.protocol import (ChatCompletionChunk, ChatCompletionRequest, C
                                    TokenizeRequest, Usage, random_id)
 from qwen35.serve.reasoning import is_thinking_prompt
 from qwen35.serve.responses import ChatStreamState, build_chat_choice, chat_logprobs, completion_logprobs, sse
+from qwen35.serve.responses_api import install_responses_api
 
 logger = logging.getLogger(__name__)
 
@@ -513,4 +514,5 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
             await stream.aclose()
         yield "data: [DONE]\n\n"
 
+    install_responses_api(app, run_chat, model_name, lambda text: len(tokenizer.encode(text)))
     return app
