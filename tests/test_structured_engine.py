@@ -95,6 +95,30 @@ def test_grammar_cache_compiles_a_schema_once(llm):
         fresh.accept(llm.tokenizer.encode("x")[0], False)  # a pristine copy starts before the "{"
 
 
+def accepts(so, c: StructuredOutputsParams, tokenizer, text: str) -> bool:
+    m = so.matcher(c, [1])
+    try:
+        for t in tokenizer.encode(text):
+            m.accept(t, False)
+    except ValueError:
+        return False
+    return True
+
+
+def test_disable_additional_properties_closes_nested_objects(llm):
+    so, tok = llm.engine.structured, llm.tokenizer
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "b": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "integer"}}}},
+        "c": {"type": "object", "properties": {"z": {"type": "integer"}}, "additionalProperties": True},
+        "d": {"enum": [{"properties": {}}]}}}
+    closed = StructuredOutputsParams(json=schema, disable_additional_properties=True)
+    assert accepts(so, StructuredOutputsParams(json=schema), tok, '{"a":{"x":1,"w":2')
+    for extra in ('{"q":1', '{"a":{"x":1,"w":2', '{"b":[{"y":1,"w":2'):
+        assert not accepts(so, closed, tok, extra), extra
+    assert accepts(so, closed, tok, '{"a":{"x":1},"b":[{"y":2}],"c":{"z":3,"w":4},"d":{"properties":{}}}')
+
+
 @pytest.mark.parametrize("constraint, message", [
     ({"regex": "(ab"}, r"invalid regex constraint: .*"),
     ({"grammar": "start: foo"}, r"invalid grammar constraint: .*foo"),
@@ -164,10 +188,10 @@ def test_a_request_with_no_allowed_token_fails_alone(llm):
 
 def test_mixed_batch_gives_each_request_its_tokens_alone(llm):
     prompts = [ask(llm, q) for q in ("What is a list?", "Describe the os module.", "Name a type.", "Say hi.")]
-    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": SCHEMA}),
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, structured_outputs={"json": SCHEMA}),
               SamplingParams(temperature=0, max_tokens=10, structured_outputs={"regex": r"(int|str|float)\.?"}),
-              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
     alone = [llm.generate({"prompt_token_ids": p}, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     together = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert [o.outputs[0].token_ids for o in together] == alone

@@ -38,6 +38,19 @@ def _llguidance():
     return llguidance
 
 
+def _closed(schema):
+    """A copy of the schema in which every object with `properties` and no `additionalProperties` allows no
+    others, at any depth (vLLM's disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else _closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_text(c: StructuredOutputsParams) -> str:
     """The llguidance grammar (its JSON form) for a constraint."""
     llg = _llguidance()
@@ -48,8 +61,8 @@ def grammar_text(c: StructuredOutputsParams) -> str:
         options = {"whitespace_flexible": False}
         if c.whitespace_pattern:
             options["whitespace_pattern"] = c.whitespace_pattern
-        if c.disable_additional_properties and isinstance(schema, dict):
-            schema = {**schema, "additionalProperties": False}
+        if c.disable_additional_properties:
+            schema = _closed(schema)
         try:
             return llg.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except ValueError as e:
