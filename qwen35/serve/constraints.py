@@ -28,7 +28,9 @@ def _param_rule(rule: str, name: str, schema) -> list[str]:
         return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: " + " | ".join(_lit(v) for v in schema["enum"])]
     if _is_string_schema(schema):
         return [head, f'{rule}_v[stop="\\n</parameter>\\n"]: /(?s:.*)/']
-    body = json.dumps(schema if isinstance(schema, Mapping) else {}, ensure_ascii=False)
+    # compact JSON, as for response formats: free whitespace lets a weak model pad the value until max_tokens
+    body = json.dumps({**(schema if isinstance(schema, Mapping) else {}), "x-guidance": {"whitespace_flexible": False}},
+                      ensure_ascii=False)
     return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: %json {body}"]
 
 
