@@ -244,6 +244,19 @@ def test_parallel_forced_calls_all_validate(client):
     check_calls(calls if r.finish_reason == "tool_calls" else calls[:-1])
 
 
+def test_tool_call_string_lengths_are_enforced(local):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 2, "maxLength": 5}, "t": {"type": "string", "maxLength": "x"}},
+        "required": ["s", "t"]}}}]
+    c = StructuredOutputsParams(grammar=tool_call_grammar(tools, None, False, local[1].added_tokens))
+    local[0].compile(c)
+
+    def call(s):
+        return f"<tool_call>\n<function=f>\n<parameter=s>\n{s}\n</parameter>\n<parameter=t>\nfree text"
+    assert accepts(local, c, call("ab")) and accepts(local, c, call("a\nbcd"))
+    assert not accepts(local, c, call("a")) and not accepts(local, c, call("abcdef"))
+
+
 def test_one_call_without_parallel_calls_and_streamed_calls_assemble_to_the_same(client):
     kw = dict(model="demo", messages=user("Look up the os docs."), tools=TOOLS, tool_choice="required",
               parallel_tool_calls=False, max_tokens=150, temperature=0)
