@@ -28,8 +28,14 @@ def _param_rule(rule: str, name: str, schema) -> list[str]:
             isinstance(v, str) for v in schema["enum"]):
         return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: " + " | ".join(_lit(v) for v in schema["enum"])]
     if _is_string_schema(schema):
-        return [head, f'{rule}_v[stop="\\n</parameter>\\n"]: /(?s:.*)/']
-    body = json.dumps(close_objects(dict(schema)) if isinstance(schema, Mapping) else {}, ensure_ascii=False)
+        # minLength / maxLength bound the raw text (other string keywords are not enforced)
+        lo, hi = (v if isinstance(v := schema.get(k) if isinstance(schema, Mapping) else None, int)
+                  and not isinstance(v, bool) and v >= 0 else None for k in ("minLength", "maxLength"))
+        length = "*" if lo is None and hi is None else f"{{{lo or 0},{'' if hi is None else hi}}}"
+        return [head, f'{rule}_v[stop="\\n</parameter>\\n"]: /(?s:.{length})/']
+    # compact JSON, as for response formats: free whitespace lets a weak model pad the value until max_tokens
+    closed = close_objects(dict(schema)) if isinstance(schema, Mapping) else {}
+    body = json.dumps({**closed, "x-guidance": {"whitespace_flexible": False}}, ensure_ascii=False)
     return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: %json {body}"]
 
 
