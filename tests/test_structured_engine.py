@@ -196,9 +196,6 @@ def test_a_request_with_no_allowed_token_fails_alone(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a sampled row left with no token fails with torch.multinomial's "
-                   "'probability tensor contains either inf, nan or element < 0' (greedy rows say 'no token can be "
-                   "sampled'); sampler.sample_row should check before drawing")
 def test_a_sampled_request_with_no_allowed_token_gets_a_clear_error(llm):
     yes_no = {llm.tokenizer.encode(s)[0] for s in ("yes", "no")}
     other = next(t for t in range(100, 200) if t not in yes_no)
@@ -209,9 +206,6 @@ def test_a_sampled_request_with_no_allowed_token_gets_a_clear_error(llm):
     assert "no token can be sampled" in out.error, out.error
 
 
-@pytest.mark.xfail(strict=True, reason="bug: allowed_token_ids are checked against the model's vocabulary (10,816 "
-                   "embedding rows), not the tokenizer's (10,768): ids without a token pass and the request fails "
-                   "mid-step instead (llm_engine._check should use vocab_limit)")
 def test_allowed_token_ids_without_a_token_are_rejected(llm):
     with pytest.raises(EngineError, match="allowed_token_ids"):
         llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(allowed_token_ids=[10800], max_tokens=2))

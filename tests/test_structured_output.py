@@ -368,9 +368,6 @@ def test_concurrent_constrained_and_free_requests_match_each_run_alone(client):
     ModuleDoc.model_validate_json(alone[1])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a request that fails in the engine step (here: its constraint and "
-                   "allowed_token_ids leave no token) gets a bare 500 'internal error (RequestFailed)' and an "
-                   "unhandled-exception traceback in the log; the reason should reach the client")
 def test_a_request_no_token_can_continue_gets_its_reason(server):
     r = httpx.post(server + "/v1/chat/completions", timeout=60, json={
         "model": "demo", "messages": user("yes or no?"), "max_tokens": 5, "temperature": 0,

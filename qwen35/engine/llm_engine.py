@@ -171,10 +171,13 @@ class LLMEngine:
             if (getattr(params, name) or 0) > vocab:
                 raise EngineError(f"SamplingParams.{name} ({getattr(params, name)}) exceeds the vocabulary size "
                                   f"({vocab})")
-        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
-            bad = [t for t in getattr(params, name) or () if t >= vocab]
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise EngineError(f"SamplingParams.stop_token_ids: {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        for name in ("logit_bias", "allowed_token_ids"):  # ids that can be drawn: those with a token
+            bad = [t for t in getattr(params, name) or () if t >= self.vocab_limit]
             if bad:
-                raise EngineError(f"SamplingParams.{name}: {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                raise EngineError(f"SamplingParams.{name}: {bad[0]} is not a token id (0..{self.vocab_limit - 1})")
         if params.structured_outputs is not None and self.structured is None:
             raise EngineError("structured output needs a tokenizer")
         n_prompt = len(prompt_token_ids)

@@ -96,8 +96,10 @@ def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
         if not logits[tok] > float("-inf"):  # NaN or all -inf: argmax would name an arbitrary id
             raise ValueError("no token can be sampled: every logit is -inf or NaN")
         return tok
+    if not bool((logits > float("-inf")).any()):
+        raise ValueError("no token can be sampled: every logit is -inf or NaN")
     probs = torch.softmax(filter_logits(logits, p), -1)
-    return int(torch.multinomial(probs, 1, generator=row.generator))  # raises on NaN or all-zero rows
+    return int(torch.multinomial(probs, 1, generator=row.generator))  # raises on NaN rows
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from qwen35.chat import final_message_text
-from qwen35.engine.llm_engine import EngineError
+from qwen35.engine.llm_engine import EngineError, RequestFailed
 from qwen35.engine.structured import StructuredOutputError
 from qwen35.multimodal.inputs import fetch_remote_media, prepare_prompt
 from qwen35.outputs import RequestOutput
@@ -219,6 +219,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         try:
             async for out in stream:
                 final = out
+        except RequestFailed as e:  # the engine failed it alone (and logged why): the client gets the reason
+            raise APIError(500, str(e)) from None
         finally:
             await stream.aclose()
         return final
