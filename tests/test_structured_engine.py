@@ -303,5 +303,5 @@ def test_logit_bias_keys_may_be_strings():
 @pytest.mark.parametrize("field", ["logit_bias", "allowed_token_ids"])
 def test_ids_beyond_the_vocabulary_are_rejected(llm, field):
     value = {10816: 1} if field == "logit_bias" else [1, 10816]
-    with pytest.raises(EngineError, match=f"{field}: 10816 is outside the vocabulary"):
+    with pytest.raises(EngineError, match=f"{field}: 10816 is not a token id"):
         llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(**{field: value}))
