@@ -185,19 +185,27 @@ class StructuredOutputs:
 
     def fill_masks(self, matchers: list["GrammarMatcher"]) -> torch.Tensor:
         """int32 [len(matchers), ceil(V/32)]: bit j of word i allows token 32·i + j."""
-        llg_torch = __import__("llguidance.torch", fromlist=["fill_next_token_bitmask"])
+        # llguidance.numpy, not llguidance.torch: importing the latter imports torch's compiler (seconds)
+        llg_np = __import__("llguidance.numpy", fromlist=["fill_next_token_bitmask"])
         masks = torch.empty(len(matchers), self.num_words, dtype=torch.int32)
+        view = masks.numpy()
         for i, m in enumerate(matchers):
-            llg_torch.fill_next_token_bitmask(m.matcher, masks, i)
+            llg_np.fill_next_token_bitmask(m.matcher, view, i)
         return masks
 
     def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """logits [B, V'] (V' <= vocab_size) in place: disallowed ids to -inf. Returns which rows allow nothing."""
-        # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first
-        bits = np.unpackbits(masks.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :logits.shape[-1]]
-        disallowed = torch.from_numpy(bits).to(logits.device) == 0
-        logits.masked_fill_(disallowed, float("-inf"))
-        return disallowed.all(-1)
+        # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first. Unpacking the inverted
+        # bytes gives the disallowed ids as 0/1 bytes, read as bools without another pass over [B, V'].
+        width = logits.shape[-1]
+        packed = masks.numpy().view(np.uint8)
+        disallowed = torch.from_numpy(np.unpackbits(~packed, axis=-1, count=width, bitorder="little"))
+        logits.masked_fill_(disallowed.view(torch.bool).to(logits.device), float("-inf"))
+        whole, rest = divmod(width, 8)  # the empty rows, from the packed bytes of ids < V'
+        empty = ~packed[:, :whole].any(-1)
+        if rest:
+            empty &= (packed[:, whole] & ((1 << rest) - 1)) == 0
+        return torch.from_numpy(empty)
 
 
 class GrammarMatcher:
