@@ -52,6 +52,21 @@ def test_apply_masks_matches_the_reference(vocab_size, batch):
             assert empty.tolist() == ref_empty.tolist(), (vocab_size, batch, width)
 
 
+def test_apply_masks_on_chosen_rows_matches_copying_them_out_and_back():
+    """Masks applied in place on some rows of a batch, as the engine's copy-out / apply / copy-back did."""
+    so = StructuredOutputs(None, 70)
+    for width, rows in ((70, [3, 0]), (65, [1]), (33, [0, 1, 2, 3]), (9, [2, 3])):
+        base = torch.randn(4, width, generator=torch.Generator().manual_seed(width))
+        for masks in mask_cases(len(rows), so.num_words, width):
+            ours, ref = base.clone(), base.clone()
+            empty = so.apply_masks(ours, masks.clone(), rows)
+            sub = ref[rows]
+            ref_empty = reference_apply(sub, masks.clone())
+            ref[rows] = sub
+            assert torch.equal(ours, ref), (width, rows)
+            assert empty.tolist() == ref_empty.tolist(), (width, rows)
+
+
 def test_apply_masks_on_no_rows():
     so = StructuredOutputs(None, 40)
     logits = torch.zeros(0, 40)

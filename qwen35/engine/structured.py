@@ -193,14 +193,21 @@ class StructuredOutputs:
             llg_np.fill_next_token_bitmask(m.matcher, view, i)
         return masks
 
-    def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """logits [B, V'] (V' <= vocab_size) in place: disallowed ids to -inf. Returns which rows allow nothing."""
+    def apply_masks(self, logits: torch.Tensor, masks: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """logits [N, V'] (V' <= vocab_size) in place: disallowed ids to -inf, mask j on row rows[j] (default: row
+        j of B = N rows), so the constrained rows of a batch need not be copied out and back. Returns which masks
+        allow nothing (bool [B])."""
         # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first. Unpacking the inverted
         # bytes gives the disallowed ids as 0/1 bytes, read as bools without another pass over [B, V'].
         width = logits.shape[-1]
         packed = masks.numpy().view(np.uint8)
         disallowed = torch.from_numpy(np.unpackbits(~packed, axis=-1, count=width, bitorder="little"))
-        logits.masked_fill_(disallowed.view(torch.bool).to(logits.device), float("-inf"))
+        disallowed = disallowed.view(torch.bool).to(logits.device)
+        if rows is None or list(rows) == list(range(logits.shape[0])):
+            logits.masked_fill_(disallowed, float("-inf"))
+        else:
+            for j, i in enumerate(rows):  # each row of a 2-D tensor is a contiguous view
+                logits[i].masked_fill_(disallowed[j], float("-inf"))
         whole, rest = divmod(width, 8)  # the empty rows, from the packed bytes of ids < V'
         empty = ~packed[:, :whole].any(-1)
         if rest:
