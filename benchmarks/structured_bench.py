@@ -30,9 +30,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +48,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_bench import ROOT, TINY_MOE, geometry, prompts  # noqa: E402  (cpu_bench puts ROOT on sys.path)
-from prefix_cache_bench import machine  # noqa: E402
 
 MIN_NOTES = 256
 VOCAB = 248320  # bench-moe's embedding rows (the tokenizer has 248,077 tokens; the rest are padding)
@@ -68,6 +71,15 @@ WARMUP_STEPS = 2  # decode steps after the first prefill left out of the timing
 TARGET = 0.05
 FULL = {"steps": 24, "rounds": 3, "positions": 48}
 QUICK = {"steps": 6, "rounds": 1, "positions": 8}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_rev": rev.stdout.strip() if rev.returncode == 0 else None, "python": sys.version.split()[0]}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
