@@ -115,18 +115,25 @@ def accepts(so, c: StructuredOutputsParams, tokenizer, text: str) -> bool:
     return True
 
 
-def test_disable_additional_properties_closes_nested_objects(llm):
+def test_objects_listing_properties_take_no_others(llm):
+    """As xgrammar's strict mode (vLLM's default): an object that lists properties takes no others unless the schema
+    says so, at any depth; disable_additional_properties closes the objects that list none too."""
     so, tok = llm.engine.structured, llm.tokenizer
     schema = {"type": "object", "properties": {
         "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
         "b": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "integer"}}}},
         "c": {"type": "object", "properties": {"z": {"type": "integer"}}, "additionalProperties": True},
-        "d": {"enum": [{"properties": {}}]}}}
+        "d": {"enum": [{"properties": {}}]},
+        "e": {"type": "object"}}}
+    default = StructuredOutputsParams(json=schema)
     closed = StructuredOutputsParams(json=schema, disable_additional_properties=True)
-    assert accepts(so, StructuredOutputsParams(json=schema), tok, '{"a":{"x":1,"w":2')
-    for extra in ('{"q":1', '{"a":{"x":1,"w":2', '{"b":[{"y":1,"w":2'):
-        assert not accepts(so, closed, tok, extra), extra
-    assert accepts(so, closed, tok, '{"a":{"x":1},"b":[{"y":2}],"c":{"z":3,"w":4},"d":{"properties":{}}}')
+    for c in (default, closed):
+        for extra in ('{"q":1', '{"a":{"x":1,"w":2', '{"b":[{"y":1,"w":2'):
+            assert not accepts(so, c, tok, extra), extra
+        assert accepts(so, c, tok, '{"a":{"x":1},"b":[{"y":2}],"c":{"z":3,"w":4},"d":{"properties":{}},"e":{}}')
+    assert accepts(so, default, tok, '{"e":{"k":1}}')
+    assert not accepts(so, closed, tok, '{"e":{"k":1}}')
+    assert schema["properties"]["a"] == {"type": "object", "properties": {"x": {"type": "integer"}}}  # untouched
 
 
 @pytest.mark.parametrize("constraint, message", [

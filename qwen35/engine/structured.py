@@ -195,28 +195,35 @@ class StructuredOutputs:
                 return True
         return False
 
-    def fill_masks(self, matchers: list["GrammarMatcher"]) -> np.ndarray:
+    def fill_masks(self, matchers: list["GrammarMatcher"]) -> torch.Tensor:
         """int32 [len(matchers), ceil(V/32)]: bit j of word i allows token 32·i + j. (Straight into the buffer:
         llguidance's torch helpers would import torch.compile's machinery, seconds on first use.)"""
         masks = np.empty((len(matchers), self.num_words), dtype=np.int32)
         row_bytes = self.num_words * 4
         for i, m in enumerate(matchers):
             m.matcher.unsafe_compute_mask_ptr(masks.ctypes.data + i * row_bytes, row_bytes)
-        return masks
+        return torch.from_numpy(masks)
 
     def apply_masks(self, logits: torch.Tensor, masks, rows: list[int] | None = None) -> torch.Tensor:
-        """Disallowed ids to -inf, in place, on logits [B, V'] (V' <= vocab_size): mask j applies to row rows[j]
-        (row j without `rows`). Returns, per mask, whether it allows nothing."""
-        masks = masks.numpy() if isinstance(masks, torch.Tensor) else masks
-        # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first
-        bits = np.unpackbits(masks.view(np.uint8), axis=-1, bitorder="little")[:, :logits.shape[-1]]
-        disallowed = torch.from_numpy(bits).to(logits.device) == 0
-        if rows is None:
+        """logits [N, V'] (V' <= vocab_size) in place: disallowed ids to -inf, mask j on row rows[j] (default: row
+        j of B = N rows), so the constrained rows of a batch need not be copied out and back. Returns which masks
+        allow nothing (bool [B])."""
+        # little-endian words: byte k of the row holds ids 8k..8k+7, lowest bit first. Unpacking the inverted
+        # bytes gives the disallowed ids as 0/1 bytes, read as bools without another pass over [B, V'].
+        width = logits.shape[-1]
+        packed = (masks.numpy() if isinstance(masks, torch.Tensor) else masks).view(np.uint8)
+        disallowed = torch.from_numpy(np.unpackbits(~packed, axis=-1, count=width, bitorder="little"))
+        disallowed = disallowed.view(torch.bool).to(logits.device)
+        if rows is None or list(rows) == list(range(logits.shape[0])):
             logits.masked_fill_(disallowed, float("-inf"))
         else:
-            for j, i in enumerate(rows):  # row views: no copy of the batch's logits
+            for j, i in enumerate(rows):  # each row of a 2-D tensor is a contiguous view
                 logits[i].masked_fill_(disallowed[j], float("-inf"))
-        return disallowed.all(-1)
+        whole, rest = divmod(width, 8)  # the empty rows, from the packed bytes of ids < V'
+        empty = ~packed[:, :whole].any(-1)
+        if rest:
+            empty &= (packed[:, whole] & ((1 << rest) - 1)) == 0
+        return torch.from_numpy(empty)
 
 
 class GrammarMatcher:
