@@ -360,16 +360,25 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                 ChatCompletionStreamChoice(index=index, delta=DeltaMessage(**delta), logprobs=logprobs,
                                            finish_reason=finish_reason)])
 
-        try:
+        def opening():  # each choice's role chunk, and the deltas of the prompt's forced prefix
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": echo})
-                for d in states[i].feed(prefix, False) if prefix else []:
-                    yield chunk(i, d)
+                yield from (chunk(i, d) for d in (states[i].feed(prefix, False) if prefix else []))
+
+        try:
+            # With usage on every chunk, the opening waits for the (truncated) prompt's length, as in vLLM.
+            for ch in () if continuous_usage else opening():
+                yield ch
             last = None
             async for out in stream:
-                last = out
                 if continuous_usage:
+                    if last is None:
+                        now["usage"] = usage(out).model_copy(update={"completion_tokens": 0,
+                                                                     "total_tokens": len(out.prompt_token_ids)})
+                        for ch in opening():
+                            yield ch
                     now["usage"] = usage(out)
+                last = out
                 for c in out.outputs:
                     st = states[c.index]
                     if st.done:

@@ -88,7 +88,7 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer max_tokens; wins over it
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
