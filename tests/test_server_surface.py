@@ -12,15 +12,17 @@ import shutil
 
 import openai
 import pytest
+import torch
 
 from qwen35 import LLM, SamplingParams
 from qwen35.chat import render
 from qwen35.demo import demo_checkpoint
-from tests.test_server import Server
+from tests.test_server import SERVER, Server
 
 MODEL = "tiny"
 USER = [{"role": "user", "content": "How do I open a file?"}]
 PROMPT = "def add(a, b):"
+ONE_THREAD = "import torch; torch.set_num_threads(1)\n"
 DEFAULT_OFF = "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}"
 
 
@@ -35,22 +37,30 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    s = Server(ckpt, tmp_path_factory.mktemp("surface-log") / "server.log", max_num_seqs=8)
+def served(ckpt, tmp_path_factory):
+    """(server, the same checkpoint in this process): the reference loads while the server starts. One torch
+    thread each: the two processes take turns on the cores, and idle OpenMP threads spinning in one slow the other
+    many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = Server(ckpt, tmp_path_factory.mktemp("surface-log") / "server.log", script=ONE_THREAD + SERVER,
+               max_num_seqs=8)
     try:
-        yield s.wait_ready()
+        llm = LLM(ckpt, dtype="float32", max_model_len=512)
+        yield s.wait_ready(), llm
     finally:
         s.stop()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def llm(ckpt):
-    return LLM(ckpt, dtype="float32", max_model_len=512)
+def llm(served):
+    return served[1]
 
 
 def greedy(max_tokens, **kw) -> SamplingParams:
@@ -131,6 +141,10 @@ def test_stop_strings_and_ids(client, llm):
     assert (c.text, c.finish_reason, c.stop_reason) == (ref.text[:at], "stop", stop)
     r = complete(client, max_tokens=12, stop=stop, include_stop_str_in_output=True)
     assert (r.choices[0].text, r.choices[0].stop_reason) == (ref.text[:at + len(stop)], stop)
+    for include in (False, True):  # streamed: the text held back until it cannot start a stop string
+        chunks = list(complete(client, max_tokens=12, stop=[stop], stream=True, include_stop_str_in_output=include))
+        assert "".join(ch.choices[0].text for ch in chunks) == ref.text[:at + (len(stop) if include else 0)]
+        assert (chunks[-1].choices[0].finish_reason, chunks[-1].choices[0].stop_reason) == ("stop", stop)
     # a stop token id: the generation ends on it (its text kept: an ordinary token), reported as stop_reason
     stop_id = ref.token_ids[3]
     assert stop_id not in ref.token_ids[:3]
@@ -149,6 +163,9 @@ def test_stop_strings_and_ids(client, llm):
     r = chat(client, max_tokens=10, stop=word, extra_body=off)
     c = r.choices[0]
     assert (c.message.content, c.finish_reason, c.stop_reason) == (ref.text[:ref.text.index(word)], "stop", word)
+    chunks = list(chat(client, max_tokens=10, stop=word, extra_body=off, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == c.message.content
+    assert (chunks[-1].choices[0].finish_reason, chunks[-1].choices[0].stop_reason) == ("stop", word)
 
 
 # stream_options: usage on every chunk
@@ -241,6 +258,8 @@ def test_continue_final_message(client, llm):
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
     r = chat(client, messages, extra_body={**cont, "echo": True})
     assert r.choices[0].message.content == start + ref.outputs[0].text
+    chunks = list(chat(client, messages, stream=True, extra_body={**cont, "echo": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == start + ref.outputs[0].text
     body = bad_request(lambda: chat(client, messages, extra_body={"continue_final_message": True}))
     assert body["param"] == "continue_final_message", body
     # the Python API

@@ -178,6 +178,7 @@ class ChatCompletionStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended the choice
 
 
 class ChatCompletionChunk(BaseModel):
