@@ -321,3 +321,27 @@ def test_allowed_token_ids(client, llm):
     assert set(ref.token_ids) <= set(allowed) and r.choices[0].text == ref.text
     body = bad_request(lambda: complete(client, allowed_token_ids=[99999999]))
     assert body["param"] == "allowed_token_ids", body
+
+
+@pytest.mark.parametrize("final", ["To open a file, call", " To open", "call(\n", "one\n\ntwo  ", "x</think>y",
+                                   [{"type": "text", "text": "a "}, {"type": "text", "text": " b\n"}]],
+                         ids=["plain", "leading-space", "trailing-newline", "inner-blank-line", "think-tag", "parts"])
+def test_continue_final_message_matches_transformers(llm, final):
+    """The continued prompt is the one transformers' apply_chat_template (which vLLM uses) renders."""
+    render_jinja_template = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    messages = USER + [{"role": "assistant", "content": final}]
+    for thinking in (True, False):
+        try:
+            expected = render_jinja_template([messages], chat_template=llm.tokenizer.chat_template,
+                                             add_generation_prompt=False, continue_final_message=True,
+                                             enable_thinking=thinking)[0][0]
+        except ValueError:  # the template rewrote the message (here: split its reasoning off)
+            expected = None
+        try:
+            prompt = render(llm, messages, chat_template_kwargs={"enable_thinking": thinking},
+                            add_generation_prompt=False, continue_final_message=True)
+        except ValueError as e:
+            assert "continue_final_message" in str(e)
+            prompt = None
+        assert prompt == expected
+    assert (expected is None) == (final == "x</think>y")
