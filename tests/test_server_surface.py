@@ -190,6 +190,8 @@ def test_continuous_usage_stats(client):
         chunks = list(create(model=MODEL, temperature=0, max_tokens=5, stream=True,
                              stream_options={"include_usage": True}, **kw))
         assert [ch.usage is not None for ch in chunks] == [False] * (len(chunks) - 1) + [True]
+        body = bad_request(lambda: create(model=MODEL, max_tokens=5, stream_options=opts, **kw))
+        assert body["param"] == "stream_options", body
 
 
 # reasoning_effort

@@ -76,6 +76,13 @@ class SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, options, info):
+        if options is not None and not info.data.get("stream"):  # as OpenAI and vLLM
+            raise ValueError("stream_options is only allowed with stream=true")
+        return options
+
 
 class FunctionName(BaseModel):
     name: str
