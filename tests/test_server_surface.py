@@ -108,9 +108,9 @@ def test_logit_bias_forces_and_bans(client, llm):
         llm.tokenizer.decode([forced] * 3)
 
 
-@pytest.mark.parametrize("bias", [{"5": 101}, {"5": -100.5}, {"five": 1}, {"-3": 1}, {"5": "x"},
+@pytest.mark.parametrize("bias", [{"5": 101}, {"5": -100.5}, {"five": 1}, {"-3": 1}, {"5": "x"}, {"5": True},
                                   {"99999999": 1}], ids=["over", "under", "not-an-id", "negative", "not-a-number",
-                                                         "beyond-vocab"])
+                                                         "bool", "beyond-vocab"])
 def test_logit_bias_bad_values(client, bias):
     body = bad_request(lambda: complete(client, logit_bias=bias))
     assert body["param"] == "logit_bias", body
@@ -305,7 +305,7 @@ def test_truncate_prompt_tokens(client, llm):
     assert r.usage.prompt_tokens == len(ids)
     r = chat(client, extra_body={"truncate_prompt_tokens": 4})
     assert r.usage.prompt_tokens == 4
-    for k in (0, -2):
+    for k in (0, -2, True, 2.5):
         body = bad_request(lambda: complete(client, prompt=text, truncate_prompt_tokens=k))
         assert body["param"] == "truncate_prompt_tokens", body
 
@@ -321,8 +321,9 @@ def test_allowed_token_ids(client, llm):
     assert not set(free.choices[0].logprobs.tokens) <= names
     ref = llm.generate(PROMPT, greedy(8, allowed_token_ids=allowed))[0].outputs[0]
     assert set(ref.token_ids) <= set(allowed) and r.choices[0].text == ref.text
-    body = bad_request(lambda: complete(client, allowed_token_ids=[99999999]))
-    assert body["param"] == "allowed_token_ids", body
+    for bad in ([99999999], [], [True], ["5"]):
+        body = bad_request(lambda: complete(client, allowed_token_ids=bad))
+        assert body["param"] == "allowed_token_ids", body
 
 
 @pytest.mark.parametrize("final", ["To open a file, call", " To open", "call(\n", "one\n\ntwo  ", "x</think>y",
