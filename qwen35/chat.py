@@ -23,10 +23,13 @@ def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generat
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
     template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    final = None
+    if continue_final_message:
+        conversation, final = _tag_final(conversation)
     prompt = template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
                              literal_tokens=tok.special_tokens if escape_special_tokens else (),
                              **(chat_template_kwargs or {}))
-    return _cut_after_final(prompt, conversation) if continue_final_message else prompt
+    return prompt if final is None else _cut_at_tag(prompt, final)
 
 
 def final_message_text(conversation) -> str:
@@ -37,13 +40,36 @@ def final_message_text(conversation) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _cut_after_final(prompt: str, conversation) -> str:
-    final = final_message_text(conversation).rstrip()
-    at = prompt.rfind(final) if final else -1
-    if at < 0:
-        raise ValueError("continue_final_message: the final message's text does not appear in the rendered prompt "
-                         "(the template changed it, or it is empty)")
-    end = at + len(final)
+# continue_final_message as transformers' apply_chat_template (which vLLM uses) does it: this marker is appended to
+# the final message's (last) text, the prompt rendered and cut where the marker starts, and trailing whitespace
+# dropped when the template trimmed the marker's.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final(conversation) -> tuple[list, str]:
+    """(the conversation with the marker after the final message's last text, that text)."""
+    if not conversation:
+        raise ValueError("continue_final_message: the conversation is empty")
+    final = dict(conversation[-1])
+    content = final.get("content")
+    if isinstance(content, str):
+        text = content
+        final["content"] = content + _CONTINUE_TAG
+    elif isinstance(content, list) and any(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        at = max(i for i, p in enumerate(content) if isinstance(p, dict) and isinstance(p.get("text"), str))
+        text = content[at]["text"]
+        final["content"] = content[:at] + [{**content[at], "text": text + _CONTINUE_TAG}] + content[at + 1:]
+    else:
+        raise ValueError("continue_final_message: the final message has no text to continue")
+    return list(conversation[:-1]) + [final], text
+
+
+def _cut_at_tag(prompt: str, final: str) -> str:
+    at = prompt.rfind(_CONTINUE_TAG.strip())
+    if at < 0 or final.strip() not in prompt:
+        raise ValueError("continue_final_message: the final message does not appear in the rendered prompt as "
+                         "written (the chat template changed or dropped it)")
+    end = at if prompt.startswith(_CONTINUE_TAG, at) else len(prompt[:at].rstrip())
     spans = [(a, b) for a, b in getattr(prompt, "literal_spans", ()) if b <= end]
     return ChatPrompt(prompt[:end], spans) if spans else prompt[:end]
 

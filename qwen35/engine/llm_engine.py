@@ -385,7 +385,9 @@ class LLMEngine:
         is_eos = tok in self.eos_ids and not p.ignore_eos
         stop_token = n_out >= p.min_tokens and (tok in p.stop_token_ids or is_eos)
         prev_len = len(req.text)
-        if req.detokenizer is not None and not (stop_token and tok not in p.stop_token_ids):
+        # as vLLM: the token that stops the request (eos or a stop_token_ids id) stays out of the text unless
+        # include_stop_str_in_output
+        if req.detokenizer is not None and not (stop_token and not p.include_stop_str_in_output):
             req.text += req.detokenizer.add(tok)
         if stop_token:
             self._finish(req, "stop", tok if tok in p.stop_token_ids else None)

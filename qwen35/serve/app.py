@@ -357,21 +357,30 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         states = [ChatStreamState(thinking, tools, single_call) for _ in range(n)]
         now = {"usage": None}
 
-        def chunk(index, delta, logprobs=None, finish_reason=None):
+        def chunk(index, delta, logprobs=None, finish_reason=None, stop_reason=None):
             return ChatCompletionChunk(id=request_id, model=model_name, usage=now["usage"], choices=[
                 ChatCompletionStreamChoice(index=index, delta=DeltaMessage(**delta), logprobs=logprobs,
-                                           finish_reason=finish_reason)])
+                                           finish_reason=finish_reason, stop_reason=stop_reason)])
 
-        try:
+        def opening():  # each choice's role chunk, and the deltas of the prompt's forced prefix
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": echo})
-                for d in states[i].feed(prefix, False) if prefix else []:
-                    yield chunk(i, d)
+                yield from (chunk(i, d) for d in (states[i].feed(prefix, False) if prefix else []))
+
+        try:
+            # With usage on every chunk, the opening waits for the (truncated) prompt's length, as in vLLM.
+            for ch in () if continuous_usage else opening():
+                yield ch
             last = None
             async for out in stream:
-                last = out
                 if continuous_usage:
+                    if last is None:
+                        now["usage"] = usage(out).model_copy(update={"completion_tokens": 0,
+                                                                     "total_tokens": len(out.prompt_token_ids)})
+                        for ch in opening():
+                            yield ch
                     now["usage"] = usage(out)
+                last = out
                 for c in out.outputs:
                     st = states[c.index]
                     if st.done:
@@ -389,7 +398,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                         reason = c.finish_reason
                         if st.tools is not None and st.tools.has_tool_calls and reason == "stop":
                             reason = "tool_calls"
-                        yield chunk(c.index, {}, finish_reason=reason)
+                        yield chunk(c.index, {}, finish_reason=reason, stop_reason=c.stop_reason)
             if include_usage and last is not None:
                 yield ChatCompletionChunk(id=request_id, model=model_name, choices=[], usage=usage(last))
         finally:
@@ -482,9 +491,9 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         sent: dict[int, tuple[int, int, int] | None] = {}
         last = None
 
-        def chunk(index, text, logprobs=None, finish_reason=None):
+        def chunk(index, text, logprobs=None, finish_reason=None, stop_reason=None):
             return sse(CompletionResponse(id=request_id, model=model_name, choices=[CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)],
+                index=index, text=text, logprobs=logprobs, finish_reason=finish_reason, stop_reason=stop_reason)],
                 usage=usage(last) if continuous_usage else None))
 
         try:
@@ -505,7 +514,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                         if logprobs.tokens:
                             offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
                     if text or c.finish_reason or (logprobs and logprobs.tokens):
-                        yield chunk(c.index, text, logprobs, c.finish_reason)
+                        yield chunk(c.index, text, logprobs, c.finish_reason, c.stop_reason)
                     sent[c.index] = None if c.finish_reason else (len(c.text), len(c.token_ids), offset)
             if include_usage and last is not None:
                 yield sse(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage(last)))

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from qwen35.sampling_params import SamplingParams
 
@@ -63,10 +63,11 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
-    allowed_token_ids: list[int] | None = None
-    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
+    # token ids and biases: strict, so that a JSON true is not taken for 1
+    stop_token_ids: list[StrictInt] | None = None
+    logit_bias: dict[str, StrictInt | StrictFloat] | None = None  # token id (a string: JSON's keys) -> [-100, 100]
+    allowed_token_ids: list[StrictInt] | None = None
+    truncate_prompt_tokens: StrictInt | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     # structured output: one of these (see serve/constraints.py)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -75,6 +76,13 @@ class SamplingRequest(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, options, info):
+        if options is not None and not info.data.get("stream"):  # as OpenAI and vLLM
+            raise ValueError("stream_options is only allowed with stream=true")
+        return options
 
 
 class FunctionName(BaseModel):
@@ -88,7 +96,7 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer max_tokens; wins over it
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
@@ -178,6 +186,7 @@ class ChatCompletionStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended the choice
 
 
 class ChatCompletionChunk(BaseModel):
