@@ -308,6 +308,8 @@ def test_truncate_prompt_tokens(client, llm):
     for k in (0, -2, True, 2.5):
         body = bad_request(lambda: complete(client, prompt=text, truncate_prompt_tokens=k))
         assert body["param"] == "truncate_prompt_tokens", body
+    body = bad_request(lambda: complete(client, prompt=text, truncate_prompt_tokens=10**6))  # past max_model_len
+    assert body["param"] == "truncate_prompt_tokens" and "max_model_len" in body["message"], body
 
 
 # allowed_token_ids

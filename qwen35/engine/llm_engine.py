@@ -149,6 +149,9 @@ class LLMEngine:
         k = params.truncate_prompt_tokens
         if k is None:
             return prompt_token_ids
+        if k > self.max_model_len:
+            raise EngineError(f"SamplingParams.truncate_prompt_tokens ({k}) exceeds max_model_len "
+                              f"({self.max_model_len})")
         if k == -1:
             k = self.max_model_len - (params.max_tokens or 1)
         if k >= len(prompt_token_ids):
