@@ -136,6 +136,19 @@ def test_objects_listing_properties_take_no_others(llm):
     assert schema["properties"]["a"] == {"type": "object", "properties": {"x": {"type": "integer"}}}  # untouched
 
 
+def test_a_constraint_too_costly_to_start_is_refused_and_not_cached(llm, monkeypatch):
+    """A hostile regex such as (a{1000}){1000} makes its first mask take seconds: refused at compile time, which the
+    server runs in a worker thread, so no engine step pays it. The limit is lowered here to keep the test fast."""
+    so = llm.engine.structured
+    c = StructuredOutputsParams(regex="(a{30}){30}")
+    monkeypatch.setattr("qwen35.engine.structured.MAX_FIRST_MASK_SECONDS", 0.0)
+    for _ in range(2):  # not cached: refused again
+        with pytest.raises(StructuredOutputError, match=r"regex constraint is too complex: its first token mask"):
+            so.compile(c)
+    monkeypatch.undo()
+    assert so.compile(c) is so.compile(c)  # compiled now that the limit allows it, and cached from then on
+
+
 @pytest.mark.parametrize("constraint, message", [
     ({"regex": "(ab"}, r"invalid regex constraint: .*"),
     ({"grammar": "start: foo"}, r"invalid grammar constraint: .*foo"),

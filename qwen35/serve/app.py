@@ -110,12 +110,15 @@ def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
 def build_app(llm, served_model_name: str | None = None, api_key: str | None = None,
               default_chat_template_kwargs: dict | None = None, max_waiting: int = 256,
               max_body_bytes: int | None = None, engine: AsyncEngine | None = None, public_metrics: bool = False,
-              body_timeout: float = 60.0, escape_special_tokens: bool = False, max_media_jobs: int = 2) -> FastAPI:
+              body_timeout: float = 60.0, escape_special_tokens: bool = False, max_media_jobs: int = 2,
+              warm_up_grammars: bool = False) -> FastAPI:
     """max_body_bytes: None derives it from the context length (see prompts.default_max_body_bytes).
     api_key: required on every route but /health (and /metrics when public_metrics); compared as UTF-8 bytes.
     body_timeout: seconds a client has to send its whole request body (408 after).
     max_media_jobs: requests whose media are decoded and preprocessed at once (each at most one source image or
-    video frame at full size at a time); the others wait their turn, so media memory in flight stays bounded."""
+    video frame at full size at a time); the others wait their turn, so media memory in flight stays bounded.
+    warm_up_grammars: build the structured-output tokenizer in the background now (seconds for a full vocabulary)
+    rather than on the first constrained request."""
     check_api_key(api_key)
     if max_media_jobs < 1:
         raise ValueError(f"max_media_jobs must be at least 1, got {max_media_jobs}")
@@ -126,6 +129,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     tokenizer = llm.tokenizer
     max_model_len = engine.engine.max_model_len
     structured = engine.engine.structured
+    if warm_up_grammars:
+        structured.warm_up()
     prompts = Prompts(llm, max_model_len, default_chat_template_kwargs, escape_special_tokens)
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(max_model_len, prompts.max_token_bytes,

@@ -106,9 +106,7 @@ def cmd_serve(args) -> int:
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
                         body_timeout=args.body_timeout, escape_special_tokens=args.escape_special_tokens,
-                        max_media_jobs=args.max_media_jobs)
-        if llm.engine.structured is not None:  # the grammar tokenizer takes seconds for a full vocabulary: start now
-            llm.engine.structured.warm_up()
+                        max_media_jobs=args.max_media_jobs, warm_up_grammars=True)
         # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
         # shutdown hook, which stops the engine thread.
         server = uvicorn.Server(uvicorn_config(app, head_timeout=args.head_timeout,
