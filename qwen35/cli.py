@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from qwen35.cli_types import (add_cache_flags, add_quantization_flags, cache_kwargs, device, int_list, positive_int,
-                              quantization_kwargs)
+from qwen35 import __version__
+from qwen35.cli_types import int_list, positive_int
+from qwen35.engine_args import EngineArgs, add_cli_args, device
 
 DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
              "and nothing else")
@@ -56,10 +57,9 @@ def cmd_forward(args) -> int:
     if not all(0 <= t < vocab for t in ids):
         raise ValueError(f"--token-ids must be in 0..{vocab - 1}, got {ids}")
     t0 = time.time()
-    q = quantization_kwargs(args)
-    model, config, report = load_model(path, dtype=args.dtype, device=args.device, quantization=q["quantization"],
-                                       lm_head_quantization=q["lm_head_quantization"],
-                                       group_size=q["quantization_group_size"])
+    model, config, report = load_model(path, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                                       lm_head_quantization=args.lm_head_quantization,
+                                       group_size=args.quantization_group_size)
     print(f"Loaded {config.model_type}: {report.num_tensors} tensors, {report.num_bytes / 1e6:.1f} MB "
           f"in {time.time() - t0:.2f}s" + (f"; set aside {report.set_aside}" if report.set_aside else "")
           + (f"; weights {report.quantization}" if report.quantization != "none" else ""))
@@ -94,17 +94,9 @@ class _NotInChat(argparse.Action):
 
 def _add_engine_flags(p) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests running at once")
-    p.add_argument("--kv-cache-bytes", type=positive_int, help="KV cache budget in bytes")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
-    p.add_argument("--language-model-only", action="store_true",
-                   help="load a multimodal checkpoint without its vision tower (text only)")
-    add_quantization_flags(p)
-    add_cache_flags(p)
+    add_cli_args(p, groups=("model", "engine"))
 
 
 def _add_sampling_flags(p, skip=()) -> None:
@@ -158,9 +150,7 @@ def _make_llm(args):
     if args.model is None:
         print(f"Using the embedded default model ({DEMO_NOTE}; pass --model DIR for a real checkpoint).",
               file=sys.stderr)
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
-               language_model_only=args.language_model_only, **quantization_kwargs(args), **cache_kwargs(args))
+    return LLM(args.model, **EngineArgs.cli_kwargs(args))
 
 
 def _sampling_params(args, **overrides):
@@ -314,6 +304,7 @@ def _add_finetune_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen35", description="Run Qwen3.5 / Qwen3-Next checkpoints.")
+    parser.add_argument("--version", action="version", version=f"qwen35 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, memory, KV-cache and state sizes of a checkpoint or preset")
@@ -323,10 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("forward", help="load a checkpoint and run one forward pass (smoke test)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--token-ids", type=int_list, help="comma-separated prompt token ids (default 1..64)")
-    add_quantization_flags(p)
+    add_cli_args(p, only=("dtype", "device", "quantization", "lm_head_quantization", "quantization_group_size"))
     p.set_defaults(func=cmd_forward)
 
     p = gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import itertools
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from qwen35.config import EngineConfig
+from qwen35.engine_args import EngineArgs, check_device, media_limits
 from qwen35.engine.llm_engine import LLMEngine
 from qwen35.models.loader import load_model
-from qwen35.multimodal.config import MediaLimits, ProcessorConfig
+from qwen35.multimodal.config import ProcessorConfig
 from qwen35.multimodal.inputs import MediaPolicy, as_list, prepare_prompt, video_list
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams
@@ -25,35 +25,6 @@ from qwen35.sampling_params import SamplingParams
 # generation_config.json key -> SamplingParams field (what vLLM takes from it by default)
 GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
-def media_limits(limit_mm_per_prompt: dict[str, int] | None) -> MediaLimits:
-    limits = MediaLimits()
-    if not isinstance(limit_mm_per_prompt, (dict, type(None))):
-        raise ValueError(f"limit_mm_per_prompt takes {{'image': n, 'video': m}}, got {limit_mm_per_prompt!r}")
-    for key, value in (limit_mm_per_prompt or {}).items():
-        if key not in ("image", "video") or not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"limit_mm_per_prompt takes {{'image': n, 'video': m}} with n, m >= 0; "
-                             f"got {key}={value!r}")
-        limits = dataclasses.replace(limits, **{f"max_{key}s_per_prompt": value})
-    return limits
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device if this torch build and machine can run on it; else a ValueError saying why, before any loading."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {device!r}: {why}")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
-    return dev
 
 
 PROMPT_FORMS = ("a prompt is a string, a list of token ids, or a dict with 'prompt' (a string) or "
@@ -100,31 +71,67 @@ def _no_tokenizer(text: str):
     raise ValueError("video timestamps are text: a video prompt needs a tokenizer (skip_tokenizer_init was set)")
 
 
+def _generation_config(source: str, checkpoint: dict) -> dict:
+    """The sampling defaults: the checkpoint's ("auto"), none ("vllm": SamplingParams' own), or a folder's."""
+    if source == "auto":
+        return checkpoint
+    if source == "vllm":
+        return {}
+    path = Path(source) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"generation_config {source!r}: not 'auto', 'vllm' or a folder with a readable "
+                         f"generation_config.json ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _chat_template(value: str) -> str:
+    """A chat template given as a file or inline (as vLLM's --chat-template): a path that exists is read."""
+    path = Path(value)
+    try:
+        if len(value) < 4096 and "\n" not in value and path.is_file():
+            return path.read_text("utf-8")
+    except OSError as e:
+        raise ValueError(f"chat_template {value!r}: cannot read it ({e})") from None
+    if "{" not in value:
+        raise ValueError(f"chat_template {value!r}: no such file, and not a Jinja template")
+    return value
+
+
+class _Progress:
+    """One line on stderr, rewritten in place: prompts done of all, elapsed time, output tokens per second."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.monotonic(), 0
+
+    def update(self, done: int, total: int, new_tokens: int) -> None:
+        self.tokens += new_tokens
+        dt = time.monotonic() - self.t0
+        sys.stderr.write(f"\rProcessed prompts: {done}/{total} [{dt:.1f} s, {self.tokens / max(dt, 1e-9):.1f} "
+                         "output tok/s]")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", device: str = "cpu", seed: int = 0,
-                 max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.5,
-                 tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
-                 limit_mm_per_prompt: dict[str, int] | None = None, allowed_local_media_path: str | Path | None = None,
-                 allow_remote_media: bool = False, allowed_media_domains: Sequence[str] | None = None,
-                 media_fetch_timeout: float = 10.0, language_model_only: bool = False,
-                 native_kernels: bool | None = None, quantization: str | None = None,
-                 lm_head_quantization: str = "auto", quantization_group_size: int | None = None,
-                 enable_prefix_caching: bool = True, state_snapshot_bytes: int | None = None):
-        """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
-        allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
-        besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
-        public addresses, or if allowed_media_domains is given from those hosts only (wherever they resolve), each
-        fetch within media_fetch_timeout seconds. language_model_only:
-        load a multimodal checkpoint without its vision tower (text only, less memory). native_kernels: run the
-        text decoder on the native CPU kernels (default: for bf16/fp16 and quantized weights on CPU; see
-        backends.cpu.wanted). quantization: "int8" / "int4" quantize a float checkpoint's decoder weights while
-        loading (round to nearest; int8 one scale per output row, int4 groups of quantization_group_size = 32
-        columns with zero points), "none" dequantizes a quantized checkpoint; default (None): the checkpoint's own
-        format (float stays float, FP8 block checkpoints run as int8, GPTQ-Int4 as int4). lm_head_quantization:
-        "auto" (int8 when the model is quantized), "int8", "int4", "none". enable_prefix_caching: reuse the KV
-        blocks and Gated DeltaNet state snapshots earlier prompts left in the cache (README: prefix caching);
-        state_snapshot_bytes: the snapshot pool's memory (default: 8 per sequence slot, at most 1 GiB on CPU)."""
+    def __init__(self, model: str | Path | None = None, **kwargs):
+        """model: a checkpoint folder (default: the embedded demo model). kwargs: the settings of
+        `qwen35.engine_args.EngineArgs` (each field's help says what it does; `qwen35 serve --help` lists them too):
+        dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes,
+        kv_cache_memory_fraction, enable_prefix_caching, state_snapshot_bytes, tokenizer, skip_tokenizer_init,
+        chat_template, generation_config, language_model_only, quantization, lm_head_quantization,
+        quantization_group_size, native_kernels, and the media policy: limit_mm_per_prompt,
+        allowed_local_media_path, allow_remote_media, allowed_media_domains, media_fetch_timeout (image_url /
+        video_url chat parts may point at local files inside allowed_local_media_path, and with allow_remote_media
+        at public addresses, or at the allowed_media_domains hosts wherever they resolve). An unknown keyword is a
+        TypeError naming it."""
+        a = self.args = EngineArgs.from_kwargs(**kwargs)
+        device = a.device
         check_device(device)
         fix_mmap_threshold()
         if model is None:
@@ -132,31 +139,29 @@ class LLM:
 
             model = demo_checkpoint()
         self.model_path = Path(model)
-        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
-                                                                     vision=not language_model_only,
-                                                                     quantization=quantization,
-                                                                     lm_head_quantization=lm_head_quantization,
-                                                                     group_size=quantization_group_size)
+        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=a.dtype, device=device,
+                                                                     vision=not a.language_model_only,
+                                                                     quantization=a.quantization,
+                                                                     lm_head_quantization=a.lm_head_quantization,
+                                                                     group_size=a.quantization_group_size)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)
-        self.media_limits = media_limits(limit_mm_per_prompt)
-        self.media_policy = MediaPolicy.of(allowed_local_media_path, allow_remote_media, allowed_media_domains,
-                                           media_fetch_timeout)
+        self.media_limits = media_limits(a.limit_mm_per_prompt)
+        self.media_policy = MediaPolicy.of(a.allowed_local_media_path, a.allow_remote_media, a.allowed_media_domains,
+                                           a.media_fetch_timeout)
         gen_path = self.model_path / "generation_config.json"
-        self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        checkpoint_generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.generation_config = _generation_config(a.generation_config, checkpoint_generation)
         self.tokenizer = None
-        if not skip_tokenizer_init:
+        if not a.skip_tokenizer_init:
             from qwen35.tokenizer import Tokenizer
 
-            self.tokenizer = Tokenizer.from_dir(tokenizer or self.model_path, self.generation_config)
-        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                                     kv_cache_bytes=kv_cache_bytes, kv_cache_memory_fraction=kv_cache_memory_fraction,
-                                     seed=seed, native_kernels=native_kernels,
-                                     enable_prefix_caching=enable_prefix_caching,
-                                     state_snapshot_bytes=state_snapshot_bytes)
-        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
+            # stop ids always come from the checkpoint's own generation config (Qwen3.5 stops on two eos ids)
+            self.tokenizer = Tokenizer.from_dir(a.tokenizer or self.model_path, checkpoint_generation)
+            if a.chat_template is not None:
+                self.tokenizer.chat_template = _chat_template(a.chat_template)
+        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, a.engine_config(), device)
         self._ids = itertools.count()
         release_free_heap()
 
@@ -233,11 +238,26 @@ class LLM:
             raise
         return ids
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Generate for one prompt or a list; results in input order (request ids count up from submission)."""
-        finished = [out for out in self.stream(prompts, sampling_params) if out.finished]
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list; results in input order (request ids count up from submission).
+        use_tqdm: a progress line on stderr (prompts done, output tokens/s) for more than one prompt, when stderr
+        is a terminal."""
+        many = isinstance(prompts, (list, tuple)) and not _is_token_ids(prompts) and len(prompts) > 1
+        progress = _Progress() if use_tqdm and many and sys.stderr.isatty() else None
+        finished = []
+        for out in self.stream(prompts, sampling_params):
+            if out.finished:
+                finished.append(out)
+                if progress is not None:
+                    progress.update(len(finished), len(prompts), sum(len(c.token_ids) for c in out.outputs))
+        if progress is not None:
+            progress.close()
         return sorted(finished, key=lambda out: int(out.request_id))
+
+    def get_tokenizer(self):
+        """The `qwen35.tokenizer.Tokenizer` (encode, decode, chat_template, eos ids), as vLLM's LLM.get_tokenizer."""
+        return self.tokenizer
 
     def stream(self, prompts, sampling_params=None, output_kind: str = "cumulative") -> Iterator[RequestOutput]:
         """Yield RequestOutputs as requests progress; the last one of each request has `finished` set.

@@ -6,15 +6,30 @@ import argparse
 import logging
 import socket
 
-from qwen35.cli_types import (add_cache_flags, add_quantization_flags, api_key, cache_kwargs, device, json_object,
-                              mm_limits, port, positive_float, positive_int, quantization_kwargs)
+from qwen35.cli_types import api_key, json_object, port, positive_float, positive_int
+from qwen35.engine_args import EngineArgs, add_cli_args
+
+TOOL_CALL_PARSERS = ("qwen3_coder", "qwen3_xml")  # vLLM's names for the XML tool-call format Qwen3.5 writes
+REASONING_PARSERS = ("qwen3",)
+
+
+def _one_of(flag: str, names: tuple[str, ...], what: str):
+    def check(value: str) -> str:
+        if value not in names:
+            raise argparse.ArgumentTypeError(f"{value!r} is not supported: qwen35 parses {what} itself; the "
+                                             f"Qwen3 parser{'s' if len(names) > 1 else ''} "
+                                             f"({', '.join(names)}) {'are' if len(names) > 1 else 'is'} accepted")
+        return value
+    return check
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory, as `vllm serve MODEL` "
+                   "(or --model; default: the embedded demo model)")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=port, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", type=api_key,
                    help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics with "
                    "--public-metrics); a non-ASCII key is matched as UTF-8 bytes")
@@ -27,49 +42,46 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "user's literal '<|im_end|>') as plain text, so client text cannot forge turns or media "
                         "placeholders (default: they become special tokens, as in vLLM)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
-                   help="queued requests beyond which new ones get 503")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--max-model-len", type=positive_int)
-    p.add_argument("--max-num-seqs", type=positive_int, default=32)
-    p.add_argument("--kv-cache-bytes", type=positive_int)
-    add_quantization_flags(p)
-    add_cache_flags(p)
+                   help="queued requests beyond which new ones get 503 (default: 256)")
     p.add_argument("--max-body-bytes", type=positive_int, default=None,
                    help="largest request body accepted (default: a max-length prompt, plus one image at the "
                    "per-image limit for a vision model; images and videos arrive inside it as data: URLs)")
     p.add_argument("--body-timeout", type=positive_float, default=60.0,
-                   help="seconds a client has to send its request body")
+                   help="seconds a client has to send its request body (default: 60)")
     p.add_argument("--head-timeout", type=positive_float, default=10.0,
-                   help="seconds a client has to send its request line and headers")
+                   help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--max-connections", type=positive_int, default=512,
-                   help="open connections beyond which new ones get a 503")
+                   help="open connections beyond which new ones get a 503 (default: 512)")
     p.add_argument("--max-media-jobs", type=positive_int, default=2,
                    help="requests whose images/videos are decoded and preprocessed at once; others wait (default 2)")
-    add_media_arguments(p)
+    vllm = p.add_argument_group("vLLM compatibility (accepted so vllm serve command lines run unchanged)")
+    vllm.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help="tool calls are always parsed when a request has tools; accepted")
+    vllm.add_argument("--tool-call-parser", type=_one_of("--tool-call-parser", TOOL_CALL_PARSERS,
+                                                         "Qwen3.5's XML tool calls"),
+                      metavar="|".join(TOOL_CALL_PARSERS), help="accepted (the format is Qwen3.5's XML)")
+    vllm.add_argument("--reasoning-parser", type=_one_of("--reasoning-parser", REASONING_PARSERS,
+                                                         "the <think> block"),
+                      metavar="qwen3", help="accepted (reasoning is split off <think> ... </think>)")
+    vllm.add_argument("--disable-log-requests", action="store_true", help="accepted (requests are not logged)")
+    vllm.add_argument("--uvicorn-log-level", default="info",
+                      choices=["critical", "error", "warning", "info", "debug", "trace"],
+                      help="uvicorn's log level (default: info)")
+    add_cli_args(p)
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allowed-local-media-path", metavar="DIR",
-                   help="let image_url / video_url name local files (paths or file:// URLs) inside DIR")
-    p.add_argument("--allow-remote-media", action="store_true",
-                   help="fetch http(s) image_url / video_url from public addresses (off by default: data: URLs only)")
-    p.add_argument("--allowed-media-domains", nargs="+", metavar="HOST",
-                   help="with --allow-remote-media: fetch from these hosts only, private addresses included")
-    p.add_argument("--media-fetch-timeout", type=positive_float, default=10.0, metavar="SECONDS",
-                   help="total time one remote media fetch may take, redirects included (default 10)")
-    p.add_argument("--limit-mm-per-prompt", type=mm_limits, default=None, metavar="JSON",
-                   help='most images / videos per request, e.g. \'{"image": 4, "video": 1}\' (default 16 / 4)')
-    p.add_argument("--language-model-only", action="store_true",
-                   help="load a multimodal checkpoint without its vision tower (text only)")
+    add_cli_args(p, groups=("media",), only=MEDIA_ARGS)
+
+
+MEDIA_ARGS = ("limit_mm_per_prompt", "allowed_local_media_path", "allow_remote_media", "allowed_media_domains",
+              "media_fetch_timeout", "language_model_only")
 
 
 def media_kwargs(args) -> dict:
-    return {"allowed_local_media_path": args.allowed_local_media_path, "allow_remote_media": args.allow_remote_media,
-            "allowed_media_domains": args.allowed_media_domains, "media_fetch_timeout": args.media_fetch_timeout,
-            "limit_mm_per_prompt": args.limit_mm_per_prompt, "language_model_only": args.language_model_only}
+    return {name: getattr(args, name) for name in MEDIA_ARGS}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -96,12 +108,13 @@ def cmd_serve(args) -> int:
     from qwen35.serve.app import build_app
     from qwen35.serve.middleware import uvicorn_config
 
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise ValueError(f"give the model once: `qwen35 serve {args.model_tag}` and --model {args.model} differ")
+    model = args.model_tag or args.model
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
     try:
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes, **media_kwargs(args),
-                  **quantization_kwargs(args), **cache_kwargs(args))
+        llm = LLM(model, **EngineArgs.cli_kwargs(args))
         app = build_app(llm, args.served_model_name, api_key=args.api_key,
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
@@ -110,7 +123,8 @@ def cmd_serve(args) -> int:
         # uvicorn handles SIGINT/SIGTERM: stops accepting, finishes in-flight responses, then runs the app's
         # shutdown hook, which stops the engine thread.
         server = uvicorn.Server(uvicorn_config(app, head_timeout=args.head_timeout,
-                                               max_connections=args.max_connections, log_level="info",
+                                               max_connections=args.max_connections,
+                                               log_level=args.uvicorn_log_level,
                                                timeout_graceful_shutdown=10))
         host = f"[{args.host}]" if ":" in args.host else args.host
         logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host,
