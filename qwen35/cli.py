@@ -235,7 +235,7 @@ def cmd_chat(args) -> int:
     attachments = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
                     thinking=False if args.no_think else None, show_reasoning=not args.hide_reasoning,
-                    attachments=attachments).run()
+                    show_stats=not args.no_stats, attachments=attachments).run()
 
 
 def cmd_finetune(args) -> int:
@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("chat", help="interactive chat in the terminal (streams; /help for commands)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--no-think", action="store_true", help="start with thinking off")
-    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    p.add_argument("--no-think", action="store_true",
+                   help="start with thinking off (default: on, off for the embedded demo model)")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning (a 'thinking' line shows)")
+    p.add_argument("--no-stats", action="store_true", help="no timing line after each answer (/stats toggles it)")
     _add_engine_flags(p)
     _add_sampling_flags(p, skip=NOT_IN_CHAT)
     p.set_defaults(func=cmd_chat)
