@@ -10,20 +10,23 @@ from pathlib import Path
 
 from qwen35.cli_types import (add_cache_flags, add_quantization_flags, cache_kwargs, device, int_list, positive_int,
                               quantization_kwargs)
+from qwen35.hub import resolve_model
 
 DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
              "and nothing else")
 
 
-def _resolve_config(target: str):
+def _resolve_config(target: str, revision: str | None = None):
     from qwen35.config import ModelConfig
     from qwen35.presets import PRESETS
 
     if target.lower() in PRESETS:
         return ModelConfig.from_hf(PRESETS[target.lower()])
-    if Path(target).is_dir():
-        return ModelConfig.from_dir(target)
-    raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)}, all)")
+    path = resolve_model(target, revision, weights=False)
+    if path.is_dir():
+        return ModelConfig.from_dir(path)
+    raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)}, all) nor a "
+                     "Hugging Face repo id (owner/name)")
 
 
 def cmd_info(args) -> int:
@@ -31,7 +34,7 @@ def cmd_info(args) -> int:
     from qwen35.presets import PRESETS
 
     targets = list(PRESETS) if args.target == "all" else [args.target]
-    stats = {t: model_stats(_resolve_config(t)) for t in targets}
+    stats = {t: model_stats(_resolve_config(t, args.revision)) for t in targets}
     if args.json:
         print(json.dumps(stats if len(targets) > 1 else stats[targets[0]], indent=2))
     else:
@@ -48,7 +51,7 @@ def cmd_forward(args) -> int:
     from qwen35.models.batch import ForwardBatch, SeqChunk
     from qwen35.models.loader import load_model
 
-    path = args.model or demo_checkpoint()
+    path = resolve_model(args.model, args.revision) if args.model else demo_checkpoint()
     if args.model is None:
         print(f"Using the embedded default model at {path} ({DEMO_NOTE}).")
     vocab = ModelConfig.from_dir(path).text.vocab_size
@@ -92,8 +95,14 @@ class _NotInChat(argparse.Action):
                      "(qwen35 generate --json takes it)")
 
 
+def add_model_flags(p) -> None:
+    p.add_argument("--model", help="checkpoint directory or Hugging Face repo id, e.g. Qwen/Qwen3.5-0.8B, from the "
+                   "local Hugging Face cache or downloaded (default: the embedded demo model)")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
+
+
 def _add_engine_flags(p) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    add_model_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
@@ -160,7 +169,8 @@ def _make_llm(args):
               file=sys.stderr)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes,
-               language_model_only=args.language_model_only, **quantization_kwargs(args), **cache_kwargs(args))
+               language_model_only=args.language_model_only, revision=args.revision, **quantization_kwargs(args),
+               **cache_kwargs(args))
 
 
 def _sampling_params(args, **overrides):
@@ -263,7 +273,8 @@ def cmd_finetune(args) -> int:
         device=args.device)
     if args.lora_targets:
         options["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
-    finetune(args.model, args.data, args.output, TrainConfig(), resume=args.resume or False, **options)
+    finetune(resolve_model(args.model, args.revision), args.data, args.output, TrainConfig(),
+             resume=args.resume or False, **options)
     return 0
 
 
@@ -271,7 +282,8 @@ def _add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on chat or text data",
                        description="Writes an HF checkpoint (or with --save-adapter a PEFT adapter), train_log.jsonl "
                                    "and, with --save-every, resumable checkpoint-N directories to --output.")
-    p.add_argument("--model", required=True, help="checkpoint directory to start from")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id to start from")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--data", required=True, help="JSONL of {\"messages\": [...], \"tools\": [...]} chats (loss on "
                    "assistant tokens) or {\"text\": ...} lines, or a .txt file")
     p.add_argument("--output", "--output-dir", dest="output", required=True, help="output directory")
@@ -317,12 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, memory, KV-cache and state sizes of a checkpoint or preset")
-    p.add_argument("target", help="checkpoint directory, preset name (e.g. qwen3.5-397b-a17b) or 'all'")
+    p.add_argument("target", help="checkpoint directory, Hugging Face repo id (only its config.json is read), "
+                   "preset name (e.g. qwen3.5-397b-a17b) or 'all'")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("forward", help="load a checkpoint and run one forward pass (smoke test)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    add_model_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--token-ids", type=int_list, help="comma-separated prompt token ids (default 1..64)")

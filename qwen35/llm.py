@@ -16,6 +16,7 @@ import torch
 
 from qwen35.config import EngineConfig
 from qwen35.engine.llm_engine import LLMEngine
+from qwen35.hub import resolve_model
 from qwen35.models.loader import load_model
 from qwen35.multimodal.config import MediaLimits, ProcessorConfig
 from qwen35.multimodal.inputs import MediaPolicy, as_list, prepare_prompt, video_list
@@ -110,7 +111,8 @@ class LLM:
                  media_fetch_timeout: float = 10.0, language_model_only: bool = False,
                  native_kernels: bool | None = None, quantization: str | None = None,
                  lm_head_quantization: str = "auto", quantization_group_size: int | None = None,
-                 enable_prefix_caching: bool = True, state_snapshot_bytes: int | None = None):
+                 enable_prefix_caching: bool = True, state_snapshot_bytes: int | None = None,
+                 revision: str | None = None):
         """limit_mm_per_prompt: {"image": n, "video": m} (defaults in multimodal.config.MediaLimits).
         allowed_local_media_path / allow_remote_media: where `image_url` / `video_url` chat parts may point
         besides data: URLs (media given directly in `multi_modal_data` is always taken); remote media only from
@@ -124,14 +126,17 @@ class LLM:
         format (float stays float, FP8 block checkpoints run as int8, GPTQ-Int4 as int4). lm_head_quantization:
         "auto" (int8 when the model is quantized), "int8", "int4", "none". enable_prefix_caching: reuse the KV
         blocks and Gated DeltaNet state snapshots earlier prompts left in the cache (README: prefix caching);
-        state_snapshot_bytes: the snapshot pool's memory (default: 8 per sequence slot, at most 1 GiB on CPU)."""
+        state_snapshot_bytes: the snapshot pool's memory (default: 8 per sequence slot, at most 1 GiB on CPU).
+        model: a checkpoint directory or a Hugging Face repo id ("Qwen/Qwen3.5-0.8B", at `revision`), taken from the
+        local Hugging Face cache or downloaded (qwen35.hub); `model_name` is then the repo id, else the folder name."""
         check_device(device)
         fix_mmap_threshold()
         if model is None:
             from qwen35.demo import demo_checkpoint
 
             model = demo_checkpoint()
-        self.model_path = Path(model)
+        self.model_path = resolve_model(model, revision)
+        self.model_name = str(model) if self.model_path != Path(model).expanduser() else self.model_path.name
         self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=dtype, device=device,
                                                                      vision=not language_model_only,
                                                                      quantization=quantization,
