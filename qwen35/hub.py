@@ -72,10 +72,11 @@ def download(repo_id: str, revision: str | None = None, weights: bool = True) ->
         patterns = ALLOW_PATTERNS if weights else CONFIG_PATTERNS
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # network, authentication, unknown repo or revision: one line, not a traceback
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = type(e).__name__ + (": " + str(e).strip().splitlines()[0] if str(e).strip() else "")
         at = f" at revision {revision!r}" if revision else ""
-        raise HubError(f"{repo_id}: could not download it from the Hugging Face hub{at} ({why}); check the name "
-                       "and the network, or download the checkpoint and pass its directory") from None
+        raise HubError(f"{repo_id}: not in the local Hugging Face cache ({hub_cache()}) and could not be downloaded "
+                       f"from the Hugging Face hub{at} ({why}); check the name and the network, or pass a checkpoint "
+                       f"directory (no local directory {repo_id} either)") from None
 
 
 def resolve_model(name_or_path: str | Path, revision: str | None = None, weights: bool = True) -> Path:

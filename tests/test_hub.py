@@ -141,8 +141,9 @@ def test_download_goes_through_huggingface_hub_and_failures_are_one_line(cache, 
     assert resolve_model("Qwen/fetched") and len(calls) == 1  # now it is cached
     with pytest.raises(HubError) as e:
         resolve_model("Qwen/unreachable", revision="dev")
-    assert str(e.value).startswith("Qwen/unreachable: could not download it from the Hugging Face hub at revision "
-                                   "'dev' (Connection refused)")
+    assert str(e.value).startswith(f"Qwen/unreachable: not in the local Hugging Face cache ({cache}) and could not be "
+                                   "downloaded from the Hugging Face hub at revision 'dev' (OSError: Connection "
+                                   "refused); check the name")
 
 
 def test_llm_loads_a_repo_id_and_generates(cache):
