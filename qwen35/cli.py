@@ -11,20 +11,23 @@ from pathlib import Path
 from qwen35 import __version__
 from qwen35.cli_types import int_list, positive_int
 from qwen35.engine_args import EngineArgs, add_cli_args, device
+from qwen35.hub import resolve_model
 
 DEMO_NOTE = ("a 7M-parameter demo trained in minutes on the Python documentation: it knows a little about Python "
              "and nothing else")
 
 
-def _resolve_config(target: str):
+def _resolve_config(target: str, revision: str | None = None):
     from qwen35.config import ModelConfig
     from qwen35.presets import PRESETS
 
     if target.lower() in PRESETS:
         return ModelConfig.from_hf(PRESETS[target.lower()])
-    if Path(target).is_dir():
-        return ModelConfig.from_dir(target)
-    raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)}, all)")
+    path = resolve_model(target, revision, weights=False)
+    if path.is_dir():
+        return ModelConfig.from_dir(path)
+    raise ValueError(f"{target!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)}, all) nor a "
+                     "Hugging Face repo id (owner/name)")
 
 
 def cmd_info(args) -> int:
@@ -32,7 +35,7 @@ def cmd_info(args) -> int:
     from qwen35.presets import PRESETS
 
     targets = list(PRESETS) if args.target == "all" else [args.target]
-    stats = {t: model_stats(_resolve_config(t)) for t in targets}
+    stats = {t: model_stats(_resolve_config(t, args.revision)) for t in targets}
     if args.json:
         print(json.dumps(stats if len(targets) > 1 else stats[targets[0]], indent=2))
     else:
@@ -49,7 +52,7 @@ def cmd_forward(args) -> int:
     from qwen35.models.batch import ForwardBatch, SeqChunk
     from qwen35.models.loader import load_model
 
-    path = args.model or demo_checkpoint()
+    path = resolve_model(args.model, args.revision) if args.model else demo_checkpoint()
     if args.model is None:
         print(f"Using the embedded default model at {path} ({DEMO_NOTE}).")
     vocab = ModelConfig.from_dir(path).text.vocab_size
@@ -92,8 +95,14 @@ class _NotInChat(argparse.Action):
                      "(qwen35 generate --json takes it)")
 
 
+def add_model_flags(p) -> None:
+    p.add_argument("--model", help="checkpoint directory or Hugging Face repo id, e.g. Qwen/Qwen3.5-0.8B, from the "
+                   "local Hugging Face cache or downloaded (default: the embedded demo model)")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
+
+
 def _add_engine_flags(p) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    add_model_flags(p)
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     add_cli_args(p, groups=("model", "engine"))
@@ -150,7 +159,7 @@ def _make_llm(args):
     if args.model is None:
         print(f"Using the embedded default model ({DEMO_NOTE}; pass --model DIR for a real checkpoint).",
               file=sys.stderr)
-    return LLM(args.model, **EngineArgs.cli_kwargs(args))
+    return LLM(args.model, revision=args.revision, **EngineArgs.cli_kwargs(args))
 
 
 def _sampling_params(args, **overrides):
@@ -253,7 +262,8 @@ def cmd_finetune(args) -> int:
         device=args.device)
     if args.lora_targets:
         options["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
-    finetune(args.model, args.data, args.output, TrainConfig(), resume=args.resume or False, **options)
+    finetune(resolve_model(args.model, args.revision), args.data, args.output, TrainConfig(),
+             resume=args.resume or False, **options)
     return 0
 
 
@@ -261,7 +271,8 @@ def _add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (full or LoRA) on chat or text data",
                        description="Writes an HF checkpoint (or with --save-adapter a PEFT adapter), train_log.jsonl "
                                    "and, with --save-every, resumable checkpoint-N directories to --output.")
-    p.add_argument("--model", required=True, help="checkpoint directory to start from")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id to start from")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--data", required=True, help="JSONL of {\"messages\": [...], \"tools\": [...]} chats (loss on "
                    "assistant tokens) or {\"text\": ...} lines, or a .txt file")
     p.add_argument("--output", "--output-dir", dest="output", required=True, help="output directory")
@@ -308,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, memory, KV-cache and state sizes of a checkpoint or preset")
-    p.add_argument("target", help="checkpoint directory, preset name (e.g. qwen3.5-397b-a17b) or 'all'")
+    p.add_argument("target", help="checkpoint directory, Hugging Face repo id (only its config.json is read), "
+                   "preset name (e.g. qwen3.5-397b-a17b) or 'all'")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("forward", help="load a checkpoint and run one forward pass (smoke test)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    add_model_flags(p)
     p.add_argument("--token-ids", type=int_list, help="comma-separated prompt token ids (default 1..64)")
     add_cli_args(p, only=("dtype", "device", "quantization", "lm_head_quantization", "quantization_group_size"))
     p.set_defaults(func=cmd_forward)

@@ -69,6 +69,8 @@ def _fraction(value: str) -> float:
 @dataclass
 class EngineArgs:
     # loading
+    revision: str | None = _arg(None, "with a Hugging Face repo id: the branch, tag or commit (default: main)",
+                                group="model", cli=False)
     dtype: str = _arg("auto", "weights' dtype (auto: the checkpoint's; float16 runs as bfloat16 on CPU)",
                       choices=["auto", "float32", "bfloat16", "float16"], group="model")
     device: str = _arg("cpu", "cpu, cuda or cuda:N", type=device, group="model")

@@ -16,6 +16,7 @@ from typing import Any
 
 from qwen35.engine_args import EngineArgs, check_device, media_limits
 from qwen35.engine.llm_engine import LLMEngine
+from qwen35.hub import resolve_model
 from qwen35.models.loader import load_model
 from qwen35.multimodal.config import ProcessorConfig
 from qwen35.multimodal.inputs import MediaPolicy, as_list, prepare_prompt, video_list
@@ -120,9 +121,11 @@ class _Progress:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, **kwargs):
-        """model: a checkpoint folder (default: the embedded demo model). kwargs: the settings of
+        """model: a checkpoint folder, or a Hugging Face repo id ("Qwen/Qwen3.5-0.8B", at `revision`) taken from the
+        local Hugging Face cache or downloaded (qwen35.hub; `model_name` is then the repo id, else the folder name);
+        default: the embedded demo model. kwargs: the settings of
         `qwen35.engine_args.EngineArgs` (each field's help says what it does; `qwen35 serve --help` lists them too):
-        dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes,
+        revision, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes,
         kv_cache_memory_fraction, enable_prefix_caching, state_snapshot_bytes, tokenizer, skip_tokenizer_init,
         chat_template, generation_config, language_model_only, quantization, lm_head_quantization,
         quantization_group_size, native_kernels, and the media policy: limit_mm_per_prompt,
@@ -138,7 +141,8 @@ class LLM:
             from qwen35.demo import demo_checkpoint
 
             model = demo_checkpoint()
-        self.model_path = Path(model)
+        self.model_path = resolve_model(model, a.revision)
+        self.model_name = str(model) if self.model_path != Path(model).expanduser() else self.model_path.name
         self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=a.dtype, device=device,
                                                                      vision=not a.language_model_only,
                                                                      quantization=a.quantization,

@@ -49,6 +49,9 @@ BLOCK_INDEX = re.compile(r"^visual\.blocks\.(\d+)\.")
 logger = logging.getLogger(__name__)
 
 
+GIB = 1 << 30
+
+
 class CheckpointError(ValueError):
     """A checkpoint qwen35 refuses to load; the message names the tensor or file."""
 
@@ -171,9 +174,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         if missing := quantized.CheckpointWeight(m, quant, {}).missing(parts):
             raise CheckpointError(f"{path}: missing tensor {missing[0]} (its companions are present)")
     pending: dict[str, dict] = {}
-    if progress is None:
-        progress = sys.stderr.isatty()
-    total = _total_bytes(files) if progress else 0
+    total = _total_bytes(files)
+    if progress is None:  # a bar only where someone watches a long load
+        progress = sys.stderr.isatty() and total > PROGRESS_MIN_BYTES
+    bar = _ProgressBar(total) if progress and total else None
     prefix_of = {}  # canonical name -> checkpoint name, for messages
     loaded: set[str] = set()
     experts_seen: dict[str, set] = {}
@@ -230,7 +234,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
-    done_bytes = 0
     for f, names in by_file.items():
         with _open(f) as st, _TensorReader(f) as reader:
             available = set(st.keys())
@@ -261,12 +264,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                         place(module + ".weight", quantized.CheckpointWeight(ckpt_module, quant, parts), ckpt_module)
                 else:
                     place(cname, tensor, name)
-                if progress and total:
-                    done_bytes += tensor.numel() * tensor.element_size()
-                    print(f"\rLoading weights: {100 * done_bytes / total:5.1f}% ({done_bytes / 1e9:.1f}/"
-                          f"{total / 1e9:.1f} GB)", end="", file=sys.stderr, flush=True)
-    if progress and total:
-        print(file=sys.stderr)
+                if bar is not None:
+                    bar.advance(tensor.numel() * tensor.element_size())
+    if bar is not None:
+        bar.close()
 
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in loaded:
         if "lm_head" in specs:  # untied: the head holds its own quantized copy, the embedding keeps its floats
@@ -428,6 +429,37 @@ class _TensorReader:
 
 def _total_bytes(files: dict[str, Path]) -> int:
     return sum(f.stat().st_size for f in set(files.values()))
+
+
+PROGRESS_MIN_BYTES = GIB  # checkpoints smaller than 1 GiB load too fast to need a bar
+
+
+class _ProgressBar:
+    """A one-line text bar on stderr: bytes read of the checkpoint, elapsed time and the time left."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.done = total, width, 0
+        self.start = self.shown = time.monotonic()
+
+    def advance(self, nbytes: int) -> None:
+        self.done = min(self.done + nbytes, self.total)
+        now = time.monotonic()
+        if now - self.shown >= 0.1 or self.done == self.total:  # redraw ten times a second at most
+            self.shown = now
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        frac, spent = self.done / self.total, now - self.start
+        left = f", {spent * (1 - frac) / frac:.0f}s left" if 0 < frac < 1 else ""
+        filled = int(frac * self.width)
+        print(f"\rLoading weights [{'#' * filled}{'.' * (self.width - filled)}] {100 * frac:5.1f}% "
+              f"{self.done / GIB:.2f}/{self.total / GIB:.2f} GiB {spent:.0f}s{left}  ", end="", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        self.done = self.total  # what was set aside or is file headers counts as read too
+        self.draw(time.monotonic())
+        print(file=sys.stderr)
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -124,7 +124,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         raise ValueError(f"max_media_jobs must be at least 1, got {max_media_jobs}")
     media_jobs = asyncio.Semaphore(max_media_jobs)
     engine = engine or AsyncEngine(llm)
-    model_name = served_model_name or llm.model_path.name
+    model_name = served_model_name or getattr(llm, "model_name", None) or llm.model_path.name
     metrics = Metrics()
     tokenizer = llm.tokenizer
     max_model_len = engine.engine.max_model_len

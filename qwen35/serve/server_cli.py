@@ -25,16 +25,19 @@ def _one_of(flag: str, names: tuple[str, ...], what: str):
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
-    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory, as `vllm serve MODEL` "
-                   "(or --model; default: the embedded demo model)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory or Hugging Face repo id, as "
+                   "`vllm serve MODEL` (or --model; default: the embedded demo model)")
+    p.add_argument("--model", help="checkpoint directory or Hugging Face repo id, e.g. Qwen/Qwen3.5-0.8B, from the "
+                   "local Hugging Face cache or downloaded (default: the embedded demo model)")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=port, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", type=api_key,
                    help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics with "
                    "--public-metrics); a non-ASCII key is matched as UTF-8 bytes")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
-    p.add_argument("--served-model-name", help="model name clients send (default: the checkpoint folder name)")
+    p.add_argument("--served-model-name", help="model name clients send (default: the repo id, or the checkpoint "
+                   "folder name)")
     p.add_argument("--default-chat-template-kwargs", type=json_object, default=None,
                    help='JSON object, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--escape-special-tokens", action="store_true",
@@ -114,7 +117,7 @@ def cmd_serve(args) -> int:
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
     try:
-        llm = LLM(model, **EngineArgs.cli_kwargs(args))
+        llm = LLM(model, revision=args.revision, **EngineArgs.cli_kwargs(args))
         app = build_app(llm, args.served_model_name, api_key=args.api_key,
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
