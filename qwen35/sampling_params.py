@@ -98,6 +98,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # added to the logits of these token ids (OpenAI: [-100, 100])
     allowed_token_ids: list[int] | None = None  # draw only from these ids
+    bad_words: list[str] | None = None  # words never generated (as vLLM: with and without a leading space)
     structured_outputs: StructuredOutputsParams | None = None
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: as many as fit)
     _user_set: frozenset = field(default=frozenset(), repr=False, compare=False)
@@ -111,6 +112,8 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_token_id(k): v for k, v in self.logit_bias.items()}  # JSON spells keys as strings
+        if isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
         if isinstance(self.structured_outputs, dict):
@@ -200,6 +203,9 @@ class SamplingParams:
                 not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
                 or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):
             fail("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list) or any(
+                not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            fail("bad_words", "must be a list of non-blank strings")
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 fail("structured_outputs", "must be a StructuredOutputsParams")

@@ -183,6 +183,8 @@ class LLMEngine:
                 raise EngineError(f"SamplingParams.{name}: {bad[0]} is not a token id (0..{self.vocab_limit - 1})")
         if params.structured_outputs is not None and self.structured is None:
             raise EngineError("structured output needs a tokenizer")
+        if params.bad_words and self.tokenizer is None:
+            raise EngineError("bad_words need a tokenizer")
         n_prompt = len(prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise EngineError(f"the prompt has {n_prompt} tokens; max_model_len is {self.max_model_len}, which "
@@ -223,6 +225,8 @@ class LLMEngine:
             req.detokenizer = self.tokenizer.incremental_detokenizer(params.skip_special_tokens)
         if params.structured_outputs is not None:
             req.grammar = self.structured.matcher(params.structured_outputs, req.prompt_token_ids)
+        if params.bad_words:
+            req.bad_words_ids = self._bad_words_ids(params.bad_words)
         return req
 
     def abort(self, request_id: str) -> None:
@@ -348,10 +352,24 @@ class LLMEngine:
         self._failed.append(req.parent_id)
 
     def _banned(self, req: Request) -> list[int]:
-        p = req.params
-        if len(req.output_token_ids) >= p.min_tokens:
-            return []
-        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
+        p, out = req.params, req.output_token_ids
+        banned = set()
+        if len(out) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        for seq in req.bad_words_ids:  # the last token of a bad word whose other tokens were just generated
+            if len(seq) == 1 or (len(out) >= len(seq) - 1 and out[len(out) - len(seq) + 1:] == seq[:-1]):
+                banned.add(seq[-1])
+        return sorted(banned)
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens as written and after a space (as vLLM: a word mid-sentence is spelt with it)."""
+        seqs = []
+        for w in words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                ids = self.tokenizer.encode(text)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
     def _decode_one(self, tok: int) -> str:
         return self.tokenizer.decode([tok]) if self.tokenizer is not None else None

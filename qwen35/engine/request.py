@@ -44,6 +44,7 @@ class Request:
     error: str | None = None  # why the engine failed this request (finish_reason "error")
     detokenizer: object | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences of SamplingParams.bad_words
     grammar: object | None = None  # engine.structured.GrammarMatcher of a request with structured output
     mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)
     # prefix cache
