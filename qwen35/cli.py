@@ -207,7 +207,7 @@ def cmd_generate(args) -> int:
     _check_files(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _make_llm(args)
-    params = params.with_defaults(llm._generation_defaults())
+    params = params.with_defaults(llm.generation_defaults())
     prompt = _with_media(prompt, args.image, args.video)
     if args.json:
         out = llm.generate(prompt, params)[0]
@@ -242,7 +242,7 @@ def cmd_chat(args) -> int:
     _check_files(args)
     llm = _make_llm(args)
     attachments = [("image", p) for p in args.image] + [("video", p) for p in args.video]
-    return ChatRepl(llm, params.with_defaults(llm._generation_defaults()), system=args.system,
+    return ChatRepl(llm, params.with_defaults(llm.generation_defaults()), system=args.system,
                     thinking=False if args.no_think else None, show_reasoning=not args.hide_reasoning,
                     show_stats=not args.no_stats, attachments=attachments).run()
 

@@ -171,9 +171,10 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the checkpoint's generation_config.json defaults, as vLLM does."""
-        return SamplingParams().with_defaults(self._generation_defaults())
+        return SamplingParams().with_defaults(self.generation_defaults())
 
-    def _generation_defaults(self) -> dict:
+    def generation_defaults(self) -> dict:
+        """The SamplingParams fields the generation config sets (see --generation-config), for `with_defaults`."""
         return {field: self.generation_config[key] for key, field in GENERATION_DEFAULTS.items()
                 if self.generation_config.get(key) is not None}
 

@@ -47,7 +47,7 @@ def test_eos_ids_and_generation_defaults(llm):
     assert llm.engine.vocab_limit == llm.tokenizer.vocab_size == 248077
     d = llm.get_default_sampling_params()
     assert (d.temperature, d.top_p, d.top_k) == (0.6, 0.95, 20)
-    mine = SamplingParams.from_optional(temperature=0.0, max_tokens=3).with_defaults(llm._generation_defaults())
+    mine = SamplingParams.from_optional(temperature=0.0, max_tokens=3).with_defaults(llm.generation_defaults())
     assert (mine.temperature, mine.top_k, mine.max_tokens) == (0.0, 20, 3)
 
 

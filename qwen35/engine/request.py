@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen35.outputs import PositionLogprobs
 from qwen35.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # for the annotations only
+    from qwen35.engine.structured import GrammarMatcher
+    from qwen35.multimodal.prompt import MultimodalPrompt
+    from qwen35.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -42,11 +48,11 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     error: str | None = None  # why the engine failed this request (finish_reason "error")
-    detokenizer: object | None = None
+    detokenizer: IncrementalDetokenizer | None = None
     max_total_tokens: int = 0  # prompt + output cap from max_tokens and max_model_len
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences of SamplingParams.bad_words
-    grammar: object | None = None  # engine.structured.GrammarMatcher of a request with structured output
-    mm: object | None = None  # MultimodalPrompt: 3D positions and visual embeddings (shared by n > 1 siblings)
+    grammar: GrammarMatcher | None = None  # of a request with structured output
+    mm: MultimodalPrompt | None = None  # 3D positions and visual embeddings (shared by n > 1 siblings)
     # prefix cache
     num_cached_tokens: int | None = None  # tokens the cache held at the first admission
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of all_token_ids, as far as known

@@ -127,8 +127,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     model_name = served_model_name or getattr(llm, "model_name", None) or llm.model_path.name
     metrics = Metrics()
     tokenizer = llm.tokenizer
-    max_model_len = engine.engine.max_model_len
-    structured = engine.engine.structured
+    max_model_len = engine.max_model_len
+    structured = engine.structured
     if warm_up_grammars:
         structured.warm_up()
     prompts = Prompts(llm, max_model_len, default_chat_template_kwargs, escape_special_tokens)
@@ -174,7 +174,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, **extra)
-            return params.with_defaults(llm._generation_defaults())
+            return params.with_defaults(llm.generation_defaults())
         except SamplingParamsError as e:
             raise _bad_request(e) from None
 
@@ -239,7 +239,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         if requested is not None:
             return requested
         room = max(1, max_model_len - num_prompt)
-        return min(room, llm._generation_defaults().get("max_tokens", room))
+        return min(room, llm.generation_defaults().get("max_tokens", room))
 
     async def with_media(prompt_ids: list[int], images: list, videos: list):
         """Fetch, decode and process the media (off the event loop) and expand the prompt's placeholders."""

@@ -74,6 +74,15 @@ class AsyncEngine:
         """Sequences in the running batch."""
         return len(self.engine.scheduler.running)
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def structured(self):
+        """The engine's StructuredOutputs: constraints compile there (thread-safe), off the engine's thread."""
+        return self.engine.structured
+
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           prompt: str | None = None, mm=None) -> RequestStream:
         """Queue a request and wait until the engine accepted it; raises the engine's error (e.g. EngineError)."""
