@@ -13,7 +13,7 @@ from qwen35.chat import assistant_message, render
 from qwen35.demo import DEMO_DIR
 from qwen35.multimodal.inputs import split_chat_media
 from qwen35.paths import cache_dir
-from qwen35.serve.reasoning import ReasoningStreamParser, is_thinking_prompt
+from qwen35.chat.reasoning import ReasoningStreamParser, is_thinking_prompt
 
 DIM, RESET, CLEAR_LINE = "\033[2m", "\033[0m", "\r\033[K"
 BLOCK = '"""'

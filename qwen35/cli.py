@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate" and not args.json and (args.logprobs is not None or args.prompt_logprobs is not None):
         gen.error("--logprobs and --prompt-logprobs need --json (the streamed text has no place for them)")
-    from qwen35.chat_template import ChatTemplateError
+    from qwen35.chat.template import ChatTemplateError
     from qwen35.config import ConfigError
     from qwen35.engine.llm_engine import EngineError
     from qwen35.models.loader import CheckpointError

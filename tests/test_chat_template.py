@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qwen35.chat_template import ChatTemplate, ChatTemplateError, render_chat_template
+from qwen35.chat.template import ChatTemplate, ChatTemplateError, render_chat_template
 from tokenizer_fixtures import CHAT_TEMPLATE_PATH
 
 WEATHER_TOOL = {

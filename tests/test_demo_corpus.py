@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat.template import ChatTemplate
 from qwen35.train.corpus import (CHAT_TEMPLATE_PATH, HELD_OUT_PERCENT, MAX_ANSWER_CHARS, build_corpus, clean_text,
                                  is_heldout)
 

@@ -79,7 +79,7 @@ def test_held_out_perplexity_and_mtp_accuracy_are_the_recorded_ones(corpus, metr
 def test_its_template_does_not_think_unless_asked():
     """Trained without reasoning, the demo's prompts open an empty think block by default (what the corpus holds);
     the terminal chat leaves the choice to the template unless --no-think or /think says otherwise."""
-    from qwen35.chat_template import ChatTemplate
+    from qwen35.chat.template import ChatTemplate
 
     template = ChatTemplate(Tokenizer.from_dir(DEMO_DIR).chat_template)
     m = [{"role": "user", "content": "Hi"}]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat.template import ChatTemplate
 from tests.tokenizer_fixtures import CHAT_TEMPLATE_PATH
 
 OURS = ChatTemplate((Path(__file__).parents[1] / "qwen35" / "data" / "chat_template.jinja").read_text())

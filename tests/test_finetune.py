@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat.template import ChatTemplate
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import load_model
 from qwen35.tokenizer import Tokenizer

@@ -91,7 +91,7 @@ def test_chat_renders_the_template_and_parses_the_answer(llm):
 
 
 def test_chat_template_error_is_clear(llm):
-    from qwen35.chat_template import ChatTemplateError
+    from qwen35.chat.template import ChatTemplateError
 
     with pytest.raises(ChatTemplateError, match="System message must be at the beginning"):
         llm.chat([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from qwen35.serve.reasoning import ReasoningStreamParser, is_thinking_prompt, split_reasoning
-from qwen35.serve.tool_calls import ToolCallStreamParser, convert_param_value, parse_tool_calls
+from qwen35.chat.reasoning import ReasoningStreamParser, is_thinking_prompt, split_reasoning
+from qwen35.chat.tool_calls import ToolCallStreamParser, convert_param_value, parse_tool_calls
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {

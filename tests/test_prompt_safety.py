@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from qwen35.chat import chat, render
-from qwen35.chat_template import ChatPrompt, ChatTemplate, ChatTemplateError
+from qwen35.chat.template import ChatPrompt, ChatTemplate, ChatTemplateError
 from qwen35.tokenizer import Tokenizer
 from tokenizer_fixtures import CHAT_TEMPLATE_PATH, QWEN35_GENERATION_CONFIG, qwen35_tokenizer_dir
 

@@ -16,7 +16,7 @@ import pytest
 from qwen35 import LLM, SamplingParams
 from qwen35.chat import render
 from qwen35.serve.responses import ChatStreamState, build_chat_choice
-from qwen35.serve.reasoning import split_reasoning
+from qwen35.chat.reasoning import split_reasoning
 from tests.tiny_models import build
 from tests.tokenizer_fixtures import add_qwen35_tokenizer
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from qwen35 import chat_template
-from qwen35.chat_template import ChatTemplate, TemplateLimitError
+from qwen35.chat.template import ChatTemplate, TemplateLimitError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat.template import ChatTemplate
 from qwen35.tokenizer import Tokenizer
 from qwen35.tokenizer_build import ADDED_TOKENS, NUM_BPE_TOKENS
 from qwen35.tokenizer_subset import PAD_MULTIPLE, build_subset_tokenizer, load_vocab_map

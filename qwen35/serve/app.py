@@ -37,7 +37,7 @@ from qwen35.serve.protocol import (ChatCompletionChunk, ChatCompletionRequest, C
                                    ChatCompletionStreamChoice, CompletionChoice, CompletionRequest,
                                    CompletionResponse, DeltaMessage, DetokenizeRequest, PromptTokensDetails,
                                    TokenizeRequest, Usage, random_id)
-from qwen35.serve.reasoning import is_thinking_prompt
+from qwen35.chat.reasoning import is_thinking_prompt
 from qwen35.serve.responses import ChatStreamState, build_chat_choice, chat_logprobs, completion_logprobs, sse
 from qwen35.serve.responses_api import install_responses_api
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from qwen35.engine.structured import close_objects
 from qwen35.sampling_params import SamplingParamsError, StructuredOutputsParams
 from qwen35.serve.middleware import APIError
-from qwen35.serve.tool_calls import _is_string_schema
+from qwen35.chat.tool_calls import _is_string_schema
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 

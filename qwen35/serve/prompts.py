@@ -13,7 +13,7 @@ import unicodedata
 import tokenizers
 
 from qwen35.chat import render
-from qwen35.chat_template import ChatTemplateError
+from qwen35.chat.template import ChatTemplateError
 from qwen35.multimodal.inputs import split_chat_media
 from qwen35.multimodal.items import MediaError
 from qwen35.serve.middleware import APIError

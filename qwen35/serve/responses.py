@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from qwen35.chat import assistant_message
 from qwen35.serve.protocol import ChatCompletionChoice, ChatMessage, CompletionLogprobs
-from qwen35.serve.reasoning import ReasoningStreamParser
-from qwen35.serve.tool_calls import ToolCallStreamParser
+from qwen35.chat.reasoning import ReasoningStreamParser
+from qwen35.chat.tool_calls import ToolCallStreamParser
 
 
 def chat_logprobs(c, start: int, k: int) -> dict | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydoc_data.topics import topics as PYDOC_TOPICS
 
-from qwen35.chat_template import ChatTemplate
+from qwen35.chat.template import ChatTemplate
 from qwen35.tokenizer import Tokenizer
 
 CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "data" / "chat_template.jinja"

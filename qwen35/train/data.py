@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen35.chat_template import ChatPrompt, ChatTemplate, ChatTemplateError
+from qwen35.chat.template import ChatPrompt, ChatTemplate, ChatTemplateError
 from qwen35.tokenizer import Tokenizer
 
 ASSISTANT_START = "<|im_start|>assistant\n"

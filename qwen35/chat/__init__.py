@@ -3,10 +3,10 @@ and tool calls, the way an OpenAI-compatible server reports them."""
 
 from __future__ import annotations
 
-from qwen35.chat_template import ChatPrompt, ChatTemplate, check_template_kwargs
+from qwen35.chat.template import ChatPrompt, ChatTemplate, check_template_kwargs
 from qwen35.multimodal.inputs import split_chat_media
-from qwen35.serve.reasoning import is_thinking_prompt, split_reasoning
-from qwen35.serve.tool_calls import parse_tool_calls
+from qwen35.chat.reasoning import is_thinking_prompt, split_reasoning
+from qwen35.chat.tool_calls import parse_tool_calls
 
 
 def render(llm, conversation, tools=None, chat_template_kwargs=None, add_generation_prompt=True,
