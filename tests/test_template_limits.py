@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from qwen35 import chat_template
+from qwen35.chat import template as chat_template
 from qwen35.chat.template import ChatTemplate, TemplateLimitError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
