@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-import qwen35.serve.app as app_module
+import qwen35.serve.context as app_module  # where the routes call prepare_prompt
 from qwen35 import LLM, SamplingParams
 from qwen35.multimodal.fetch import FAILED
 from qwen35.serve.app import build_app
