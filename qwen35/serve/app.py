@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP app: chat and text completions (streamed as SSE or not), models, health, Prometheus
-metrics, tokenize/detokenize. A thin layer over `AsyncEngine`; errors are OpenAI error bodies with HTTP statuses.
+"""The OpenAI-compatible HTTP app: chat and text completions (streamed as SSE or not), models, health (/health,
+/ping), version, Prometheus metrics, tokenize/detokenize. A thin layer over `AsyncEngine`;
+errors are OpenAI error bodies with HTTP statuses.
 
 The routes parse and validate their own JSON bodies, and render and tokenize prompts, in worker threads, so one
 large request cannot stall the event loop (the health check, other streams). A client that disconnects has its
@@ -21,6 +22,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
+import qwen35
 from qwen35.chat import final_message_text
 from qwen35.engine.llm_engine import EngineError, RequestFailed
 from qwen35.engine.structured import StructuredOutputError
@@ -113,7 +115,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
               body_timeout: float = 60.0, escape_special_tokens: bool = False, max_media_jobs: int = 2,
               warm_up_grammars: bool = False) -> FastAPI:
     """max_body_bytes: None derives it from the context length (see prompts.default_max_body_bytes).
-    api_key: required on every route but /health (and /metrics when public_metrics); compared as UTF-8 bytes.
+    api_key: required on every route but /health, /ping and /version (and /metrics when public_metrics);
+    compared as UTF-8 bytes.
     body_timeout: seconds a client has to send its whole request body (408 after).
     max_media_jobs: requests whose media are decoded and preprocessed at once (each at most one source image or
     video frame at full size at a time); the others wait their turn, so media memory in flight stays bounded.
@@ -125,9 +128,9 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     media_jobs = asyncio.Semaphore(max_media_jobs)
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or llm.model_path.name
-    metrics = Metrics()
     tokenizer = llm.tokenizer
     max_model_len = engine.engine.max_model_len
+    metrics = Metrics(model_name, max_model_len)
     structured = engine.engine.structured
     if warm_up_grammars:
         structured.warm_up()
@@ -147,7 +150,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
 
     app = FastAPI(title="qwen35", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.max_body_bytes = engine, metrics, max_body_bytes
-    app.add_middleware(Guard, api_key=api_key, open_paths=("/health",) + (("/metrics",) if public_metrics else ()),
+    open_paths = ("/health", "/ping", "/version") + (("/metrics",) if public_metrics else ())
+    app.add_middleware(Guard, api_key=api_key, open_paths=open_paths,
                        max_body_bytes=max_body_bytes, body_timeout=body_timeout, in_flight=in_flight)
     install_error_handlers(app, lambda: metrics.requests.update(["error"]))
     _document_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
@@ -201,7 +205,7 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     async def tracked(stream) -> AsyncIterator[RequestOutput]:
         """The stream's outputs, recording token counts, TTFT and inter-token latency; aborts on exit."""
         t0 = last = time.perf_counter()
-        num_tokens, status = 0, "abort"
+        num_tokens, status, out = 0, "abort", None
         try:
             async for out in stream:
                 now, total = time.perf_counter(), sum(len(c.token_ids) for c in out.outputs)
@@ -218,6 +222,9 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
         finally:
             stream.abort()
             metrics.requests[status] += 1
+            if out is not None:
+                reasons = [c.finish_reason if status == "success" else status for c in out.outputs]
+                metrics.finish(time.perf_counter() - t0, len(out.prompt_token_ids), num_tokens, reasons)
 
     async def final_output(stream) -> RequestOutput:
         final = None
@@ -258,15 +265,30 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     async def health():
         return PlainTextResponse("")
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():  # as vLLM (SageMaker's health check): /health under another name
+        return PlainTextResponse("")
+
+    @app.get("/version")
+    async def version():
+        return {"version": qwen35.__version__}
+
     @app.get("/metrics")
     async def get_metrics():
         return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen35",
+                "root": str(llm.model_path), "max_model_len": max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "qwen35", "root": str(llm.model_path),
-                                            "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def get_model(model_id: str):  # ids may hold slashes (hub ids)
+        check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(request: Request):

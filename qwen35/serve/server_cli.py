@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 
 from qwen35.cli_types import (add_cache_flags, add_quantization_flags, api_key, cache_kwargs, device, json_object,
                               mm_limits, port, positive_float, positive_int, quantization_kwargs)
@@ -95,6 +96,7 @@ def cmd_serve(args) -> int:
     from qwen35.llm import LLM
     from qwen35.serve.app import build_app
     from qwen35.serve.middleware import uvicorn_config
+    from qwen35.serve.summary import startup_summary
 
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
@@ -113,6 +115,8 @@ def cmd_serve(args) -> int:
                                                max_connections=args.max_connections, log_level="info",
                                                timeout_graceful_shutdown=10))
         host = f"[{args.host}]" if ":" in args.host else args.host
+        print(startup_summary(llm, app.state.metrics.model_name, f"http://{host}:{sock.getsockname()[1]}"),
+              file=sys.stderr, flush=True)
         logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host,
                                                 sock.getsockname()[1])  # uvicorn says this only when it binds
         server.run(sockets=[sock])
