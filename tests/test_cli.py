@@ -5,6 +5,7 @@ commands run in-process through `main(argv)`; where a model would load, a stand-
 import json
 import re
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,7 +153,9 @@ def test_serve_runs_uvicorn_on_the_socket_it_bound_first(monkeypatch, capsys):
     with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port, released for the server to take
         seen["port"] = probe.getsockname()[1]
     monkeypatch.setattr("qwen35.llm.LLM", FakeLLM)
-    monkeypatch.setattr("qwen35.serve.app.build_app", lambda llm, *a, **kw: object())
+    app = SimpleNamespace(state=SimpleNamespace(metrics=SimpleNamespace(model_name="served")))
+    monkeypatch.setattr("qwen35.serve.app.build_app", lambda llm, *a, **kw: app)
+    monkeypatch.setattr("qwen35.serve.summary.startup_summary", lambda llm, name, url: seen.update(summary=(name, url)))
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     assert main(["serve", "--port", str(seen["port"]), "--max-num-seqs", "3", "--quantization", "int4",
                  "--quantization-group-size", "64", "--no-enable-prefix-caching", "--state-snapshot-bytes", "0"]) == 0
@@ -160,6 +163,7 @@ def test_serve_runs_uvicorn_on_the_socket_it_bound_first(monkeypatch, capsys):
     assert (seen["kwargs"]["quantization"], seen["kwargs"]["quantization_group_size"]) == ("int4", 64)
     assert (seen["kwargs"]["enable_prefix_caching"], seen["kwargs"]["state_snapshot_bytes"]) == (False, 0)
     assert seen["sockets"] == [("127.0.0.1", seen["port"])]
+    assert seen["summary"] == ("served", f"http://127.0.0.1:{seen['port']}")  # printed once the model is loaded
     socket.create_server(("127.0.0.1", seen["port"])).close()  # released once the server returned
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app: `build_app` assembles the served model's `ServerContext`, the middleware (API key,
 body limits, connection guard), the error handlers and the routes: chat completions (`chat_routes`), completions
-(`completion_routes`), the Responses API (`responses_api`), and here models, health, ping, version, Prometheus
-metrics and tokenize/detokenize. A thin layer over `AsyncEngine`; errors are OpenAI error bodies with HTTP statuses.
+(`completion_routes`), the Responses API (`responses_api`), and here models (`/v1/models`, `/v1/models/{id}`),
+health (`/health`, `/ping`), `/version`, Prometheus metrics and tokenize/detokenize. A thin layer over
+`AsyncEngine`; errors are OpenAI error bodies with HTTP statuses.
 
 The routes parse and validate their own JSON bodies, and render and tokenize prompts, in worker threads, so one
 large request cannot stall the event loop (the health check, other streams). A client that disconnects has its
@@ -19,6 +20,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+import qwen35
 from qwen35.serve import chat_routes, completion_routes
 from qwen35.serve.async_engine import AsyncEngine
 from qwen35.serve.context import ServerContext, parse_body
@@ -56,18 +58,37 @@ async def health():
     return PlainTextResponse("")
 
 
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping():  # as vLLM (SageMaker's health check): /health under another name
+    return PlainTextResponse("")
+
+
+@router.get("/version")
+async def version():
+    return {"version": qwen35.__version__}
+
+
 @router.get("/metrics")
 async def get_metrics(request: Request):
     ctx: ServerContext = request.app.state.ctx
     return PlainTextResponse(ctx.metrics.render(ctx.engine), media_type="text/plain; version=0.0.4")
 
 
+def model_card(ctx: ServerContext) -> dict:
+    return {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen35",
+            "root": str(ctx.llm.model_path), "max_model_len": ctx.max_model_len}
+
+
 @router.get("/v1/models")
 async def models(request: Request):
+    return {"object": "list", "data": [model_card(request.app.state.ctx)]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+async def get_model(model_id: str, request: Request):  # ids may hold slashes (hub ids)
     ctx: ServerContext = request.app.state.ctx
-    return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "qwen35", "root": str(ctx.llm.model_path),
-                                        "max_model_len": ctx.max_model_len}]}
+    ctx.check_model(model_id)
+    return model_card(ctx)
 
 
 @router.post("/tokenize", responses=ERROR_RESPONSES)
@@ -103,7 +124,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
               body_timeout: float = 60.0, escape_special_tokens: bool = False, max_media_jobs: int = 2,
               warm_up_grammars: bool = False) -> FastAPI:
     """max_body_bytes: None derives it from the context length (see prompts.default_max_body_bytes).
-    api_key: required on every route but /health (and /metrics when public_metrics); compared as UTF-8 bytes.
+    api_key: required on every route but /health, /ping and /version (and /metrics when public_metrics);
+    compared as UTF-8 bytes.
     body_timeout: seconds a client has to send its whole request body (408 after).
     max_media_jobs: requests whose media are decoded and preprocessed at once (each at most one source image or
     video frame at full size at a time); the others wait their turn, so media memory in flight stays bounded.
@@ -115,7 +137,8 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     engine = engine or AsyncEngine(llm)
     model_name = served_model_name or getattr(llm, "model_name", None) or llm.model_path.name
     prompts = Prompts(llm, engine.max_model_len, default_chat_template_kwargs, escape_special_tokens)
-    ctx = ServerContext(llm, engine, model_name, prompts, Metrics(), max_waiting, max_media_jobs)
+    metrics = Metrics(model_name, engine.max_model_len)
+    ctx = ServerContext(llm, engine, model_name, prompts, metrics, max_waiting, max_media_jobs)
     if warm_up_grammars:
         ctx.structured.warm_up()
     if max_body_bytes is None:
@@ -133,8 +156,9 @@ def build_app(llm, served_model_name: str | None = None, api_key: str | None = N
     app = FastAPI(title="qwen35", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.ctx, app.state.engine, app.state.metrics = ctx, engine, ctx.metrics
     app.state.max_body_bytes = max_body_bytes
-    app.add_middleware(Guard, api_key=api_key, open_paths=("/health",) + (("/metrics",) if public_metrics else ()),
-                       max_body_bytes=max_body_bytes, body_timeout=body_timeout, in_flight=in_flight)
+    open_paths = ("/health", "/ping", "/version") + (("/metrics",) if public_metrics else ())
+    app.add_middleware(Guard, api_key=api_key, open_paths=open_paths, max_body_bytes=max_body_bytes,
+                       body_timeout=body_timeout, in_flight=in_flight)
     install_error_handlers(app, lambda: ctx.metrics.requests.update(["error"]))
     _document_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})

@@ -131,7 +131,7 @@ class ServerContext:
     async def tracked(self, stream) -> AsyncIterator[RequestOutput]:
         """The stream's outputs, recording token counts, TTFT and inter-token latency; aborts on exit."""
         t0 = last = time.perf_counter()
-        num_tokens, status = 0, "abort"
+        num_tokens, status, out = 0, "abort", None
         try:
             async for out in stream:
                 now, total = time.perf_counter(), sum(len(c.token_ids) for c in out.outputs)
@@ -148,6 +148,9 @@ class ServerContext:
         finally:
             stream.abort()
             self.metrics.requests[status] += 1
+            if out is not None:
+                reasons = [c.finish_reason if status == "success" else status for c in out.outputs]
+                self.metrics.finish(time.perf_counter() - t0, len(out.prompt_token_ids), num_tokens, reasons)
 
     async def final_output(self, stream) -> RequestOutput:
         final = None

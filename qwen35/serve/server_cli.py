@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 
 from qwen35.cli_types import api_key, json_object, port, positive_float, positive_int
 from qwen35.engine_args import EngineArgs, add_cli_args
@@ -33,7 +34,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=port, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", type=api_key,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics with "
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /ping and /version (and /metrics with "
                    "--public-metrics); a non-ASCII key is matched as UTF-8 bytes")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", help="model name clients send (default: the repo id, or the checkpoint "
@@ -110,6 +111,7 @@ def cmd_serve(args) -> int:
     from qwen35.llm import LLM
     from qwen35.serve.app import build_app
     from qwen35.serve.middleware import uvicorn_config
+    from qwen35.serve.summary import startup_summary
 
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"give the model once: `qwen35 serve {args.model_tag}` and --model {args.model} differ")
@@ -130,6 +132,8 @@ def cmd_serve(args) -> int:
                                                log_level=args.uvicorn_log_level,
                                                timeout_graceful_shutdown=10))
         host = f"[{args.host}]" if ":" in args.host else args.host
+        print(startup_summary(llm, app.state.metrics.model_name, f"http://{host}:{sock.getsockname()[1]}"),
+              file=sys.stderr, flush=True)
         logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host,
                                                 sock.getsockname()[1])  # uvicorn says this only when it binds
         server.run(sockets=[sock])

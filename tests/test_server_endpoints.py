@@ -1,0 +1,162 @@
+"""The server's vLLM-compatible surface on the embedded demo model: GET /v1/models/{id}, /version, /ping (GET and
+POST), which routes the API key guards, the `vllm:*` Prometheus metrics (HELP/TYPE lines, values that move with a
+request), and the startup summary `qwen35 serve` prints."""
+
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import qwen35
+from qwen35 import LLM
+from qwen35.serve.metrics import buckets_1_2_5
+from qwen35.serve.summary import startup_summary, weights_warning
+
+KEY = "sk-endpoints"
+SERVER = r"""
+import socket, sys
+import uvicorn
+from qwen35.llm import LLM
+from qwen35.serve.app import build_app
+llm = LLM(None, dtype="float32", max_model_len=512, max_num_seqs=4)
+app = build_app(llm, api_key=sys.argv[1])
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+"""
+VLLM_NAMES = {  # name -> type, as vLLM exports them
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+    "vllm:gpu_cache_usage_perc": "gauge", "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens_total": "counter", "vllm:generation_tokens_total": "counter",
+    "vllm:request_success_total": "counter", "vllm:num_preemptions_total": "counter",
+    "vllm:prefix_cache_queries_total": "counter", "vllm:prefix_cache_hits_total": "counter",
+    "vllm:time_to_first_token_seconds": "histogram", "vllm:time_per_output_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
+    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
+}
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("endpoints") / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, KEY], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), f"server did not start; see {log.name}"
+        base = f"http://127.0.0.1:{int(line)}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server /health did not answer"
+            time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        proc.stdout.close()
+        log.close()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_model_by_id(url):
+    listed = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]
+    r = httpx.get(url + "/v1/models/demo", headers=AUTH)
+    assert r.status_code == 200
+    card = r.json()
+    assert card["id"] == "demo" and card["object"] == "model" and card["max_model_len"] == 512
+    assert {k: v for k, v in card.items() if k != "created"} == {k: v for k, v in listed.items() if k != "created"}
+    r = httpx.get(url + "/v1/models/Qwen/Qwen3.5-9B", headers=AUTH)
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert "'Qwen/Qwen3.5-9B' does not exist" in err["message"] and err["param"] == "model"
+
+
+def test_version_and_ping_are_open_like_health(url):
+    assert httpx.get(url + "/version").json() == {"version": qwen35.__version__}
+    assert httpx.get(url + "/ping").status_code == 200
+    assert httpx.post(url + "/ping").status_code == 200
+    # the API and the metrics stay guarded
+    assert httpx.get(url + "/v1/models/demo").status_code == 401
+    assert httpx.get(url + "/metrics").status_code == 401
+
+
+def scrape(url) -> tuple[str, dict[str, float]]:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return text, {name: float(v) for name, v in re.findall(r"^([^#\s]+) (\S+)$", text, re.M)}
+
+
+def test_vllm_metrics(url):
+    text, before = scrape(url)
+    for name, kind in VLLM_NAMES.items():
+        assert f"# HELP {name} " in text and f"# TYPE {name} {kind}\n" in text, name
+    lab = 'model_name="demo"'
+    assert before[f"vllm:kv_cache_usage_perc{{{lab}}}"] == 0.0
+    assert before[f'vllm:time_to_first_token_seconds_bucket{{{lab},le="2560.0"}}'] == \
+        before[f"vllm:time_to_first_token_seconds_count{{{lab}}}"]
+
+    seen = {"running": 0.0}
+
+    def watch():  # the running gauge, sampled while a long request runs
+        _, m = scrape(url)
+        seen["running"] = max(seen["running"], m[f"vllm:num_requests_running{{{lab}}}"])
+        seen["kv"] = max(seen.get("kv", 0.0), m[f"vllm:kv_cache_usage_perc{{{lab}}}"])
+
+    body = {"model": "demo", "prompt": "def main():", "max_tokens": 200, "min_tokens": 200, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 20:
+                watch()
+    usage_prompt = len(httpx.post(url + "/tokenize", json={"model": "demo", "prompt": "def main():"},
+                                  headers=AUTH).json()["tokens"])
+    _, after = scrape(url)
+
+    def delta(name):
+        return after[name] - before.get(name, 0)
+
+    assert seen["running"] == 1 and 0 < seen["kv"] <= 1
+    assert after[f"vllm:num_requests_running{{{lab}}}"] == 0 and after[f"vllm:num_requests_waiting{{{lab}}}"] == 0
+    assert delta(f"vllm:prompt_tokens_total{{{lab}}}") == usage_prompt
+    assert delta(f"vllm:generation_tokens_total{{{lab}}}") == 200
+    assert delta(f'vllm:request_success_total{{finished_reason="length",{lab}}}') == 1
+    assert delta(f"vllm:time_to_first_token_seconds_count{{{lab}}}") == 1
+    assert delta(f"vllm:inter_token_latency_seconds_count{{{lab}}}") == 199
+    assert delta(f"vllm:e2e_request_latency_seconds_count{{{lab}}}") == 1
+    assert delta(f'vllm:request_generation_tokens_bucket{{{lab},le="200.0"}}') == 1
+    assert delta(f'vllm:request_generation_tokens_bucket{{{lab},le="100.0"}}') == 0
+    assert delta(f"vllm:request_prompt_tokens_sum{{{lab}}}") == usage_prompt
+    # the older names stay
+    assert delta("qwen35_generation_tokens_total") == 200 and delta('qwen35_requests_total{status="success"}') == 1
+
+
+def test_token_buckets_are_vllms():
+    assert buckets_1_2_5(512) == (1, 2, 5, 10, 20, 50, 100, 200, 500)
+    assert buckets_1_2_5(1000) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def test_startup_summary(tmp_path):
+    llm = LLM(None, dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_bytes=8 << 20)
+    text = startup_summary(llm, "demo", "http://127.0.0.1:8000")
+    blocks, size = llm.engine.blocks.num_blocks, llm.engine.blocks.block_size
+    assert text.startswith("WARNING: serving the embedded demo model")
+    assert "served as 'demo'" in text and "dtype: float32; weights: float32 (checkpoint: float)" in text
+    assert f"KV cache: {blocks} blocks x {size} tokens = {blocks * size} tokens" in text
+    assert f"state slots: 4 sequences + {llm.engine.snapshots.num_slots} prefix snapshots" in text
+    fits = blocks * size / 512
+    assert f"max concurrency at max_model_len 512: {min(4, int(fits))} requests (the KV cache holds {fits:.2f}x" in text
+    assert "prefix caching: on" in text and "serving on http://127.0.0.1:8000 " in text
+    # random weights are named; a plain checkpoint gets no warning
+    (tmp_path / "config.json").write_text('{"random_weights": true}')
+    assert "random weights" in weights_warning(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_5"}')
+    assert weights_warning(tmp_path) is None
