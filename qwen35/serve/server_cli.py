@@ -34,8 +34,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=port, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", type=api_key,
-                   help="require 'Authorization: Bearer KEY' on every route but /health, /ping and /version (and /metrics with "
-                   "--public-metrics); a non-ASCII key is matched as UTF-8 bytes")
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /ping and /version (and "
+                   "/metrics with --public-metrics); a non-ASCII key is matched as UTF-8 bytes")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", help="model name clients send (default: the repo id, or the checkpoint "
                    "folder name)")
