@@ -33,8 +33,9 @@ def yarn_inv_freq(rotary_dim: int, theta: float, factor: float, original_max_pos
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    denom = theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    # on the CPU even while the model is built on the meta device (as `inv_freq`): a buffer has no checkpoint tensor
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    denom = theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim)
     # in transformers' order of operations, so the fp32 frequencies agree bit for bit
     keep = 1 - ramp
     return 1.0 / (factor * denom) * (1 - keep) + 1.0 / denom * keep
