@@ -17,7 +17,7 @@ from typing import Any
 TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 WRAPPER_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 LAYER_TYPES = ("linear_attention", "full_attention")
-SUPPORTED_ROPE_TYPES = ("default", "mrope")
+SUPPORTED_ROPE_TYPES = ("default", "mrope", "yarn")
 # Far above any real model; a larger count is a typo or a hostile file, and would cost seconds per field to parse.
 # The loader then checks the real count against the tensors present.
 MAX_LAYERS = 65_536
@@ -49,6 +49,39 @@ def _positive(value: int, name: str, where: str) -> int:
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rope scaling (`rope_type: "yarn"`): positions stretched `factor` times past the pretraining length.
+    Optional fields keep transformers' defaults (beta_fast 32, beta_slow 1, truncate true, attention factor
+    from `factor` and mscale / mscale_all_dim)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    @staticmethod
+    def from_hf(rope: dict, original_default: int, where: str) -> "YarnScaling":
+        g = lambda key, kind, default=None: _get(rope, key, kind, default, where)  # noqa: E731
+        factor = g("factor", float, ...)
+        if factor <= 0:
+            raise ConfigError(f"config{where}: field 'factor' must be positive, got {factor}")
+        original = _positive(g("original_max_position_embeddings", int, original_default),
+                             "original_max_position_embeddings", where)
+        return YarnScaling(float(factor), original, g("beta_fast", float), g("beta_slow", float),
+                           g("mscale", float), g("mscale_all_dim", float),
+                           g("attention_factor", float), g("truncate", bool, True))
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The context YaRN extends to (as vLLM derives it): the pretraining length times `factor`."""
+        return int(self.original_max_position_embeddings * self.factor)
+
+
+@dataclass(frozen=True)
 class TextConfig:
     """The text decoder: Gated DeltaNet + gated attention layers, dense or MoE FFNs."""
 
@@ -68,6 +101,7 @@ class TextConfig:
     rope_theta: float = 10_000.0
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, ...] = (11, 11, 10)
+    rope_scaling: YarnScaling | None = None  # None: plain RoPE, usable up to max_position_embeddings
     linear_conv_kernel_dim: int = 4
     linear_key_head_dim: int = 128
     linear_value_head_dim: int = 128
@@ -105,6 +139,11 @@ class TextConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest sequence the checkpoint's positions cover: native, or extended by YaRN."""
+        return self.rope_scaling.max_position_embeddings if self.rope_scaling else self.max_position_embeddings
 
     @property
     def is_moe(self) -> bool:
@@ -147,11 +186,22 @@ class TextConfig:
             if t not in LAYER_TYPES:
                 raise ConfigError(f"config{where}: field 'layer_types[{i}]' is {t!r}; expected one of {LAYER_TYPES}")
 
-        # RoPE: `rope_parameters` (or legacy `rope_scaling`), then top-level legacy keys, then HF's defaults.
-        rope = g("rope_parameters", dict, None) or g("rope_scaling", dict, None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        # RoPE: `rope_parameters` (or legacy `rope_scaling`), then top-level legacy keys, then HF's defaults. A
+        # `rope_scaling` next to `rope_parameters` (as Qwen's model cards add YaRN) overrides its keys.
+        params, scaling = g("rope_parameters", dict, None), g("rope_scaling", dict, None)
+        rope = {**(params or {}), **(scaling or {})}
+        rope_key = "rope_scaling" if scaling else "rope_parameters"
+        typed = scaling or params or {}
+        rope_type = typed.get("rope_type", typed.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"config{where}: field 'rope_parameters.rope_type' {rope_type!r} is not supported yet")
+            raise ConfigError(f"config{where}: field '{rope_key}.rope_type' {rope_type!r} is not supported; qwen35 "
+                              f"runs {', '.join(SUPPORTED_ROPE_TYPES)}")
+        max_pos = g("max_position_embeddings", int, 32768)
+        yarn = None
+        if rope_type == "yarn":  # a top-level original_max_position_embeddings wins, as in transformers
+            top = g("original_max_position_embeddings", int, None)
+            rope = rope if top is None else {**rope, "original_max_position_embeddings": top}
+            yarn = YarnScaling.from_hf(rope, max_pos, f"{where}.{rope_key}")
         rope_theta = _get(rope, "rope_theta", float, g("rope_theta", float, 10_000.0), f"{where}.rope_parameters")
         partial = _get(rope, "partial_rotary_factor", float, g("partial_rotary_factor", float, 0.25),
                        f"{where}.rope_parameters")
@@ -182,11 +232,12 @@ class TextConfig:
             intermediate_size=g("intermediate_size", int, 0) if not all(moe_layers) else 0,
             hidden_act=g("hidden_act", str, "silu"),
             rms_norm_eps=g("rms_norm_eps", float, 1e-6),
-            max_position_embeddings=g("max_position_embeddings", int, 32768),
+            max_position_embeddings=max_pos,
             attention_bias=g("attention_bias", bool, False),
             rope_theta=rope_theta,
             partial_rotary_factor=partial,
             mrope_section=mrope_section,
+            rope_scaling=yarn,
             linear_conv_kernel_dim=_positive(g("linear_conv_kernel_dim", int, 4), "linear_conv_kernel_dim", where),
             linear_key_head_dim=_positive(g("linear_key_head_dim", int, 128), "linear_key_head_dim", where),
             linear_value_head_dim=_positive(g("linear_value_head_dim", int, 128), "linear_value_head_dim", where),

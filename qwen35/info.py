@@ -12,6 +12,7 @@ from qwen35.models.quantized import QUANTIZED
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
 
 GIB = 1024**3
+LONG_CONTEXTS = {"262k": 262_144, "1M": 1_048_576}  # one sequence's cache is quoted at these lengths
 
 
 def model_stats(config: ModelConfig) -> dict:
@@ -76,6 +77,8 @@ def model_stats(config: ModelConfig) -> dict:
         "checkpoint_quantization": config.quantization.describe() if config.quantization else None,
         "kv_cache_bytes_per_token": kv_per_token,
         "recurrent_state_bytes_per_sequence": conv + ssm,
+        "max_context_len": cfg.max_context_len,  # max_position_embeddings, or its YaRN extension
+        "one_sequence_cache_bytes": {k: n * kv_per_token + conv + ssm for k, n in LONG_CONTEXTS.items()},
     }
 
 
@@ -116,4 +119,8 @@ def format_stats(name: str, s: dict) -> str:
         f"  recurrent state  {s['recurrent_state_bytes_per_sequence'] / 2**20:.1f} MiB per sequence "
         "(fp32 state + bf16 conv history)",
     ]
+    for label, n in LONG_CONTEXTS.items():
+        yarn = "" if n <= s["max_context_len"] else f"; past the model's {s['max_context_len']} positions: needs YaRN"
+        lines.append(f"  at {label + ' tokens':<13} {s['one_sequence_cache_bytes'][label] / GIB:.2f} GiB KV cache + "
+                     f"state, one sequence{yarn}")
     return "\n".join(lines)

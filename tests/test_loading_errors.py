@@ -144,7 +144,8 @@ def test_fused_expert_layout_loads_like_per_expert(checkpoint, tmp_path):
     (lambda c: c.update(layer_types=["linear_attention"] * 3 + ["sliding"]), r"'layer_types\[3\]' is 'sliding'"),
     (lambda c: c.update(hidden_size="64"), r"field 'hidden_size' must be int"),
     (lambda c: c.update(num_experts_per_tok=9), r"'num_experts_per_tok' \(9\) exceeds 'num_experts' \(8\)"),
-    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), r"rope_type' 'yarn' is not supported"),
+    (lambda c: c.update(rope_parameters={"rope_type": "longrope", "factor": 4.0}),
+     r"field 'rope_parameters.rope_type' 'longrope' is not supported"),
     (lambda c: c.update(quantization_config={"quant_method": "awq"}), r"quant_method 'awq' is not supported"),
 ])
 def test_broken_config(moe_copy, edit, message):

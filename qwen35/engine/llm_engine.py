@@ -52,12 +52,27 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def check_max_model_len(max_model_len: int, text) -> None:
+    """`text`: the model's TextConfig. Positions past what its rotary covers give garbage quietly: refuse them."""
+    if max_model_len <= text.max_context_len:
+        return
+    if text.rope_scaling:
+        raise EngineError(f"max_model_len={max_model_len} exceeds the {text.max_context_len} positions YaRN extends "
+                          f"this model to (original_max_position_embeddings x factor); raise 'factor' in config.json")
+    raise EngineError(
+        f"max_model_len={max_model_len} exceeds the model's max_position_embeddings ({text.max_position_embeddings}); "
+        f"to go further enable YaRN: add \"rope_scaling\": {{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+        f"\"original_max_position_embeddings\": {text.max_position_embeddings}}} to config.json (in text_config for "
+        f"multimodal checkpoints)")
+
+
 class LLMEngine:
     def __init__(self, model, model_config, tokenizer, config: EngineConfig, device="cpu"):
         self.model, self.model_config, self.tokenizer, self.config = model, model_config, tokenizer, config
         self.device = torch.device(device)
         text = model_config.text
-        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        self.max_model_len = config.max_model_len or text.max_context_len
+        check_max_model_len(self.max_model_len, text)
         spec = model.cache_spec()
         dtype = model.dtype
         per_token = HybridCache.bytes_per_token(spec, dtype)

@@ -20,8 +20,8 @@ from torch import nn
 from qwen35.config import TextConfig
 from qwen35.layers.norm import RMSNorm
 from qwen35.models.batch import ForwardBatch
-from qwen35.models.qwen3_5 import DecoderLayer, Qwen3_5ForCausalLM
-from qwen35.ops.rope import inv_freq, rope_cos_sin
+from qwen35.models.qwen3_5 import DecoderLayer, Qwen3_5ForCausalLM, rope_frequencies
+from qwen35.ops.rope import rope_cos_sin
 
 
 class MTP(nn.Module):
@@ -46,14 +46,15 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(ext, L)])
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.mrope_section = cfg.mrope_section
-        self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        freqs, self.rope_scale = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", freqs, persistent=False)
 
     def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """hidden [N, H]: the trunk's output for the packed batch; next_ids [N]: x_{t+1} of each row (any valid id
         where unknown: a row only influences its own and later rows of its sequence). Returns normed [N, H]."""
         e = self.pre_fc_norm_embedding(self.text_model.embed_tokens(next_ids).to(hidden.dtype))
         u = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden)], dim=-1))
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.mrope_section, u.dtype)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.mrope_section, u.dtype, self.rope_scale)
         for layer in self.layers:
             u = layer(u, cos, sin, batch)
         return self.norm(u)

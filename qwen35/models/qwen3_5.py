@@ -9,6 +9,8 @@ the maths is transformers' `modeling_qwen3_5.py`, which the tests compare agains
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -23,7 +25,7 @@ from qwen35.models.vision import VisionTower
 from qwen35.ops.attention import varlen_attention, write_kv
 from qwen35.ops.conv import causal_conv1d
 from qwen35.ops.gated_delta import gated_delta_rule
-from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
+from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin, yarn_attention_factor, yarn_inv_freq
 
 
 class GatedDeltaNet(nn.Module):
@@ -162,6 +164,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def rope_frequencies(cfg: TextConfig) -> tuple[torch.Tensor, float]:
+    """The text rotary's inverse frequencies and cos/sin scale (YaRN's attention factor; 1 without rope scaling)."""
+    if cfg.rope_scaling is None:
+        return inv_freq(cfg.rotary_dim, cfg.rope_theta), 1.0
+    yarn = dataclasses.asdict(cfg.rope_scaling)
+    return yarn_inv_freq(cfg.rotary_dim, cfg.rope_theta, **yarn), yarn_attention_factor(**yarn)
+
+
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -169,12 +179,13 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        freqs, self.rope_scale = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", freqs, persistent=False)
         self.gradient_checkpointing = False  # training: recompute each layer in the backward instead of keeping it
 
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.cfg.mrope_section, h.dtype, self.rope_scale)
         checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpoint:

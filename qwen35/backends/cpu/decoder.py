@@ -296,7 +296,7 @@ class CpuDecoder:
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None) -> torch.Tensor:
         h = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).float()
         text = self.model.model
-        cos, sin = rope_cos_sin(batch.positions, text.inv_freq, self.cfg.mrope_section, h.dtype)
+        cos, sin = rope_cos_sin(batch.positions, text.inv_freq, self.cfg.mrope_section, h.dtype, text.rope_scale)
         if self.fused and cache is not None and h.shape[0] == batch.num_seqs and batch.state_copies is None:
             return self._decode(h, cos, sin, batch, cache)
         for layer, mixer, ffn in self.layers:
