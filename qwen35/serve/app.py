@@ -85,9 +85,9 @@ async def models(request: Request):
 
 
 @router.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
-async def get_model(model_id: str, request: Request):  # ids may hold slashes (hub ids)
+async def get_model(request: Request):  # ids may hold slashes (hub ids); read here, so no 422 is documented
     ctx: ServerContext = request.app.state.ctx
-    ctx.check_model(model_id)
+    ctx.check_model(request.path_params["model_id"])
     return model_card(ctx)
 
 
