@@ -24,6 +24,14 @@ def _one_of(flag: str, names: tuple[str, ...], what: str):
     return check
 
 
+def _one_device(value: str) -> int:
+    n = int(value)
+    if n != 1:
+        raise argparse.ArgumentTypeError(f"{n}: qwen35 runs on one device for now (tensor parallelism is not "
+                                         "implemented yet); leave it at 1")
+    return n
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory or Hugging Face repo id, as "
@@ -68,6 +76,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                                                          "the <think> block"),
                       metavar="qwen3", help="accepted (reasoning is split off <think> ... </think>)")
     vllm.add_argument("--disable-log-requests", action="store_true", help="accepted (requests are not logged)")
+    vllm.add_argument("--trust-remote-code", action="store_true",
+                      help="accepted (qwen35 runs its own model code, never a checkpoint's)")
+    vllm.add_argument("--enforce-eager", action="store_true", help="accepted (no CUDA graphs on this path)")
+    vllm.add_argument("--disable-log-stats", action="store_true", help="accepted (no periodic stats are logged)")
+    vllm.add_argument("--tensor-parallel-size", "-tp", type=_one_device, default=1, metavar="1",
+                      help="1 (one process; tensor parallelism is not implemented yet)")
+    vllm.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default: 0)")
     vllm.add_argument("--uvicorn-log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug", "trace"],
                       help="uvicorn's log level (default: info)")
@@ -119,7 +134,7 @@ def cmd_serve(args) -> int:
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
     try:
-        llm = LLM(model, revision=args.revision, **EngineArgs.cli_kwargs(args))
+        llm = LLM(model, revision=args.revision, seed=args.seed, **EngineArgs.cli_kwargs(args))
         app = build_app(llm, args.served_model_name, api_key=args.api_key,
                         default_chat_template_kwargs=args.default_chat_template_kwargs, max_waiting=args.max_waiting,
                         max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics,
