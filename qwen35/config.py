@@ -481,6 +481,7 @@ class EngineConfig:
     native_kernels: bool | None = None  # the CPU backend (default: for 16-bit and quantized weights on CPU)
     enable_prefix_caching: bool = True  # reuse cached KV blocks and state snapshots of earlier prompts
     state_snapshot_bytes: int | None = None  # the snapshot pool's budget; default: see LLMEngine._num_snapshots
+    default_max_tokens: int | None = None  # cap on the room left for max_tokens=None (a generation config's)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

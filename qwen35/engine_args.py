@@ -142,9 +142,9 @@ class EngineArgs:
     def kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, **extra) -> EngineConfig:
         names = {f.name for f in fields(EngineConfig)}
-        return EngineConfig(**{k: v for k, v in vars(self).items() if k in names})
+        return EngineConfig(**{k: v for k, v in vars(self).items() if k in names}, **extra)
 
 
 def add_cli_args(parser: argparse.ArgumentParser, groups=("model", "engine", "media"), only=None) -> None:

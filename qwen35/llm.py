@@ -165,7 +165,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(a.tokenizer or self.model_path, checkpoint_generation)
             if a.chat_template is not None:
                 self.tokenizer.chat_template = _chat_template(a.chat_template)
-        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, a.engine_config(), device)
+        engine_config = a.engine_config(default_max_tokens=self.generation_defaults().get("max_tokens"))
+        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
         self._ids = itertools.count()
         release_free_heap()
 

@@ -141,3 +141,16 @@ def test_generate_progress_only_on_a_terminal(llm, capsys, monkeypatch):
     assert "Processed prompts: 2/2" in capsys.readouterr().err
     llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_missing_max_tokens_is_the_room_left_capped_by_the_generation_config(tmp_path):
+    llm = LLM(max_model_len=64, max_num_seqs=1)
+    e = llm.engine
+    assert (e.max_new_tokens(10, None), e.max_new_tokens(10, 5)) == (54, 5)
+    out = llm.generate({"prompt_token_ids": list(range(1, 11))}, SamplingParams(max_tokens=None, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 54 and out[0].outputs[0].finish_reason == "length"
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7}))
+    e = LLM(generation_config=str(folder), max_model_len=64, max_num_seqs=1).engine
+    assert (e.max_new_tokens(10, None), e.max_new_tokens(60, None), e.max_new_tokens(10, 20)) == (7, 4, 20)

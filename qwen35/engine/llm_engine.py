@@ -230,8 +230,7 @@ class LLMEngine:
             gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
         req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, list(prompt_token_ids), params,
                       prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id, mm=mm)
-        req.max_total_tokens = min(self.max_model_len,
-                                   len(prompt_token_ids) + (params.max_tokens or self.max_model_len))
+        req.max_total_tokens = len(prompt_token_ids) + self.max_new_tokens(len(prompt_token_ids), params.max_tokens)
         if params.logprobs is not None:
             req.logprobs = []
         if params.prompt_logprobs is not None and i == 0:  # reported once per parent
@@ -243,6 +242,14 @@ class LLMEngine:
         if params.bad_words:
             req.bad_words_ids = self._bad_words_ids(params.bad_words)
         return req
+
+    def max_new_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """The one place a missing max_tokens is decided: the room left in the context (at most the generation
+        config's max_new_tokens, EngineConfig.default_max_tokens); a given one was checked against that room."""
+        room = self.max_model_len - num_prompt_tokens
+        if max_tokens is not None:
+            return min(max_tokens, room)
+        return min(room, self.config.default_max_tokens or room)
 
     def abort(self, request_id: str) -> None:
         for req in self._parents.pop(request_id, []):

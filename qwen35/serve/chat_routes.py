@@ -71,8 +71,7 @@ async def run_chat(ctx: ServerContext, req: ChatCompletionRequest, request: Requ
     if req.echo and req.messages and (not req.add_generation_prompt or req.messages[-1].get("role") == "assistant"):
         echo = final_message_text(req.messages)
     k = req.top_logprobs or 0
-    params = ctx.make_params(req, max_tokens=ctx.max_tokens_for(req.max_completion_tokens or req.max_tokens,
-                                                        len(prompt_ids)),
+    params = ctx.make_params(req, max_tokens=req.max_completion_tokens or req.max_tokens,
                          logprobs=k if req.logprobs else None, structured_outputs=constraint)
     request_id = random_id("chatcmpl")
     stream = ctx.tracked(await ctx.start(request_id, prompt_ids, params, prompt, mm))

@@ -93,7 +93,9 @@ class ServerContext:
         if self.engine.num_waiting + n > self.max_waiting:
             raise APIError(503, f"the server is busy ({self.engine.num_waiting} requests waiting); retry later")
 
-    def make_params(self, req, **extra) -> SamplingParams:
+    def make_params(self, req, max_tokens: int | None, **extra) -> SamplingParams:
+        """The request's SamplingParams over the generation config's defaults; max_tokens None leaves the length to
+        the engine (the room left in the context)."""
         try:
             params = SamplingParams.from_optional(
                 logit_bias=req.logit_bias, allowed_token_ids=req.allowed_token_ids,
@@ -104,7 +106,10 @@ class ServerContext:
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, **extra)
-            return params.with_defaults(self.llm.generation_defaults())
+            params = params.with_defaults(self.llm.generation_defaults())
+            params.max_tokens = max_tokens
+            params.validate()
+            return params
         except SamplingParamsError as e:
             raise _bad_request(e) from None
 
@@ -167,12 +172,6 @@ class ServerContext:
         n_prompt, n_out = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
         return Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
-
-    def max_tokens_for(self, requested: int | None, num_prompt: int) -> int:
-        if requested is not None:
-            return requested
-        room = max(1, self.max_model_len - num_prompt)
-        return min(room, self.llm.generation_defaults().get("max_tokens", room))
 
     async def with_media(self, prompt_ids: list[int], images: list, videos: list):
         """Fetch, decode and process the media (off the event loop) and expand the prompt's placeholders."""
