@@ -172,7 +172,7 @@ def test_serve_a_repo_id_from_the_cache(cache, tmp_path):
     """`qwen35 serve` with a repo id: loads the cached snapshot and /v1/models names the repo id."""
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "qwen35", "serve", "--model", REPO, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "qwen35", "serve", REPO, "--port", "0",  # as `vllm serve REPO`
                              "--max-model-len", "128", "--max-num-seqs", "2"], stdout=log, stderr=log, env=env)
     try:
         deadline, url = time.monotonic() + 120, None
