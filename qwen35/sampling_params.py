@@ -125,9 +125,10 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     @classmethod
-    def from_optional(cls, **kwargs) -> "SamplingParams":
-        """Build from keyword arguments, ignoring those that are None (the server passes what the client sent)."""
-        given = {k: v for k, v in kwargs.items() if v is not None}
+    def from_optional(cls, keep_none: tuple[str, ...] = (), **kwargs) -> "SamplingParams":
+        """Build from keyword arguments, ignoring those that are None (the server passes what the client sent)
+        except the `keep_none` ones, whose None is a value (max_tokens None: the room left in the context)."""
+        given = {k: v for k, v in kwargs.items() if v is not None or k in keep_none}
         return cls(**given, _user_set=frozenset(given))
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":

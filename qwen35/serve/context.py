@@ -98,7 +98,8 @@ class ServerContext:
         the engine (the room left in the context)."""
         try:
             params = SamplingParams.from_optional(
-                logit_bias=req.logit_bias, allowed_token_ids=req.allowed_token_ids,
+                keep_none=("max_tokens",), max_tokens=max_tokens, logit_bias=req.logit_bias,
+                allowed_token_ids=req.allowed_token_ids,
                 truncate_prompt_tokens=req.truncate_prompt_tokens,
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                 repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -106,10 +107,7 @@ class ServerContext:
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, **extra)
-            params = params.with_defaults(self.llm.generation_defaults())
-            params.max_tokens = max_tokens
-            params.validate()
-            return params
+            return params.with_defaults(self.llm.generation_defaults())
         except SamplingParamsError as e:
             raise _bad_request(e) from None
 
