@@ -3,9 +3,6 @@ POST), which routes the API key guards, the `vllm:*` Prometheus metrics (HELP/TY
 request), and the startup summary `qwen35 serve` prints."""
 
 import re
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -15,15 +12,16 @@ import qwen35
 from qwen35 import LLM, SamplingParams
 from qwen35.serve.metrics import Metrics, buckets_1_2_5
 from qwen35.serve.summary import startup_summary, weights_warning
+from tests.test_server import Server
 
 KEY = "sk-endpoints"
 SERVER = r"""
-import socket, sys
+import json, socket, sys
 import uvicorn
 from qwen35.llm import LLM
 from qwen35.serve.app import build_app
 llm = LLM(None, dtype="float32", max_model_len=512, max_num_seqs=4)
-app = build_app(llm, api_key=sys.argv[1])
+app = build_app(llm, api_key=json.loads(sys.argv[1])["api_key"])
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 print(sock.getsockname()[1], flush=True)
@@ -43,27 +41,11 @@ VLLM_NAMES = {  # name -> type, as vLLM exports them
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("endpoints") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, KEY], stdout=subprocess.PIPE, stderr=log, text=True)
+    s = Server("demo", tmp_path_factory.mktemp("endpoints") / "server.log", script=SERVER, api_key=KEY)
     try:
-        line = proc.stdout.readline()
-        assert line.strip().isdigit(), f"server did not start; see {log.name}"
-        base = f"http://127.0.0.1:{int(line)}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server /health did not answer"
-            time.sleep(0.05)
-        yield base
+        yield s.wait_ready().url
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        proc.stdout.close()
-        log.close()
+        s.stop()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

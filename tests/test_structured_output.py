@@ -5,9 +5,6 @@ a constraint that starts after the thinking, and 400s naming the bad field."""
 
 import json
 import re
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Literal
@@ -23,6 +20,7 @@ from qwen35.engine.structured import StructuredOutputs
 from qwen35.sampling_params import StructuredOutputsParams
 from qwen35.serve.constraints import tool_call_grammar
 from qwen35.tokenizer import Tokenizer
+from tests.test_server import Server
 from tests.test_structured_engine import accepts as engine_accepts
 
 SERVER = r"""
@@ -40,30 +38,11 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("so-server") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, stderr=log, text=True)
+    s = Server("demo", tmp_path_factory.mktemp("so-server") / "server.log", script=SERVER)
     try:
-        line = proc.stdout.readline()
-        assert line.strip().isdigit(), f"server did not start; see {log.name}"
-        url = f"http://127.0.0.1:{int(line)}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server /health did not answer"
-                time.sleep(0.05)
-        yield url
+        yield s.wait_ready().url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        log.close()
+        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def _schema_type(schema: Any) -> str:
     return str(kind).strip().lower()
 
 
-def _is_string_schema(schema: Any) -> bool:
+def is_string_schema(schema: Any) -> bool:
     return schema is None or _schema_type(schema) in _STRING_TYPES
 
 
@@ -102,7 +102,7 @@ def convert_param_value(raw: str, schema: Any) -> Any:
     """
     if raw.lower() == "null":
         return None
-    if _is_string_schema(schema):
+    if is_string_schema(schema):
         return raw
     kind = _schema_type(schema)
     is_integer = kind.startswith(("int", "uint", "long", "short", "unsigned"))
@@ -405,7 +405,7 @@ class ToolCallStreamParser:
         return opening + json.dumps(self._param, ensure_ascii=False) + ": "
 
     def _stream_string_value(self, piece: str) -> None:
-        if self._param is None or not _is_string_schema(self._schema()):
+        if self._param is None or not is_string_schema(self._schema()):
             return
         if self._value_open:
             self._emit_arguments(_json_string_body(piece))

@@ -84,10 +84,14 @@ def _argmax(x: torch.Tensor) -> int:
 def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
     """logits: [V] float32 over the ids that may be drawn (not modified). One token; raises if none can be drawn."""
     p = row.params
-    if p.allowed_token_ids is not None or p.logit_bias:
-        logits = apply_token_filters(logits.clone(), p)
-    if row.banned_ids or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-        logits = apply_penalties(logits.clone(), row)
+    filters = p.allowed_token_ids is not None or bool(p.logit_bias)
+    penalties = bool(row.banned_ids) or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    if filters or penalties:
+        logits = logits.clone()  # one copy: the caller's row stays as it was
+    if filters:
+        logits = apply_token_filters(logits, p)
+    if penalties:
+        logits = apply_penalties(logits, row)
         banned = [t for t in row.banned_ids if t < logits.shape[-1]]
         if banned:
             logits[banned] = float("-inf")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from qwen35.engine.structured import close_objects
 from qwen35.sampling_params import SamplingParamsError, StructuredOutputsParams
 from qwen35.serve.middleware import APIError
-from qwen35.chat.tool_calls import _is_string_schema
+from qwen35.chat.tool_calls import is_string_schema
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -27,7 +27,7 @@ def _param_rule(rule: str, name: str, schema) -> list[str]:
     if isinstance(schema, Mapping) and isinstance(schema.get("enum"), list) and schema["enum"] and all(
             isinstance(v, str) for v in schema["enum"]):
         return [f'{head} "\\n</parameter>\\n"', f"{rule}_v: " + " | ".join(_lit(v) for v in schema["enum"])]
-    if _is_string_schema(schema):
+    if is_string_schema(schema):
         # minLength / maxLength bound the raw text (other string keywords are not enforced)
         lo, hi = (v if isinstance(v := schema.get(k) if isinstance(schema, Mapping) else None, int)
                   and not isinstance(v, bool) and v >= 0 else None for k in ("minLength", "maxLength"))
