@@ -468,6 +468,51 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with the checkpoint's MTP head (vLLM's `speculative_config`, method "mtp"): each step
+    verifies `num_speculative_tokens` drafted tokens per request in one trunk pass. `disable_by_batch_size`: no
+    drafts while more requests than this are running (verifying k + 1 tokens per request costs more than it saves
+    once a step is no longer memory-bound)."""
+
+    METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp")
+    MAX_TOKENS = 8
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+    disable_by_batch_size: int | None = None
+
+    @classmethod
+    def of(cls, value) -> "SpeculativeConfig | None":
+        """From vLLM's dict (or a JSON string of one, or None); a ConfigError names what is wrong."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative_config: invalid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"speculative_config takes a dict such as {{\"method\": \"mtp\", "
+                              f"\"num_speculative_tokens\": 1}}, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"speculative_config: unknown key {unknown[0]!r} (supported: {', '.join(sorted(known))})")
+        method = value.get("method", "mtp")
+        if method not in cls.METHODS:
+            raise ConfigError(f"speculative_config: method {method!r} is not supported; qwen35 drafts with the "
+                              f"checkpoint's MTP head: {', '.join(cls.METHODS)}")
+        k = value.get("num_speculative_tokens", 1)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= cls.MAX_TOKENS:
+            raise ConfigError(f"speculative_config: num_speculative_tokens must be an integer in 1..{cls.MAX_TOKENS}, "
+                              f"got {k!r}")
+        d = value.get("disable_by_batch_size")
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ConfigError(f"speculative_config: disable_by_batch_size must be a positive integer, got {d!r}")
+        return cls("mtp", k, d)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Runtime knobs of the engine (not of the model)."""
 
@@ -482,8 +527,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse cached KV blocks and state snapshots of earlier prompts
     state_snapshot_bytes: int | None = None  # the snapshot pool's budget; default: see LLMEngine._num_snapshots
     default_max_tokens: int | None = None  # cap on the room left for max_tokens=None (a generation config's)
+    speculative_config: SpeculativeConfig | dict | str | None = None  # MTP drafting (SpeculativeConfig.of)
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine: {name} must be at least 1, got {getattr(self, name)}")

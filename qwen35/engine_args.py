@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qwen35.cli_types import _checked, json_object, non_negative_int, positive_float, positive_int
-from qwen35.config import EngineConfig
+from qwen35.config import EngineConfig, SpeculativeConfig
 from qwen35.multimodal.config import MediaLimits
 
 
@@ -48,6 +48,10 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def device(value: str) -> str:
     return _checked(check_device, value)
+
+
+def spec_config(value: str) -> dict:
+    return _checked(SpeculativeConfig.of, json_object(value))
 
 
 def mm_limits(value: str) -> dict:
@@ -111,6 +115,10 @@ class EngineArgs:
     state_snapshot_bytes: int | None = _arg(None, "memory for the prefix cache's state snapshots (default: 8 per "
                                             "sequence slot, at most 1 GiB on CPU; 0: none)",
                                             type=non_negative_int, metavar="N")
+    speculative_config: dict | None = _arg(None, 'speculative decoding with the checkpoint\'s MTP head, vLLM\'s '
+                                           'spelling: \'{"method": "mtp", "num_speculative_tokens": 1}\' (optional '
+                                           '"disable_by_batch_size": N); default off', type=spec_config,
+                                           metavar="JSON")
     # media
     limit_mm_per_prompt: dict | None = _arg(None, 'most images / videos per request, e.g. \'{"image": 4, "video": '
                                             '1}\' (default 16 / 4)', type=mm_limits, metavar="JSON", group="media")

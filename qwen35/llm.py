@@ -128,7 +128,8 @@ class LLM:
         revision, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_bytes,
         kv_cache_memory_fraction, enable_prefix_caching, state_snapshot_bytes, tokenizer, skip_tokenizer_init,
         chat_template, generation_config, language_model_only, quantization, lm_head_quantization,
-        quantization_group_size, native_kernels, and the media policy: limit_mm_per_prompt,
+        quantization_group_size, native_kernels, speculative_config (MTP drafting: {"method": "mtp",
+        "num_speculative_tokens": k}), and the media policy: limit_mm_per_prompt,
         allowed_local_media_path, allow_remote_media, allowed_media_domains, media_fetch_timeout (image_url /
         video_url chat parts may point at local files inside allowed_local_media_path, and with allow_remote_media
         at public addresses, or at the allowed_media_domains hosts wherever they resolve). An unknown keyword is a
@@ -147,7 +148,8 @@ class LLM:
                                                                      vision=not a.language_model_only,
                                                                      quantization=a.quantization,
                                                                      lm_head_quantization=a.lm_head_quantization,
-                                                                     group_size=a.quantization_group_size)
+                                                                     group_size=a.quantization_group_size,
+                                                                     mtp=a.speculative_config is not None)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)

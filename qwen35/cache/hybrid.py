@@ -33,9 +33,11 @@ class HybridCache:
         for pool in (*self.conv.values(), *self.ssm.values()):
             pool[dst].copy_(pool[src])
 
-    def copy_block(self, src: int, dst: int) -> None:
-        for pool in (*self.k.values(), *self.v.values()):
-            pool[dst].copy_(pool[src])
+    def copy_block(self, src: int, dst: int, layers: list[int] | None = None) -> None:
+        """Copy one K/V block, in every attention layer (or those of `layers`), to another."""
+        for i in self.k if layers is None else layers:
+            self.k[i][dst].copy_(self.k[i][src])
+            self.v[i][dst].copy_(self.v[i][src])
 
     @staticmethod
     def bytes_per_token(spec: dict, dtype: torch.dtype) -> int:

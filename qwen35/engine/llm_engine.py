@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,8 +17,8 @@ from qwen35.cache.manager import BlockManager, SlotPool
 from qwen35.cache.prefix import PrefixCache, PrefixCacheStats, SnapshotPool
 from qwen35.config import EngineConfig
 from qwen35.engine.request import Request
-from qwen35.engine.runner import ModelRunner
-from qwen35.engine.sampler import SampleRow, sample_row, top_logprobs
+from qwen35.engine.runner import ModelRunner, MtpJob
+from qwen35.engine.sampler import SampleRow, sample_row, top_logprobs, verify_token
 from qwen35.engine.scheduler import Scheduler
 from qwen35.engine.structured import StructuredOutputs
 from qwen35.outputs import CompletionOutput, Logprob, RequestOutput
@@ -29,6 +29,37 @@ logger = logging.getLogger(__name__)
 MiB = 2**20
 CPU_KV_DEFAULT_BYTES = 4 * 2**30
 SNAPSHOT_DEFAULT_BYTES = 2**30  # at most; and at most 8 snapshots per sequence slot
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding since the engine started (vLLM's counters): verify steps with drafts, drafted and
+    accepted tokens, and acceptances by draft position."""
+
+    num_speculative_tokens: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.accepted_per_pos = [0] * self.num_speculative_tokens
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens each verify step produced: the accepted drafts and the one sampled after them."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 class EngineError(ValueError):
@@ -73,27 +104,35 @@ class LLMEngine:
         text = model_config.text
         self.max_model_len = config.max_model_len or text.max_context_len
         check_max_model_len(self.max_model_len, text)
-        spec = model.cache_spec()
+        self.speculative = config.speculative_config
+        k = self.num_spec = self.speculative.num_speculative_tokens if self.speculative else 0
+        if k and getattr(model, "mtp", None) is None:
+            raise EngineError("speculative_config method 'mtp' needs the checkpoint's MTP head: this checkpoint has "
+                              "no mtp.* tensors (or the model was loaded without mtp=True)")
+        spec = model.cache_spec(mtp=bool(k))
         dtype = model.dtype
         per_token = HybridCache.bytes_per_token(spec, dtype)
         per_slot = HybridCache.bytes_per_slot(spec, dtype)
         num_snapshots = self._num_snapshots(per_slot)
-        num_blocks = self._num_blocks(per_token, per_slot * (config.max_num_seqs + num_snapshots))
-        self.cache = HybridCache(spec, num_blocks, config.block_size, config.max_num_seqs + num_snapshots, dtype,
-                                 self.device)
+        seq_slots = config.max_num_seqs * (1 + k)  # with speculation each request has a ring of k more
+        num_blocks = self._num_blocks(per_token, per_slot * (seq_slots + num_snapshots))
+        self.cache = HybridCache(spec, num_blocks, config.block_size, seq_slots + num_snapshots, dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.slots = SlotPool(config.max_num_seqs)
-        self.snapshots = SnapshotPool(config.max_num_seqs, num_snapshots)  # slots past the running requests'
+        self.slots = SlotPool(seq_slots)
+        self.snapshots = SnapshotPool(seq_slots, num_snapshots)  # slots past the running requests'
         self.prefix = None
         if config.enable_prefix_caching:
             self.prefix = PrefixCache(self.blocks, self.snapshots if per_slot else None)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
-                                   prefix=self.prefix)
-        logger.info("cache: %d KV blocks of %d tokens (%.1f MiB), %d state slots + %d snapshots (%.1f MiB)%s",
+                                   prefix=self.prefix, num_spec=k)
+        logger.info("cache: %d KV blocks of %d tokens (%.1f MiB), %d state slots + %d snapshots (%.1f MiB)%s%s",
                     num_blocks, config.block_size, num_blocks * config.block_size * per_token / MiB,
-                    config.max_num_seqs, num_snapshots, (config.max_num_seqs + num_snapshots) * per_slot / MiB,
-                    "" if self.prefix else "; prefix caching off")
-        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels)
+                    seq_slots, num_snapshots, (seq_slots + num_snapshots) * per_slot / MiB,
+                    "" if self.prefix else "; prefix caching off", f"; MTP drafts {k} tokens per step" if k else "")
+        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels, mtp=bool(k))
+        self.spec_stats = SpecDecodeStats(k)
+        self.draft_hook = None  # tests: fn(request, drafts) -> the drafts to verify instead
+        self._forks: list[tuple[Request, Request]] = []  # (leader, sibling) forked this step
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else text.eos_token_id)
         # ids at or past the tokenizer's size (the embedding's padding rows) have no token: never drawn
         self.vocab_limit = min(tokenizer.vocab_size, text.vocab_size) if tokenizer is not None else text.vocab_size
@@ -282,11 +321,11 @@ class LLMEngine:
             self.scheduler.step_done(ok=False)
             raise
         self.scheduler.step_done()
-        sampling = [(c.request, lg[-1]) for c, lg in zip(chunks, logits) if c.completes_known_tokens]
+        sampling = [(c.request, lg[-1]) for c, lg in zip(chunks, logits) if c.completes_known_tokens and not c.drafts]
         for c, lg in zip(chunks, logits):
             if lg is not None and c.request.prompt_logprobs is not None:
                 self._guarded(c.request, self._record_prompt_logprobs, c, lg)
-            c.request.num_computed_tokens += c.num_tokens
+            c.request.num_computed_tokens += c.num_known
         sampling += self._fork(sampling)
         sampling = [(r, lg) for r, lg in sampling if not r.is_finished]
         if sampling:
@@ -301,9 +340,79 @@ class LLMEngine:
             for r, tok in zip(reqs, tokens):
                 if not r.is_finished:
                     self._guarded(r, self._append_token, r, tok)
-        touched = dict.fromkeys([r.parent_id for r, _ in sampling] + self._failed)
+        verified = [(c, lg) for c, lg in zip(chunks, logits) if c.drafts]
+        for c, lg in verified:
+            self._verify(c, lg)
+        if self.num_spec:
+            self._propose(chunks)
+        touched = dict.fromkeys([r.parent_id for r, _ in sampling] + [c.request.parent_id for c, _ in verified]
+                                + self._failed)
         self._failed = []
         return [self._output(pid) for pid in touched if pid in self._parents]
+
+    def _verify(self, c, lg: torch.Tensor) -> None:
+        """A speculative chunk's rows, in order: each samples the token at its position (verify_token: the draft
+        stands with the target's probability), appended as any sampled token; the first token that differs from its
+        draft ends the chunk. The request then holds the state after its last accepted token: the verify pass left
+        the state after each draft in its ring (and after all of them in its own slot), so this is a swap of slots."""
+        r, drafts = c.request, c.drafts
+        accepted = 0
+        for j in range(len(drafts) + 1):
+            if r.is_finished:
+                break
+            row = lg[j:j + 1].float()
+            self._constrain(row, [r])
+            if r.is_finished:
+                break
+            draft = drafts[j] if j < len(drafts) else None
+            tok = self._guarded(r, self._sample_at, row[0, :self.vocab_limit], r, draft)
+            if tok is None:
+                break
+            self._record_logprobs(row, [r], [tok])
+            if not r.is_finished:
+                self._guarded(r, self._append_token, r, tok)
+            if tok != draft:
+                break
+            accepted += 1
+        c.num_accepted = accepted
+        self.spec_stats.record(len(drafts), accepted)
+        if r.is_finished:
+            return
+        r.num_computed_tokens += accepted
+        if accepted < len(drafts):
+            i = accepted
+            r.state_slot, r.ring_slots[i] = r.ring_slots[i], r.state_slot
+
+    def _sample_at(self, logits: torch.Tensor, r: Request, draft: int | None) -> int:
+        row = SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r))
+        return sample_row(logits, row) if draft is None else verify_token(logits, row, draft)
+
+    def _propose(self, chunks) -> None:
+        """The MTP head's step: its K/V at every position the trunk committed this step, and drafts for the next
+        step of each request now decoding (none while more than disable_by_batch_size requests run)."""
+        limit = self.speculative.disable_by_batch_size
+        drafting = limit is None or len(self.scheduler.running) <= limit
+        jobs = []
+        for c in chunks:
+            r, start, n = c.request, c.start, c.num_known + c.num_accepted  # the rows now in the cache
+            if n == 0:
+                continue
+            ids = r.all_token_ids[start + 1:start + n + 1]
+            if len(ids) < n:  # nothing was sampled after the last row (the request failed): no successor
+                ids, n = ids[:n - 1], n - 1
+                if not n:
+                    continue
+            k = 0
+            if drafting and not r.is_finished and r.num_computed_tokens + 1 == r.num_tokens:
+                k = min(self.num_spec, r.max_total_tokens - r.num_tokens - 1)
+            jobs.append(MtpJob(r, c, start, ids, max(k, 0)))
+        for job, drafts in zip(jobs, self.runner.propose(jobs, self.vocab_limit)):
+            if self.draft_hook is not None and job.num_drafts:
+                drafts = list(self.draft_hook(job.request, drafts))[:job.num_drafts]
+            job.request.spec_token_ids = drafts if not job.request.is_finished else []
+        for leader, sib in self._forks:  # their copies of the leader's last block now get its MTP K/V too
+            self.runner.fork(leader, sib, mtp_only=True)
+        self._forks = []
 
     def _constrain(self, last: torch.Tensor, reqs: list[Request]) -> None:
         """Grammar masks on the rows of constrained requests (in place: their logprobs see the constraint, as in
@@ -333,6 +442,7 @@ class LLMEngine:
                 if sib.fork_of is r and not sib.is_finished:
                     if self.scheduler.fork(r, sib):
                         self.runner.fork(r, sib)
+                        self._forks.append((r, sib))
                         out.append((sib, lg))
                     else:  # no slot or block now: it waits, and will resume from the cache
                         sib.fork_of = None

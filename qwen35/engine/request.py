@@ -60,6 +60,9 @@ class Request:
     pending_snapshots: list = field(default_factory=list)  # snapshots this step writes (cache.prefix.Snapshot)
     extra_snapshots: set[int] = field(default_factory=set)  # branch points to snapshot at, besides the usual ones
     fork_of: Request | None = None  # set on n > 1 siblings: wait for this first sibling's prefill, then fork from it
+    # speculative decoding
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts the next step verifies after the last token
+    ring_slots: list[int] = field(default_factory=list)  # state slots holding the states after each verified draft
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,6 +10,8 @@ sibling forked after the first one's prefill gets copies of its state and of its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qwen35.backends.cpu import decoder_for
@@ -19,12 +21,26 @@ from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.vision import EncodeJob
 
 
+@dataclass
+class MtpJob:
+    """The MTP head's work for one chunk of the last step: its rows from `start` on, each with the token after it
+    (next_ids; as many rows as the step committed), then num_drafts tokens drafted past the last one."""
+
+    request: object
+    chunk: ScheduledChunk
+    start: int
+    next_ids: list[int]
+    num_drafts: int = 0
+
+
 class ModelRunner:
-    def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None):
+    def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None, mtp: bool = False):
         """native_kernels: run the text decoder on the CPU backend (backends.cpu.decoder_for decides by default;
-        its weights then move out of the model)."""
+        its weights then move out of the model). mtp: keep each step's hidden states for the MTP head (`propose`)."""
         self.model, self.cache, self.device = model, cache, device
         self.decoder = decoder_for(model, device, native_kernels) or model
+        self.mtp = mtp
+        self._hidden, self._rows = None, {}  # the last step's hidden states; per chunk (first row, block ids)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> list[torch.Tensor | None]:
@@ -40,19 +56,24 @@ class ModelRunner:
         for c in chunks:
             r = c.request
             want = "last" if c.completes_known_tokens else "none"
-            if r.prompt_logprobs is not None and len(r.prompt_logprobs) < r.num_prompt_tokens:
+            if (r.prompt_logprobs is not None and len(r.prompt_logprobs) < r.num_prompt_tokens) or c.drafts:
                 want = "all"
             start = r.num_computed_tokens
             positions = r.mm.positions_for(start, start + c.num_tokens) if r.mm is not None else None
-            seqs.append(SeqChunk(r.all_token_ids[start:start + c.num_tokens], num_past=start,
+            # a verify chunk keeps the state after each of its first k tokens in the request's ring
+            ring = [(j, r.ring_slots[j - 1]) for j in range(1, len(c.drafts) + 1)]
+            seqs.append(SeqChunk(r.all_token_ids[start:start + c.num_known] + c.drafts, num_past=start,
                                  state_slot=r.state_slot, block_ids=r.block_ids, positions=positions,
-                                 want_logits=want, snapshots=c.snapshots))
+                                 want_logits=want, snapshots=c.snapshots + ring))
             wants.append(want)
         if not chunks:
             return [None] * len(everything)
         batch = ForwardBatch.build(seqs, self.cache.block_size, self.device)
         hidden = self.decoder(batch.input_ids, batch, self.cache, inputs_embeds=self._embeds(chunks, batch))
         logits = self.decoder.compute_logits(hidden[batch.logits_indices]) if batch.logits_indices.numel() else None
+        if self.mtp:
+            self._hidden = hidden
+            self._rows = {id(c): (int(batch.cu_seqlens[i]), list(c.request.block_ids)) for i, c in enumerate(chunks)}
         out, at = {}, 0
         for c, want in zip(chunks, wants):
             n = {"none": 0, "last": 1, "all": c.num_tokens}[want]
@@ -60,13 +81,57 @@ class ModelRunner:
             at += n
         return [out.get(id(c)) for c in everything]
 
-    def fork(self, leader, req) -> None:
-        """Copy the leader's state and its partial last block (the full ones are shared) into a forked sibling."""
-        self.cache.copy_state(leader.state_slot, req.state_slot)
+    @torch.inference_mode()
+    def propose(self, jobs: list[MtpJob], vocab_limit: int) -> list[list[int]]:
+        """Run the MTP head over the rows the last step committed (its K/V at those positions, in the blocks the
+        step used), then draft: per job, num_drafts tokens, each the head's argmax over the drawable ids, the first
+        from the last committed row, the others from the head's own output fed back one position further on."""
+        if not jobs:
+            return []
+        seqs, rows = [], []
+        for j in jobs:
+            at, blocks = self._rows[id(j.chunk)]
+            seqs.append(self._mtp_seq(j, j.start, j.next_ids, blocks, "last" if j.num_drafts else "none"))
+            rows.append(torch.arange(at, at + len(j.next_ids)))
+        batch = ForwardBatch.build(seqs, self.cache.block_size, self.device)
+        u = self._mtp(self._hidden[torch.cat(rows).to(self._hidden.device)], batch)
+        drafts = [[] for _ in jobs]
+        active = [i for i, j in enumerate(jobs) if j.num_drafts]
+        h = u[batch.logits_indices] if active else None
+        for step in range(max((jobs[i].num_drafts for i in active), default=0)):
+            tokens = self.decoder.compute_logits(h.to(self._hidden.dtype))[:, :vocab_limit].argmax(-1).tolist()
+            for i, t in zip(active, tokens):
+                drafts[i].append(t)
+            keep = [n for n, i in enumerate(active) if jobs[i].num_drafts > step + 1]
+            if not keep:
+                break
+            active = [active[n] for n in keep]
+            seqs = [self._mtp_seq(jobs[i], jobs[i].start + len(jobs[i].next_ids) + step, [drafts[i][-1]],
+                                  self._rows[id(jobs[i].chunk)][1], "last") for i in active]
+            h = self._mtp(h[keep], ForwardBatch.build(seqs, self.cache.block_size, self.device))
+        return drafts
+
+    def _mtp_seq(self, job: MtpJob, start: int, ids: list[int], blocks: list[int], want: str) -> SeqChunk:
+        r = job.request
+        positions = r.mm.positions_for(start, start + len(ids)) if r.mm is not None else None
+        return SeqChunk(ids, num_past=start, state_slot=0, block_ids=blocks, positions=positions, want_logits=want)
+
+    def _mtp(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        embeds = self.decoder.embed(batch.input_ids)
+        if self.decoder is not self.model:  # the CPU backend
+            return self.decoder.mtp(hidden, batch, self.cache, embeds)
+        return self.model.mtp(hidden, batch.input_ids, batch, self.cache, next_embeds=embeds)
+
+    def fork(self, leader, req, mtp_only: bool = False) -> None:
+        """Copy the leader's state and its partial last block (the full ones are shared) into a forked sibling
+        (mtp_only: only the MTP head's K/V of that block, written after the fork)."""
+        if not mtp_only:
+            self.cache.copy_state(leader.state_slot, req.state_slot)
         bs = self.cache.block_size
-        if leader.num_computed_tokens % bs:
+        if leader.num_computed_tokens % bs and leader.block_ids and req.block_ids:
             i = leader.num_computed_tokens // bs
-            self.cache.copy_block(leader.block_ids[i], req.block_ids[i])
+            layers = [self.model.cfg.num_hidden_layers] if mtp_only else None
+            self.cache.copy_block(leader.block_ids[i], req.block_ids[i], layers)
 
     def _encode_visual(self, chunks: list[ScheduledChunk]) -> None:
         """Do the tower work granted to each request of the step (n > 1 siblings share one MultimodalPrompt)."""

@@ -83,6 +83,30 @@ def _argmax(x: torch.Tensor) -> int:
 
 def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
     """logits: [V] float32 over the ids that may be drawn (not modified). One token; raises if none can be drawn."""
+    logits = _processed(logits, row)
+    if row.params.is_greedy:
+        return _greedy(logits)
+    return int(torch.multinomial(_probs(logits, row.params), 1, generator=row.generator))  # raises on NaN rows
+
+
+def verify_token(logits: torch.Tensor, row: SampleRow, draft: int) -> int:
+    """The token at a position a speculative step verifies, given the token the MTP head drafted there. Greedy: the
+    argmax, as sample_row (the draft stands when it is that token). Sampled: the draft is kept with probability
+    p(draft), else a token is drawn from p without the draft, renormalised; p is the distribution sample_row draws
+    from. The head drafts its argmax (a one-hot draft distribution), so this is the standard rejection rule, and
+    every token comes out with exactly its probability under p."""
+    logits = _processed(logits, row)
+    if row.params.is_greedy:
+        return _greedy(logits)
+    probs = _probs(logits, row.params)
+    if float(torch.rand((), generator=row.generator)) < float(probs[draft]):
+        return draft
+    probs[draft] = 0.0  # p(draft) < 1 here, so something else has mass
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _processed(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """The logits after allowed ids, logit biases, penalties and banned ids (a copy when any applies)."""
     p = row.params
     filters = p.allowed_token_ids is not None or bool(p.logit_bias)
     penalties = bool(row.banned_ids) or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
@@ -95,15 +119,20 @@ def sample_row(logits: torch.Tensor, row: SampleRow) -> int:
         banned = [t for t in row.banned_ids if t < logits.shape[-1]]
         if banned:
             logits[banned] = float("-inf")
-    if p.is_greedy:
-        tok = _argmax(logits)
-        if not logits[tok] > float("-inf"):  # NaN or all -inf: argmax would name an arbitrary id
-            raise ValueError("no token can be sampled: every logit is -inf or NaN")
-        return tok
+    return logits
+
+
+def _greedy(logits: torch.Tensor) -> int:
+    tok = _argmax(logits)
+    if not logits[tok] > float("-inf"):  # NaN or all -inf: argmax would name an arbitrary id
+        raise ValueError("no token can be sampled: every logit is -inf or NaN")
+    return tok
+
+
+def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if not bool((logits > float("-inf")).any()):
         raise ValueError("no token can be sampled: every logit is -inf or NaN")
-    probs = torch.softmax(filter_logits(logits, p), -1)
-    return int(torch.multinomial(probs, 1, generator=row.generator))  # raises on NaN rows
+    return torch.softmax(filter_logits(logits, p), -1)
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:

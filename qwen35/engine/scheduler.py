@@ -29,23 +29,31 @@ from qwen35.engine.request import Request, Status
 @dataclass
 class ScheduledChunk:
     request: Request
-    num_tokens: int  # new tokens computed this step, starting at request.num_computed_tokens
+    num_tokens: int  # new tokens computed this step, starting at request.num_computed_tokens (drafts included)
     restore: Snapshot | None = None  # copy this snapshot into the request's state slot first
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # (after k of the new tokens, snapshot slot)
+    drafts: list[int] = field(default_factory=list)  # speculative tokens verified after the known ones
+    start: int = 0  # request.num_computed_tokens when scheduled (its first new token's position)
+    num_accepted: int = 0  # drafts the verification kept (set by the engine)
+
+    @property
+    def num_known(self) -> int:
+        return self.num_tokens - len(self.drafts)
 
     @property
     def completes_known_tokens(self) -> bool:
-        """The chunk reaches the end of what is known, so its last logits sample the next token."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        """The chunk reaches the end of what is known, so its last known token's logits sample the next token."""
+        return self.request.num_computed_tokens + self.num_known == self.request.num_tokens
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 encoder_budget: int | None = None, prefix: PrefixCache | None = None):
+                 encoder_budget: int | None = None, prefix: PrefixCache | None = None, num_spec: int = 0):
         """encoder_budget: vision-tower patches encoded per step; default max_num_batched_tokens (a patch of tower
         work costs far less than a token of decoder work for the released models, so an encoding step costs no
-        more than a prefill chunk)."""
-        self.blocks, self.slots = blocks, slots
+        more than a prefill chunk). num_spec: speculative tokens per step (each running request then holds that
+        many more state slots, its ring, and blocks for the MTP head's drafts past its last token)."""
+        self.blocks, self.slots, self.num_spec = blocks, slots, num_spec
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.encoder_budget = encoder_budget or max_num_batched_tokens
         self.prefix = prefix
@@ -74,7 +82,8 @@ class Scheduler:
             if n == 0 and grant == 0:  # waits for its images to be encoded; the encoder budget is spent
                 i += 1
                 continue
-            if not self._grow(req, req.num_computed_tokens + n):
+            drafts = req.spec_token_ids[:budget - n] if req.num_computed_tokens + n == req.num_tokens else []
+            if not self._grow(req, self._blocks_for(req, n + len(drafts))):
                 # Not enough blocks: preempt the newest running request (possibly this one) and retry.
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,8 +92,8 @@ class Scheduler:
                     break
                 continue
             self._grant(req, grant)
-            out.append(self._chunk(req, n))
-            budget -= n
+            out.append(self._chunk(req, n, drafts=drafts))
+            budget -= n + len(drafts)
             i += 1
         # After a preemption, admitting anyone would only take back the blocks just freed (thrashing).
         waiting = [r for r in self.waiting if r.fork_of is None or r.fork_of.is_finished]  # others wait for theirs
@@ -93,21 +102,22 @@ class Scheduler:
             for r in self.running:
                 self.prefix.add_in_flight(flight, r)
         for req in waiting:
-            if preempted or budget <= 0 or len(self.running) >= self.max_num_seqs or not self.slots.num_free:
+            if preempted or budget <= 0 or len(self.running) >= self.max_num_seqs \
+                    or self.slots.num_free < 1 + self.num_spec:
                 break
             snap = self._resume(req)
             if self._waits_for_shared_prefix(req, flight, out):
                 self._unresume(req, snap)
                 continue
             n, grant = self._media_cut(req, self._aligned(req, budget))
-            if (n == 0 and grant == 0) or not self._grow(req, req.num_computed_tokens + n):
+            if (n == 0 and grant == 0) or not self._grow(req, self._blocks_for(req, n)):
                 self._unresume(req, snap)
                 break
             self.waiting.remove(req)
             req.fork_of = None
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = req.num_computed_tokens
-            req.state_slot = self.slots.allocate()
+            self._take_slots(req)
             req.status = Status.RUNNING
             self.running.append(req)
             self._grant(req, grant)
@@ -161,11 +171,23 @@ class Scheduler:
             n = boundary - start
         return n
 
-    def _chunk(self, req: Request, n: int, snap=None) -> ScheduledChunk:
-        c = ScheduledChunk(req, n, restore=snap)
+    def _chunk(self, req: Request, n: int, snap=None, drafts=()) -> ScheduledChunk:
+        c = ScheduledChunk(req, n + len(drafts), restore=snap, drafts=list(drafts), start=req.num_computed_tokens)
         if self.prefix is not None and n:
             c.snapshots = self.prefix.plan_snapshots(req, req.num_computed_tokens, n)
         return c
+
+    def _blocks_for(self, req: Request, n: int) -> int:
+        """Tokens the request's blocks must cover to compute n more: with speculation, also the positions where the
+        MTP head writes its K/V while drafting after this step (up to num_spec - 1 past its last token)."""
+        end = req.num_computed_tokens + n
+        if self.num_spec:
+            end = max(end, min(end + self.num_spec - 1, req.max_total_tokens))
+        return end
+
+    def _take_slots(self, req: Request) -> None:
+        req.state_slot = self.slots.allocate()
+        req.ring_slots = [self.slots.allocate() for _ in range(self.num_spec)]
 
     def step_done(self, ok: bool = True) -> None:
         """The step's forward ran (ok) or failed: register what it computed, or drop what it would have; release
@@ -176,8 +198,8 @@ class Scheduler:
         for c in chunks:
             if c.restore is not None:
                 self.prefix.snapshots.unpin(c.restore)
-            if ok and not c.request.is_finished:
-                self.prefix.commit(c.request, c.request.num_computed_tokens + c.num_tokens)
+            if ok and not c.request.is_finished:  # drafts are committed in later steps, once verified
+                self.prefix.commit(c.request, c.request.num_computed_tokens + c.num_known)
             else:
                 self.prefix.abandon(c.request)
 
@@ -188,7 +210,7 @@ class Scheduler:
         bs = self.blocks.block_size
         n_full = leader.num_computed_tokens // bs
         partial = leader.num_computed_tokens % bs != 0
-        if not self.slots.num_free or len(self.running) >= self.max_num_seqs \
+        if self.slots.num_free < 1 + self.num_spec or len(self.running) >= self.max_num_seqs \
                 or not self.blocks.can_allocate(int(partial)):
             return False
         self.waiting.remove(req)
@@ -197,7 +219,7 @@ class Scheduler:
         req.num_computed_tokens = leader.num_computed_tokens
         req.num_registered_blocks = leader.num_registered_blocks
         req.num_cached_tokens = leader.num_cached_tokens
-        req.state_slot = self.slots.allocate()
+        self._take_slots(req)
         req.fork_of = None
         req.status = Status.RUNNING
         self.running.append(req)
@@ -228,8 +250,10 @@ class Scheduler:
         self.blocks.free(req.block_ids)
         req.block_ids, req.num_registered_blocks = [], 0
         if req.state_slot is not None:
-            self.slots.free(req.state_slot)
-            req.state_slot = None
+            for slot in [req.state_slot, *req.ring_slots]:
+                self.slots.free(slot)
+            req.state_slot, req.ring_slots = None, []
+        req.spec_token_ids = []
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

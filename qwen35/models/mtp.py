@@ -6,8 +6,8 @@ Slot t takes the trunk's final-normed hidden state h_t and the embedding of the 
     u = layers.0(u) at RoPE position t, causal full attention within each packed sequence
     norm(u) -> the trunk's lm_head -> logits for x_{t+2}
 The head shares the trunk's embedding and LM head, so its own parameters are exactly the checkpoint's `mtp.*`
-tensors once attached as `model.mtp`. The layer runs on packed sequences without a cache (training and scoring);
-drafting with its own KV cache belongs to speculative decoding.
+tensors once attached as `model.mtp`. The layer runs on packed sequences without a cache (training and scoring), or
+with its own K/V in the engine's cache when it drafts for speculative decoding (engine/speculative.py).
 """
 
 from __future__ import annotations
@@ -49,14 +49,19 @@ class MTP(nn.Module):
         freqs, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", freqs, persistent=False)
 
-    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch, cache=None,
+                next_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, H]: the trunk's output for the packed batch; next_ids [N]: x_{t+1} of each row (any valid id
-        where unknown: a row only influences its own and later rows of its sequence). Returns normed [N, H]."""
-        e = self.pre_fc_norm_embedding(self.text_model.embed_tokens(next_ids).to(hidden.dtype))
+        where unknown: a row only influences its own and later rows of its sequence), or their embeddings
+        `next_embeds`. With a cache (speculative decoding) the layer keeps its K/V at its own layer index, in the
+        trunk's blocks. Returns normed [N, H]."""
+        if next_embeds is None:
+            next_embeds = self.text_model.embed_tokens(next_ids)
+        e = self.pre_fc_norm_embedding(next_embeds.to(hidden.dtype))
         u = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden)], dim=-1))
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.mrope_section, u.dtype, self.rope_scale)
         for layer in self.layers:
-            u = layer(u, cos, sin, batch)
+            u = layer(u, cos, sin, batch, cache)
         return self.norm(u)
 
 

@@ -232,10 +232,15 @@ class Qwen3_5ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def cache_spec(self) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
-        """What each layer keeps between steps: the model declares its cache, the cache manager allocates it."""
+    def cache_spec(self, mtp: bool = False) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
+        """What each layer keeps between steps: the model declares its cache, the cache manager allocates it. With
+        mtp, the MTP head's attention layer too (its index is num_hidden_layers: models/mtp.py)."""
         c = self.cfg
         spec = {}
+        if mtp:
+            if self.mtp is None:
+                raise ValueError("this model has no MTP head (the checkpoint has no mtp.* tensors)")
+            spec[c.num_hidden_layers] = AttentionCacheSpec(c.num_key_value_heads, c.head_dim)
         for i, t in enumerate(c.layer_types):
             if t == "full_attention":
                 spec[i] = AttentionCacheSpec(c.num_key_value_heads, c.head_dim)

@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 L2NORM_EPS = 1e-6
+# Sequences up to this long take the token-by-token form in inference (decode; a speculative step's k + 1 tokens):
+# the chunked form would pad each to a whole chunk.
+RECURRENT_MAX_LEN = 16
 
 
 def gated_delta_rule_recurrent(
@@ -29,11 +32,13 @@ def gated_delta_rule_recurrent(
     initial_state: Tensor | None = None,
     *,
     use_qk_l2norm: bool = True,
-) -> tuple[Tensor, Tensor]:
+    capture: list[tuple[int, int]] | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Per token and v-head: S = exp(g)·S; u = beta·(v − Sᵀk); S = S + k uᵀ; o = Sᵀq.
 
     Step t advances token t of every sequence that has one, so a decode batch (all lengths 1) is a single step.
-    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32).
+    Returns (o [N, Hv, V] in v's dtype, final_state [S, Hv, K, V] float32), and with `capture` = [(sequence, t)]
+    also the states after each sequence's first t tokens, [len(capture), Hv, K, V] float32.
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     out_dtype, state_shape = v.dtype, (len(lengths), v.shape[1], q.shape[2], v.shape[2])
@@ -41,6 +46,14 @@ def gated_delta_rule_recurrent(
     first_token = cu_seqlens[:-1].to(device=v.device, dtype=torch.long)
     order, first_token, num_active = _plan_scan(lengths, first_token)  # now longest sequence first
     state = _initial_state(initial_state, order, state_shape, v)  # [S, Hv, K, V], in the same order
+
+    rank = {seq: r for r, seq in enumerate(order.tolist())} if order is not None else None
+    at_step: dict[int, list[tuple[int, int]]] = {}  # step -> (rank, capture index)
+    for m, (seq, t) in enumerate(capture or []):
+        if not 1 <= t <= lengths[seq]:
+            raise ValueError(f"capture: sequence {seq} has {lengths[seq]} tokens, no state after {t}")
+        at_step.setdefault(t - 1, []).append((seq if rank is None else rank[seq], m))
+    captured = v.new_empty(len(capture or []), *state_shape[1:], dtype=torch.float32)
 
     o = torch.empty_like(v)  # [N, Hv, V]
     finished = []  # no state is written in place, so autograd can differentiate the scan
@@ -51,7 +64,10 @@ def gated_delta_rule_recurrent(
         u = beta[i][..., None] * (v[i] - torch.einsum("nhk,nhkv->nhv", k[i], s))  # target minus what s predicts
         state = s + k[i][..., :, None] * u[..., None, :]  # rank-1 write
         o[i] = torch.einsum("nhk,nhkv->nhv", q[i], state)  # read after the write
-    return o.to(out_dtype), _restore_order(torch.cat([state, *finished[::-1]]), order)
+        for r, m in at_step.get(t, []):
+            captured[m] = state[r]
+    final = _restore_order(torch.cat([state, *finished[::-1]]), order)
+    return (o.to(out_dtype), final) if capture is None else (o.to(out_dtype), final, captured)
 
 
 def gated_delta_rule_chunked(
@@ -224,9 +240,10 @@ def gated_delta_rule(
     use_qk_l2norm: bool = True,
     capture: list[tuple[int, int]] | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-    """Length-1 sequences (decode) take one recurrent step, longer ones (prefill) the chunked form.
+    """Short sequences (decode, and the k + 1 tokens a speculative step verifies: at most RECURRENT_MAX_LEN) take
+    the recurrent form, longer ones (prefill) the chunked form; with a gradient wanted only length-1 ones recur.
 
-    A chunked run would pad every length-1 sequence to a whole chunk, so in a mixed batch the two groups are run
+    A chunked run would pad every short sequence to a whole chunk, so in a mixed batch the two groups are run
     apart and their outputs and states put back in place. When a gradient is wanted the chunked part recomputes its
     intermediates in the backward (gated_delta_rule_chunked_recompute); inference runs the plain chunked form.
     capture = [(sequence, t)]: also return the states after those sequences' first t tokens (t < their length;
@@ -236,40 +253,41 @@ def gated_delta_rule(
     kwargs = dict(use_qk_l2norm=use_qk_l2norm)
     chunked = (gated_delta_rule_chunked_recompute if _wants_grad(q, k, v, g, beta, initial_state)
                else gated_delta_rule_chunked)
-    more = {}
     if capture:
+        if _wants_grad(q, k, v, g, beta, initial_state):
+            raise ValueError("capture is for inference only")
         if any(not 1 <= t < lengths[seq] for seq, t in capture):
             raise ValueError("capture: a state after t tokens needs 1 <= t < the sequence's length")
-        chunked, more = gated_delta_rule_chunked, {"capture": capture}
-    if all(length == 1 for length in lengths):
-        return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs)
-    if all(length > 1 for length in lengths):
+        chunked = gated_delta_rule_chunked
+    short = 1 if _wants_grad(q, k, v, g, beta, initial_state) else RECURRENT_MAX_LEN
+    is_short = [length <= short for length in lengths]
+    if all(is_short):
+        return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs, capture=capture)
+    if not any(is_short):
+        more = {"capture": capture} if capture else {}
         return chunked(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs, **more)
 
     device = v.device
     lengths_t = torch.tensor(lengths, device=device)
-    is_decode = lengths_t == 1
-    decode_seqs, prefill_seqs = is_decode.nonzero().squeeze(1), (~is_decode).nonzero().squeeze(1)
-    decode_tokens = cu_seqlens[:-1].to(device=device, dtype=torch.long)[decode_seqs]  # their only token
-    prefill_tokens = (~is_decode).repeat_interleave(lengths_t, output_size=v.shape[0]).nonzero().squeeze(1)
-    decode_cu_seqlens = torch.arange(len(decode_seqs) + 1, device=device)
-    prefill_cu_seqlens = torch.nn.functional.pad(lengths_t[prefill_seqs].cumsum(0), (1, 0))
-
-    def run(form, seqs: Tensor, tokens: Tensor, seq_cu_seqlens: Tensor, **more) -> tuple[Tensor, ...]:
-        state = None if initial_state is None else initial_state[seqs]
-        return form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens, state, **kwargs, **more)
-
-    o_decode, state_decode = run(gated_delta_rule_recurrent, decode_seqs, decode_tokens, decode_cu_seqlens)
-    if capture:  # sequence indices within the prefill group
-        rank = {s: i for i, s in enumerate(prefill_seqs.tolist())}
-        more = {"capture": [(rank[s], t) for s, t in capture]}
-    o_prefill, state_prefill, *captured = run(chunked, prefill_seqs, prefill_tokens, prefill_cu_seqlens, **more)
+    is_short_t = torch.tensor(is_short, device=device)
+    groups = []  # (form, its sequences, their tokens, its cu_seqlens, rank within it, its captures)
+    for form, mask in ((gated_delta_rule_recurrent, is_short_t), (chunked, ~is_short_t)):
+        seqs = mask.nonzero().squeeze(1)
+        tokens = mask.repeat_interleave(lengths_t, output_size=v.shape[0]).nonzero().squeeze(1)
+        rank = {s: i for i, s in enumerate(seqs.tolist())}
+        more = [(rank[s], t) for s, t in capture or [] if s in rank]
+        groups.append((form, seqs, tokens, torch.nn.functional.pad(lengths_t[seqs].cumsum(0), (1, 0)), rank, more))
 
     o = torch.empty_like(v)
-    o[decode_tokens], o[prefill_tokens] = o_decode, o_prefill
-    state = state_decode.new_empty(len(lengths), *state_decode.shape[1:])
-    state[decode_seqs], state[prefill_seqs] = state_decode, state_prefill
-    return (o, state, *captured)
+    state = v.new_empty(len(lengths), v.shape[1], q.shape[2], v.shape[2], dtype=torch.float32)
+    captured = v.new_empty(len(capture or []), *state.shape[1:], dtype=torch.float32)
+    for form, seqs, tokens, seq_cu_seqlens, rank, more in groups:
+        init = None if initial_state is None else initial_state[seqs]
+        o[tokens], state[seqs], *got = form(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], seq_cu_seqlens,
+                                             init, **kwargs, **({"capture": more} if more else {}))
+        if more:  # back to the caller's capture order
+            captured[[m for m, (s, _) in enumerate(capture) if s in rank]] = got[0]
+    return (o, state) if capture is None else (o, state, captured)
 
 
 def _sequence_lengths(q: Tensor, v: Tensor, cu_seqlens: Tensor) -> list[int]:

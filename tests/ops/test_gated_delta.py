@@ -191,7 +191,7 @@ def test_dispatcher_routes_decode_and_prefill(monkeypatch):
 
     monkeypatch.setattr(gd, "gated_delta_rule_chunked", spy)
     o, state = gated_delta_rule(**inputs)
-    assert chunked_calls == [[0, 65, 72]], "only the sequences longer than one token should be chunked"
+    assert chunked_calls == [[0, 65]], "only the sequences longer than RECURRENT_MAX_LEN should be chunked"
     assert_close(o, o_ref)
     assert_close(state, state_ref)
 
@@ -322,3 +322,23 @@ def test_captured_states_equal_a_prefill_that_stopped_there(lengths):
         assert_close(got, gated_delta_rule_recurrent(**head)[1][0])
     with pytest.raises(ValueError, match="capture"):
         gated_delta_rule(**inputs, capture=[(0, lengths[0])])
+
+
+@pytest.mark.parametrize("lengths", [[3, 1, 4], [1, 70, 5, 2]], ids=["all-short", "mixed"])
+def test_capture_states_after_t_tokens(lengths):
+    """The states after t tokens (a speculative step's ring, a prefix snapshot) equal the final state of a run on
+    those first t tokens, whichever form (recurrent for short sequences, chunked for long) computes them."""
+    inputs = make_inputs(lengths)
+    cu = inputs["cu_seqlens"].tolist()
+    capture = [(s, t) for s, n in enumerate(lengths) for t in (1, n - 1, n // 2) if 1 <= t < n]
+    capture = list(dict.fromkeys(capture))
+    o_ref, state_ref = gated_delta_rule_recurrent(**inputs)
+    o, state, captured = gated_delta_rule(**inputs, capture=capture)
+    assert_close(o, o_ref)
+    assert_close(state, state_ref)
+    for m, (s, t) in enumerate(capture):
+        rows = slice(cu[s], cu[s] + t)
+        one = {name: x[rows] for name, x in inputs.items() if name not in ("cu_seqlens", "initial_state")}
+        init = inputs["initial_state"][s:s + 1] if inputs.get("initial_state") is not None else None
+        _, expect = gated_delta_rule_recurrent(**one, cu_seqlens=torch.tensor([0, t]), initial_state=init)
+        assert_close(captured[m], expect[0])

@@ -271,10 +271,22 @@ class CpuDecoder:
         _release(model.lm_head)
         self.norm_w1 = _w1(text.norm)
         H = self.cfg.hidden_size
+        self.mtp_layer = None
+        if getattr(model, "mtp", None) is not None:  # the MTP head's layer runs as the trunk's do
+            m = model.mtp
+            layer = m.layers[0]
+            ffn = _SparseMoe if hasattr(layer.mlp, "experts") else _Mlp
+            self.mtp_layer = (layer, _Attention(layer.self_attn, layer.input_layernorm),
+                              ffn(layer.mlp, layer.post_attention_layernorm))
+            self.mtp_fc = _pack([_source(m.fc)], model.dtype)
+            _release(m.fc)
         self.fused = all(mixer.fused(H) and ffn.fused(H) for _, mixer, ffn in self.layers)
         if not self.fused:
             logger.info("qwen35: some layers' sizes do not fit the fused decode kernels; decode steps run layer "
                         "by layer")
+        self.mtp_fused = self.mtp_layer is not None and self.mtp_layer[1].fused(H) and self.mtp_layer[2].fused(H)
+        if self.mtp_layer is not None:
+            self.mtp_norm_w1 = _w1(model.mtp.norm)
         self._cache, self._halves = None, None  # the layer halves' (kernel, struct), bound to one cache
 
     @property
@@ -297,7 +309,7 @@ class CpuDecoder:
         h = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).float()
         text = self.model.model
         cos, sin = rope_cos_sin(batch.positions, text.inv_freq, self.cfg.mrope_section, h.dtype, text.rope_scale)
-        if self.fused and cache is not None and h.shape[0] == batch.num_seqs and batch.state_copies is None:
+        if self.fused and cache is not None and L.fits_step(batch):
             return self._decode(h, cos, sin, batch, cache)
         for layer, mixer, ffn in self.layers:
             h = h + mixer(layer.input_layernorm(h), cos, sin, batch, cache)
@@ -306,19 +318,36 @@ class CpuDecoder:
 
     __call__ = forward
 
-    def _decode(self, h, cos, sin, batch, cache):
+    @torch.inference_mode()
+    def mtp(self, hidden, batch: ForwardBatch, cache, next_embeds) -> torch.Tensor:
+        """models.mtp.MTP.forward on packed weights, the layer fused where the trunk's would be: normed [N, H]."""
+        m = self.model.mtp
+        e = m.pre_fc_norm_embedding(next_embeds.float())
+        u = _lin(torch.cat([e, m.pre_fc_norm_hidden(hidden.float())], dim=-1), self.mtp_fc)
+        cos, sin = rope_cos_sin(batch.positions, m.inv_freq, m.mrope_section, u.dtype, m.rope_scale)
+        layer, mixer, ffn = self.mtp_layer
+        if self.mtp_fused and L.fits_step(batch):
+            return self._decode(u, cos, sin, batch, cache, mtp=True)
+        u = u + mixer(layer.input_layernorm(u), cos, sin, batch, cache)
+        u = u + ffn(layer.post_attention_layernorm(u))
+        return m.norm(u)
+
+    def _decode(self, h, cos, sin, batch, cache, mtp: bool = False):
         """One native call per layer half; each half's output is added to h by the next (with its norm)."""
         if self._cache is not cache:
             self._halves = [(half.kernel(), half.struct(cache)) for _, mixer, ffn in self.layers
                             for half in (mixer, ffn)]
+            if self.mtp_fused:
+                self._mtp_halves = [(half.kernel(), half.struct(cache)) for half in self.mtp_layer[1:]]
             self._cache = cache
         st, keep = L.step(batch, cache.block_size, cos, sin)
         h = h.clone()  # the layers add each residual into it in place
         y = None
-        for kernel, struct in self._halves:
+        for kernel, struct in self._mtp_halves if mtp else self._halves:
             y = L.run(kernel, struct, st, h, y)
         del keep
-        return L.add_rms_norm(h, y, self.norm_w1, self.model.model.norm.eps)[1]
+        norm = self.model.mtp.norm if mtp else self.model.model.norm
+        return L.add_rms_norm(h, y, self.mtp_norm_w1 if mtp else self.norm_w1, norm.eps)[1]
 
 
 class PackedLinear(nn.Module):

@@ -1,11 +1,12 @@
 """ctypes faces of the native decode layers (csrc/layers.c): one `ctypes.Structure` per kind of layer half,
 mirroring its C struct field for field, and the calls that run them.
 
-A decode step (one new token per sequence) runs each half of a layer (residual add + norm + mixer, residual add +
-norm + FFN) as one native call. The C side reads a layer's weights (any `QW` format) and its cache tensors through
-the struct built once per layer (`decoder.py`); what changes every step is the `Step`. Hidden states are contiguous
-float32 [S, H]: `run(fn, layer, step, h, y_prev)` adds y_prev into h in place, updates the caches in place and
-returns the half's output [S, H]. The references are the PyTorch modules in qwen35/models and qwen35/layers.
+A decode step (one new token per sequence, or the few a speculative step verifies) runs each half of a layer
+(residual add + norm + mixer, residual add + norm + FFN) as one native call. The C side reads a layer's weights (any
+`QW` format) and its cache tensors through the struct built once per layer (`decoder.py`); what changes every step
+is the `Step`. Hidden states are contiguous float32 [rows, H]: `run(fn, layer, step, h, y_prev)` adds y_prev into h
+in place, updates the caches in place and returns the half's output [rows, H]. The references are the PyTorch
+modules in qwen35/models and qwen35/layers.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from qwen35.backends.cpu import library
 from qwen35.backends.cpu.weights import QW
 
 c_i64, c_f32, c_ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+# Most new tokens per sequence the fused layers take (a speculative step's k + 1; prompts take the chunked path).
+MAX_ROWS_PER_SEQ = 9
 
 
 class Step(ctypes.Structure):
     _fields_ = [("S", c_i64), ("slots", c_ptr), ("has_state", c_ptr), ("slot_mapping", c_ptr),
                 ("block_tables", c_ptr), ("context_lens", c_ptr), ("max_blocks", c_i64), ("block_size", c_i64),
-                ("cos", c_ptr), ("sin", c_ptr), ("rd", c_i64)]
+                ("cos", c_ptr), ("sin", c_ptr), ("rd", c_i64), ("nseq", c_i64), ("cu", c_ptr), ("ring", c_ptr)]
 
 
 class GdnLayer(ctypes.Structure):
@@ -68,16 +71,39 @@ def mlp_layer():
     return _fn("qwen35_mlp_layer", MlpLayer)
 
 
+def fits_step(batch) -> bool:
+    """Whether the fused layers can run this batch: at most MAX_ROWS_PER_SEQ new tokens per sequence, and state
+    copies (models.batch.ForwardBatch.state_copies) only after a sequence's non-last rows, one per row."""
+    lengths = batch.cu_seqlens.diff().tolist()
+    if max(lengths) > MAX_ROWS_PER_SEQ:
+        return False
+    rows = [(s, k) for s, k, _ in batch.state_copies or []]
+    return all(k < lengths[s] for s, k in rows) and len(set(rows)) == len(rows)
+
+
 def step(batch, block_size: int, cos=None, sin=None) -> tuple[Step, list]:
-    """The Step of a decode batch (models.batch.ForwardBatch) over a cache of `block_size`-token K/V blocks, and the
-    tensors it points into (keep them alive)."""
-    keep = [batch.state_slots, batch.has_initial_state, batch.slot_mapping, batch.block_tables, batch.context_lens]
+    """The Step of a batch `fits_step` accepts (models.batch.ForwardBatch) over a cache of `block_size`-token K/V
+    blocks, and the tensors it points into (keep them alive). Each row attends as a sequence of its own, to its
+    sequence's blocks up to its own position; the Gated DeltaNet layers run a sequence's rows in order."""
+    N, S = batch.input_ids.shape[0], batch.num_seqs
+    cu = ring = None
+    tables, lens = batch.block_tables, batch.context_lens
+    if N != S:
+        lengths = batch.cu_seqlens.diff()
+        seq = torch.repeat_interleave(torch.arange(S), lengths)
+        cu = batch.cu_seqlens.to(torch.int64).contiguous()
+        lens = (batch.context_lens[seq] - (cu[1:][seq] - 1 - torch.arange(N))).contiguous()
+        tables = batch.block_tables[seq].contiguous() if tables is not None else None
+        if batch.state_copies:
+            ring = torch.full((N,), -1, dtype=torch.int64)
+            for s, k, to in batch.state_copies:
+                ring[int(cu[s]) + k - 1] = to
+    keep = [batch.state_slots, batch.has_initial_state, batch.slot_mapping, tables, lens, cu, ring]
     for t in keep:
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
             raise ValueError("decode steps take contiguous CPU batch tensors")
-    st = Step(S=batch.num_seqs, block_size=block_size,
-              max_blocks=batch.block_tables.shape[1] if batch.block_tables is not None else 0)
-    for name, t in zip(("slots", "has_state", "slot_mapping", "block_tables", "context_lens"), keep):
+    st = Step(S=N, block_size=block_size, max_blocks=tables.shape[1] if tables is not None else 0, nseq=S)
+    for name, t in zip(("slots", "has_state", "slot_mapping", "block_tables", "context_lens", "cu", "ring"), keep):
         setattr(st, name, t.data_ptr() if t is not None and t.numel() else None)
     if cos is not None:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()

@@ -1,11 +1,13 @@
-/* The decoder's layers for a decode step (one new token per sequence): each half of a layer (residual add + norm +
+/* The decoder's layers for a decode step (one new token per sequence, or the few a speculative step verifies, run one
+ * after another through the recurrent state, which is kept after each where asked): each half of a layer (residual add + norm +
  * mixer, residual add + norm + FFN) is one native call, so a step is two calls per layer instead of dozens of
  * framework ops. Activations are fp32; weights any qw_t format (weights.h); caches are bf16 or fp32 (flag
  * `*_bf16`), rounded to nearest-even on write as torch's `.to(torch.bfloat16)` does. The references are the
  * modules of qwen35/models/qwen3_5.py and qwen35/layers/ (the Python faces are in ../layers.py).
  *
  *   qwen35_add_rmsnorm  h' = h + y; a = rms_norm(h') * w1                      (ops/norms.rms_norm, w1 = 1 + w)
- *   gdn_step            conv window + SiLU, q/k l2-norm, gates, gated-delta step in place, gated RMSNorm
+ *   gdn_step            conv window + SiLU, q/k l2-norm, gates, gated-delta steps (a few tokens per sequence,
+ *                       the state after each kept where asked), gated RMSNorm
  *   attn_decode         q/k RMSNorm, partial rotary, K/V written to the paged cache, attention over each
  *                       sequence's cached positions, sigmoid gate                   (Attention.forward)
  *   qwen35_causal_conv  causal depthwise conv + SiLU over packed prompt tokens      (ops/conv.causal_conv1d)
@@ -98,38 +100,52 @@ void qwen35_add_rmsnorm(const float *h, const float *y, const float *w1, float *
     }
 }
 
-/* One Gated DeltaNet decode step for S sequences, from the input projections to the gated norm.
+/* One Gated DeltaNet step for S rows, from the input projections to the gated norm. The rows are nseq sequences of
+ * consecutive rows (cu [nseq+1]; NULL: one row each), each a few new tokens run one after another (a decode step; a
+ * speculative step's k + 1 tokens).
  * proj [S, stride]: [q (Hk*K) | k (Hk*K) | v (Hv*V) | z (Hv*V)] (in_proj_qkv, in_proj_z); ba [S, ba_stride]:
  * [b (Hv) | a (Hv)] (in_proj_b, in_proj_a).
- * conv_pool [slots, C, Kw-1], conv_w [C, Kw] fp32; ssm_pool [slots, Hv, K, V] fp32; slot slots[s], history
- * present when has_state[s] (otherwise zeros: stale slots are never read). A_log, dt_bias [Hv], norm_w [V] fp32.
+ * conv_pool [slots, C, Kw-1], conv_w [C, Kw] fp32; ssm_pool [slots, Hv, K, V] fp32. Sequence q starts from slot
+ * slots[q] (history present when has_state[q], otherwise zeros: stale slots are never read) and ends there; the
+ * state after a row that is not its sequence's last goes to slot ring[row] when ring is given and that is >= 0
+ * (the states a speculative step may roll back to). A_log, dt_bias [Hv], norm_w [V] fp32.
  * out [S, Hv*V]: norm(o) * w * silu(z), ready for out_proj. */
 static void gdn_step(const float *proj, int64_t stride, const float *ba, int64_t ba_stride, void *conv_pool,
-                     int64_t conv_bf16, const float *conv_w, float *ssm_pool, const int64_t *slots,
-                     const uint8_t *has_state, const float *A_log, const float *dt_bias, const float *norm_w, float eps, float *out, int64_t S, int64_t Hk,
+                     int64_t conv_bf16, const float *conv_w, float *ssm_pool, int64_t nseq, const int64_t *cu,
+                     const int64_t *slots, const uint8_t *has_state, const int64_t *ring, const float *A_log,
+                     const float *dt_bias, const float *norm_w, float eps, float *out, int64_t S, int64_t Hk,
                      int64_t Hv, int64_t K, int64_t V, int64_t Kw) {
     const int64_t key_dim = Hk * K, value_dim = Hv * V, C = 2 * key_dim + value_dim, Wh = Kw - 1;
     const int64_t group = Hv / Hk;
     const float q_scale = 1.0f / sqrtf((float)K);
+    const int bf = (int)conv_bf16;
     float *mixed = malloc(sizeof(float) * S * C);
+#define FIRST_ROW(q) (cu ? cu[q] : (q))
+#define END_ROW(q) (cu ? cu[(q) + 1] : (q) + 1)
+/* where the state after row r of sequence q goes: its own slot after its last row, else its ring slot if any, else
+ * its own slot too (the state it started from is no longer needed) */
+#define DST_SLOT(q, r) ((r) + 1 < END_ROW(q) && ring && ring[r] >= 0 ? ring[r] : slots[q])
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < S; s++) {  /* conv window: [history | this token rounded to the cache's precision] */
-            const float *x = proj + s * stride;
-            const int64_t base = slots[s] * C * Wh;
+        for (int64_t q = 0; q < nseq; q++) {  /* conv window: [history | tokens rounded to the cache's precision] */
+            const int64_t r0 = FIRST_ROW(q), r1 = END_ROW(q), base = slots[q] * C * Wh;
             for (int64_t c = 0; c < C; c++) {
-                float acc = 0.0f, cur = cache_round((int)conv_bf16, x[c]);
-                for (int64_t i = 0; i < Wh; i++) {
-                    const float past = has_state[s] ? cache_get(conv_pool, (int)conv_bf16, base + c * Wh + i) : 0.0f;
-                    acc += past * conv_w[c * Kw + i];
+                float hist[Wh > 0 ? Wh : 1];
+                for (int64_t i = 0; i < Wh; i++)
+                    hist[i] = has_state[q] ? cache_get(conv_pool, bf, base + c * Wh + i) : 0.0f;
+                for (int64_t r = r0; r < r1; r++) {
+                    const float cur = cache_round(bf, proj[r * stride + c]);
+                    float acc = 0.0f;
+                    for (int64_t i = 0; i < Wh; i++) acc += hist[i] * conv_w[c * Kw + i];
+                    acc += cur * conv_w[c * Kw + Wh];
+                    mixed[r * C + c] = silu1(acc);
+                    for (int64_t i = 0; i + 1 < Wh; i++) hist[i] = hist[i + 1];
+                    if (Wh > 0) hist[Wh - 1] = cur;
+                    const int64_t dst = DST_SLOT(q, r) * C * Wh;
+                    if (r + 1 == r1 || dst != base)
+                        for (int64_t i = 0; i < Wh; i++) cache_put(conv_pool, bf, dst + c * Wh + i, hist[i]);
                 }
-                acc += cur * conv_w[c * Kw + Wh];
-                for (int64_t i = 0; i + 1 < Wh; i++)
-                    cache_put(conv_pool, (int)conv_bf16, base + c * Wh + i,
-                              has_state[s] ? cache_get(conv_pool, (int)conv_bf16, base + c * Wh + i + 1) : 0.0f);
-                if (Wh > 0) cache_put(conv_pool, (int)conv_bf16, base + c * Wh + Wh - 1, cur);
-                mixed[s * C + c] = silu1(acc);
             }
         }
 #pragma omp for schedule(static)
@@ -140,25 +156,34 @@ static void gdn_step(const float *proj, int64_t stride, const float *ba, int64_t
             for (int64_t i = 0; i < K; i++) x[i] = j < Hk ? x[i] * r * q_scale : x[i] * r;
         }
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t s = 0; s < S; s++) {
+        for (int64_t q = 0; q < nseq; q++) {
             for (int64_t h = 0; h < Hv; h++) {
-                const float *row = proj + s * stride;
-                const float *qh = mixed + s * C + (h / group) * K, *kh = mixed + s * C + key_dim + (h / group) * K;
-                const float *vh = mixed + s * C + 2 * key_dim + h * V, *zh = row + C + h * V;
-                const float b = ba[s * ba_stride + h], a = ba[s * ba_stride + Hv + h] + dt_bias[h];
-                const float softplus = a > 20.0f ? a : log1pf(expf(a));
-                const float decay = expf(-expf(A_log[h]) * softplus), beta = 1.0f / (1.0f + expf(-b));
-                float *st = ssm_pool + (slots[s] * Hv + h) * K * V, *oh = out + s * value_dim + h * V;
+                const float da = dt_bias[h], A = expf(A_log[h]);
+                const float *src = ssm_pool + (slots[q] * Hv + h) * K * V;
                 /* the state this thread takes next, prefetched while this one is rewritten */
-                const int64_t ns = h + 1 < Hv ? s : s + 1, nh = h + 1 < Hv ? h + 1 : 0;
-                const char *next = ns < S && has_state[ns] ? (const char *)(ssm_pool + (slots[ns] * Hv + nh) * K * V)
-                                                           : NULL;
-                gdn_head_step(st, qh, kh, vh, decay, beta, oh, K, V, !has_state[s], next);
-                const float r = 1.0f / sqrtf(dot_f32(oh, oh, V) / (float)V + eps);  /* w * norm(o) * silu(z) */
-                for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * r) * silu1(zh[j]);
+                const int64_t nq = h + 1 < Hv ? q : q + 1, nh = h + 1 < Hv ? h + 1 : 0;
+                const char *next = nq < nseq && has_state[nq] ? (const char *)(ssm_pool + (slots[nq] * Hv + nh) * K * V)
+                                                              : NULL;
+                for (int64_t r = FIRST_ROW(q); r < END_ROW(q); r++) {
+                    const float *row = proj + r * stride;
+                    const float *qh = mixed + r * C + (h / group) * K, *kh = mixed + r * C + key_dim + (h / group) * K;
+                    const float *vh = mixed + r * C + 2 * key_dim + h * V, *zh = row + C + h * V;
+                    const float b = ba[r * ba_stride + h], a = ba[r * ba_stride + Hv + h] + da;
+                    const float softplus = a > 20.0f ? a : log1pf(expf(a));
+                    const float decay = expf(-A * softplus), beta = 1.0f / (1.0f + expf(-b));
+                    float *dst = ssm_pool + (DST_SLOT(q, r) * Hv + h) * K * V, *oh = out + r * value_dim + h * V;
+                    gdn_head_step(dst, src, qh, kh, vh, decay, beta, oh, K, V, r == FIRST_ROW(q) && !has_state[q],
+                                  next);
+                    src = dst;
+                    const float rr = 1.0f / sqrtf(dot_f32(oh, oh, V) / (float)V + eps);  /* w * norm(o) * silu(z) */
+                    for (int64_t j = 0; j < V; j++) oh[j] = norm_w[j] * (oh[j] * rr) * silu1(zh[j]);
+                }
             }
         }
     }
+#undef FIRST_ROW
+#undef END_ROW
+#undef DST_SLOT
     free(mixed);
 }
 
@@ -301,15 +326,18 @@ void qwen35_causal_conv(const float *x, const float *w, const int64_t *cu, const
  * is the step_t. Input dimensions need no padding and output projections write exactly H columns (checked in
  * Python). */
 typedef struct {
-    int64_t S;                                   /* sequences, one new token each */
+    int64_t S;                                   /* rows (new tokens) */
     const int64_t *slots;                        /* Gated DeltaNet state slot of each sequence */
     const uint8_t *has_state;                    /* 0: the sequence starts from zero state */
-    const int64_t *slot_mapping;                 /* flat K/V position of each new token */
-    const int64_t *block_tables;                 /* [S, max_blocks] */
-    const int64_t *context_lens;                 /* positions each sequence attends to, the new one included */
+    const int64_t *slot_mapping;                 /* flat K/V position of each row */
+    const int64_t *block_tables;                 /* [S, max_blocks]: each row's sequence's blocks */
+    const int64_t *context_lens;                 /* positions each row attends to, its own included */
     int64_t max_blocks, block_size;
     const float *cos, *sin;                      /* rotary [S, rd] */
     int64_t rd;
+    int64_t nseq;                                /* sequences: rows cu[q]..cu[q+1]-1 (cu NULL: one row each) */
+    const int64_t *cu;
+    const int64_t *ring;                         /* [S] or NULL: slot for the state after each row (gdn_step) */
 } step_t;
 
 typedef struct {
@@ -367,8 +395,9 @@ void qwen35_gdn_layer(const gdn_layer_t *L, const step_t *st, float *h, const fl
     float *o = malloc(sizeof(float) * S * L->Hv * L->V);
     qwen35_matmul(a, &L->in_qkvz, 0, proj, S);
     qwen35_matmul(a, &L->in_ba, 0, ba, S);
-    gdn_step(proj, L->in_qkvz.n, ba, L->in_ba.n, L->conv_pool, L->conv_bf16, L->conv_w, L->ssm_pool, st->slots,
-             st->has_state, L->A_log, L->dt_bias, L->gnorm_w, L->gnorm_eps, o, S, L->Hk, L->Hv, L->K, L->V, L->Kw);
+    gdn_step(proj, L->in_qkvz.n, ba, L->in_ba.n, L->conv_pool, L->conv_bf16, L->conv_w, L->ssm_pool,
+             st->cu ? st->nseq : S, st->cu, st->slots, st->has_state, st->ring, L->A_log, L->dt_bias, L->gnorm_w,
+             L->gnorm_eps, o, S, L->Hk, L->Hv, L->K, L->V, L->Kw);
     qwen35_matmul(o, &L->out, 0, y, S);
     free(a); free(proj); free(ba); free(o);
 }
