@@ -104,6 +104,16 @@ class Metrics:
             pc.queried_tokens)
         one("prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
             pc.hit_tokens)
+        sd = e.spec_stats
+        if sd.num_speculative_tokens:  # with speculative decoding on, as vLLM reports it
+            one("spec_decode_num_drafts_total", "counter", "Number of spec decoding drafts.", sd.num_drafts)
+            one("spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens.", sd.num_draft_tokens)
+            one("spec_decode_num_accepted_tokens_total", "counter", "Number of accepted tokens.",
+                sd.num_accepted_tokens)
+            lines += ["# HELP vllm:spec_decode_num_accepted_tokens_per_pos_total Accepted tokens per draft position.",
+                      "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos_total counter"]
+            lines += [f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{lab},position="{i}"}} {n}'
+                      for i, n in enumerate(sd.accepted_per_pos)]
         lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
                   "# TYPE vllm:request_success_total counter"]
         lines += [f'vllm:request_success_total{{finished_reason="{label_value(r)}",{lab}}} {n}'

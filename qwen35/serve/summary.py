@@ -36,7 +36,8 @@ def startup_summary(llm, served_model_name: str, url: str) -> str:
     state_bytes = sum(t.nbytes for t in (*cache.conv.values(), *cache.ssm.values()))
     kv_tokens = e.blocks.num_blocks * e.blocks.block_size
     fits = kv_tokens / e.max_model_len if cache.k else float("inf")  # no attention layer: no KV limit
-    concurrency = min(e.slots.num_slots, int(fits))
+    max_seqs = e.config.max_num_seqs
+    concurrency = min(max_seqs, int(fits))
     dtype = str(llm.model.dtype).removeprefix("torch.")
     weights = report.quantization if report.quantization != "none" else dtype
     warning = weights_warning(llm.model_path)
@@ -46,11 +47,12 @@ def startup_summary(llm, served_model_name: str, url: str) -> str:
         f"dtype: {dtype}; weights: {weights} (checkpoint: {report.checkpoint_format})",
         f"KV cache: {e.blocks.num_blocks} blocks x {e.blocks.block_size} tokens = {kv_tokens} tokens "
         f"({kv_bytes / MiB:.1f} MiB)",
-        f"state slots: {e.slots.num_slots} sequences + {e.snapshots.num_slots} prefix snapshots "
-        f"({state_bytes / MiB:.1f} MiB)",
+        f"state slots: {max_seqs} sequences" + (f" x {1 + e.num_spec} (speculative rings)" if e.num_spec else "")
+        + f" + {e.snapshots.num_slots} prefix snapshots ({state_bytes / MiB:.1f} MiB)",
         f"max concurrency at max_model_len {e.max_model_len}: {concurrency} requests "
-        f"(the KV cache holds {fits:.2f}x, max_num_seqs {e.slots.num_slots})",
+        f"(the KV cache holds {fits:.2f}x, max_num_seqs {max_seqs})",
         f"prefix caching: {'on' if e.prefix is not None else 'off'}",
+        "speculative decoding: " + (f"MTP, {e.num_spec} draft tokens per step" if e.num_spec else "off"),
         f"serving on {url} (OpenAI API under {url}/v1)",
     ]
     return "\n".join(lines)
