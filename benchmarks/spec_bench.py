@@ -9,7 +9,7 @@ Models: `demo`, the embedded trained model (`LLM()`, with its trained MTP head),
 standard library rendered with its chat template (what its corpus is); `bench-moe`, cpu_bench.py's 1.46B-total /
 0.5B-active Qwen3.5-MoE with random weights and a random MTP head (`models.mtp.add_mtp`, written with the training
 checkpoint writer), on random 128-token prompts. For each model, k (0: no speculation; one engine per k) and batch
-size B: B requests submitted at once, greedy, --tokens new tokens each (ignore-eos, so every run makes the same
+size B: the first B prompts submitted at once, greedy, --tokens new tokens each (ignore-eos, so every run makes the same
 number), one warm-up run, then --repeats timed runs, reported by their median:
   - decode tok/s: the output tokens made after the step in which the last request got its first token, over the
     wall time from the end of that step to the end of the last one. Prefill (with the first token, and with k > 0
@@ -18,7 +18,9 @@ number), one warm-up run, then --repeats timed runs, reported by their median:
   - step: the median decode step (ms), and its cost relative to k=0's median step at the same B (a verify step of
     1 + k rows per request plus the MTP head's drafting, against a one-row decode step);
   - acceptance by draft position (accepted_per_pos / num_drafts: the share of verify steps that kept position i's
-    draft) and mean accepted length (tokens per verify step, the bonus token included);
+    draft; a request's last steps draft fewer than k, to leave room for --tokens, so the last positions read a
+    little low: the JSON also has acceptance_per_drafted_pos, over the steps that drafted position i) and mean
+    accepted length (tokens per verify step, the bonus token included);
   - greedy = k0: every request's tokens equal k=0's at the same B (a mismatch is printed loudly, with where).
 Draft modes, set through `engine.draft_hook` (it replaces the head's drafts after the head ran, so the head's cost
 stays in every mode):
@@ -31,7 +33,8 @@ The k engines run one after the other (holding bench-moe four times over would n
 shared machine's drift between them shows in the ratios; the read bandwidth is probed before and after each engine's
 runs (cpu_bench.read_bandwidth) and written to the JSON record. The bench-moe checkpoint (~3 GB) is written once
 into --checkpoint (default: a folder in the temporary directory, kept between runs). `--quick` runs the demo and
-tiny-moe (bench-moe's layout at toy sizes) with few tokens: a check of the script, not a measurement.
+tiny-moe (bench-moe's layout at toy sizes) at batch 1 and 4 with few tokens: a check of the script (a minute or
+two), not a measurement.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def bench_checkpoint(name: str, folder: Path | None) -> Path:
     model, _, _ = load_model(trunk, dtype=torch.bfloat16)
     head = add_mtp(model, generator=torch.Generator().manual_seed(1))
     state = {f"mtp.{n}": p for n, p in head.state_dict().items()}
-    del model
+    del model, head  # the head holds the trunk too
     save_checkpoint(state, path, source_dir=trunk)
     shutil.rmtree(trunk)
     cfg_file.write_text(json.dumps(dict(config, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False),
@@ -123,6 +126,20 @@ def chat_prompts(llm, n: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- runs
+
+class Counted:
+    """engine.draft_hook: counts the drafts verified at each position (the last steps of a request draft fewer than
+    k, leaving room for max_tokens), passing through `inner`'s drafts, or the head's where it is None."""
+
+    def __init__(self, k: int, inner=None):
+        self.inner, self.drafted = inner, [0] * k
+
+    def __call__(self, request, drafts: list[int]) -> list[int]:
+        drafts = list(drafts if self.inner is None else self.inner(request, drafts))
+        for i in range(len(drafts)):
+            self.drafted[i] += 1
+        return drafts
+
 
 class Drafts:
     """engine.draft_hook: each draft position the reference's (k=0's greedy) token with probability `p`, else a
@@ -155,9 +172,9 @@ def run_once(llm, batch_prompts: list[list[int]], tokens: int, hook: Drafts | No
 
     engine = llm.engine
     engine.spec_stats = SpecDecodeStats(engine.num_spec)
-    engine.draft_hook = hook
     if hook is not None:
         hook.restart()
+    counted = engine.draft_hook = Counted(engine.num_spec, hook) if engine.num_spec else None
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     tag = next(_RUNS)
     rids = [f"run{tag}-{i}" for i in range(len(batch_prompts))]
@@ -187,6 +204,7 @@ def run_once(llm, batch_prompts: list[list[int]], tokens: int, hook: Drafts | No
             "step_s": statistics.median(steps) if steps else 0.0, "outputs": [out[r] for r in rids],
             "num_drafts": s.num_drafts, "num_draft_tokens": s.num_draft_tokens,
             "num_accepted_tokens": s.num_accepted_tokens, "accepted_per_pos": list(s.accepted_per_pos),
+            "drafted_per_pos": counted.drafted if counted else [],
             "acceptance_rate": s.acceptance_rate, "mean_acceptance_length": s.mean_acceptance_length}
 
 
@@ -244,6 +262,8 @@ def bench_model(name: str, args, sizes: dict) -> list[dict]:
                        "step_cost": r["step_s"] / base[b]["step_s"] if base[b]["step_s"] else None,
                        "acceptance_per_pos": [a / r["num_drafts"] for a in r["accepted_per_pos"]]
                        if r["num_drafts"] else [],
+                       "acceptance_per_drafted_pos": [a / d if d else 0.0 for a, d in
+                                                      zip(r["accepted_per_pos"], r["drafted_per_pos"])],
                        "greedy_match": not bad, "mismatches": bad[:8],
                        "eos_in_output": sum(any(t in llm.engine.eos_ids for t in o) for o in outputs)}
                 if p is not None:
@@ -291,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", help="demo, bench-moe, tiny-moe (default: demo bench-moe; --quick: demo "
                     "tiny-moe)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 16; --quick: 1 4); batch B takes "
+                    "the first B prompts")
     ap.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 3], help="draft tokens per step (0, no "
                     "speculation, always runs: it is the reference)")
     ap.add_argument("--tokens", type=int, help=f"new tokens per request (default {FULL['tokens']}; --quick "
@@ -307,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="folder to keep the bench-moe checkpoint in (default: in the "
                     "temporary directory)")
     ap.add_argument("--out", help="JSON record (default: benchmarks/results/spec.json; --quick: a temporary file)")
-    ap.add_argument("--quick", action="store_true", help="demo and tiny-moe, 12 tokens, one timed run: checks the "
-                    "script (its figures measure nothing)")
+    ap.add_argument("--quick", action="store_true", help="demo and tiny-moe, batch 1 and 4, 12 tokens, one timed "
+                    "run: checks the script (its figures measure nothing)")
     args = ap.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     for key in sizes:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
+    args.batch = args.batch or ([1, 4] if args.quick else [1, 16])
     if min(args.batch) < 1 or sizes["repeats"] < 1 or sizes["tokens"] < 4 or sizes["prompt_len"] < 1:
         ap.error("--batch, --repeats and --prompt-len must be at least 1, --tokens at least 4")
     if min(args.k) < 0 or max(args.k) > 8:
