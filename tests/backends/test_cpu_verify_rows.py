@@ -150,19 +150,25 @@ def test_attn_rows_match_layer(cache_dtype, Hq, Hkv):
 
 # ---- whole models: the decoder against the reference model on the same batch and a copy of the cache ----
 
-def prepared(model, lay, nslots, nblocks, cache_dtype, seed, mtp=False):
-    """A NaN-poisoned cache holding each sequence's past tokens (prefilled by `model`, the reference), and every
-    sequence's tokens (past + new)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, 150, (s["past"] + s["n"],), generator=g).tolist() for s in lay]
+def poisoned(model, nslots, nblocks, cache_dtype, mtp=False):
+    """A cache full of NaN: anything read before this test wrote it shows."""
     cache = HybridCache(model.cache_spec(mtp=mtp), nblocks, BS, nslots, cache_dtype)
     for pool in (cache.k, cache.v, cache.conv, cache.ssm):
         for t in pool.values():
             t.fill_(float("nan"))
-    past = [SeqChunk(t[:s["past"]], state_slot=s["slot"], block_ids=s["blocks"]) for s, t in zip(lay, tokens)
-            if s["past"]]
+    return cache
+
+
+def prepared(model, lay, nslots, nblocks, cache_dtype, seed):
+    """A poisoned cache holding each sequence's past tokens (prefilled by `model`, the reference), and every
+    sequence's tokens (past + new)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(0, 150, (s["past"] + s["n"],), generator=g).tolist() for s in lay]
+    cache = poisoned(model, nslots, nblocks, cache_dtype)
+    past = ForwardBatch.build([SeqChunk(t[:s["past"]], state_slot=s["slot"], block_ids=s["blocks"])
+                               for s, t in zip(lay, tokens) if s["past"]], BS)
     with torch.no_grad():
-        model(ForwardBatch.build(past, BS).input_ids, ForwardBatch.build(past, BS), cache)
+        model(past.input_ids, past, cache)
     return cache, tokens
 
 
@@ -178,56 +184,70 @@ def gap(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
+def close(a, b, what, bf16):
+    """The decoder's result b against the reference's a. fp32 caches: the backend's tolerance against the reference
+    (fp32 summation order). bf16 caches: an fp32 value within rounding of a bf16 tie may round the other way on the
+    two paths (a K/V entry or conv input one bf16 step off; the layer tests above check the rounding itself on
+    identical inputs) and later layers carry that on, so the backend's bf16 decode tolerance (mean relative gap
+    1e-3; measured ~1e-5) applies."""
+    a, b = a.float(), b.float()
+    if bf16:
+        assert (a - b).abs().mean() <= 1e-3 * a.abs().mean(), what
+    else:
+        assert gap(a, b) <= 1e-4, (what, gap(a, b))
+
+
 def spy(dec):
-    """Record whether each call of dec took the fused layers (CpuDecoder._decode)."""
+    """Records, per call of dec that took the fused layers (CpuDecoder._decode), whether it was the MTP head's."""
     calls, fused = [], dec._decode
     dec._decode = lambda *a, **k: calls.append(k.get("mtp", False)) or fused(*a, **k)
     return calls
 
 
-def check_step(ref_cache, dec_cache, ref_h, dec_h, lay, batch, carried=()):
-    """Hidden states, the K/V of every row, conv + recurrent state in every slot written, against the reference;
-    both caches hold NaN in the same places (the decoder writes nothing the reference does not). fp32 caches: the
-    decoder's tolerance against the reference (fp32 summation order). bf16 caches: an fp32 value within rounding of
-    a bf16 tie may round the other way on the two paths (a K/V entry or conv input one bf16 step off; the layer tests
-    above check the rounding itself on identical inputs), and the later layers carry that on, so everything is held
-    to the backend's bf16 decode tolerance (mean relative gap 1e-3; measured 1e-5)."""
-    bf16 = dec_cache.conv[next(iter(dec_cache.conv))].dtype == torch.bfloat16
-    slots = torch.tensor(written_slots(lay) + list(carried))
-
-    def close(a, b, what):
-        a, b = a.float(), b.float()
-        if bf16:
-            assert (a - b).abs().mean() <= 1e-3 * a.abs().mean(), what
-        else:
-            assert gap(a, b) <= 1e-4, (what, gap(a, b))
-
-    close(ref_h, dec_h, "hidden")
-    for i in ref_cache.k:
+def check_kv(ref_cache, dec_cache, batch, layers):
+    """Both caches hold NaN in the same places (the decoder writes nothing the reference does not); the rows' K/V."""
+    bf16 = next(iter(dec_cache.k.values())).dtype == torch.bfloat16
+    for i in layers:
         for name in ("k", "v"):
             a, b = getattr(ref_cache, name)[i], getattr(dec_cache, name)[i]
             assert torch.equal(a.isnan(), b.isnan()), (name, i)
-            close(a.flatten(0, 1)[batch.slot_mapping], b.flatten(0, 1)[batch.slot_mapping], (name, i))
+            close(a.flatten(0, 1)[batch.slot_mapping], b.flatten(0, 1)[batch.slot_mapping], (name, i), bf16)
+
+
+def check_step(ref_cache, dec_cache, ref_h, dec_h, lay, batch, carried=()):
+    """Hidden states, the K/V of every row and the conv + recurrent state in every slot written, against the
+    reference's; NaN in the same places."""
+    bf16 = next(iter(dec_cache.conv.values())).dtype == torch.bfloat16
+    close(ref_h, dec_h, "hidden", bf16)
+    check_kv(ref_cache, dec_cache, batch, ref_cache.k)
+    slots = torch.tensor(written_slots(lay) + list(carried))
     for i in ref_cache.conv:
         for name in ("conv", "ssm"):
             a, b = getattr(ref_cache, name)[i], getattr(dec_cache, name)[i]
             assert torch.equal(a.isnan(), b.isnan()), (name, i)
             assert not a[slots].isnan().any()
-            close(a[slots], b[slots], (name, i))
+            close(a[slots], b[slots], (name, i), bf16)
 
 
-def verify_then_continue(ref, dec, cache_dtype, seed):
-    """A verify step over SEQS (ring copies included), then every sequence with copies continues from the state after
-    its last copied row (a ring slot, as the engine swaps in the slot of the last accepted token), its rejected rows'
-    K/V overwritten. Both checked against the reference after each step; both steps take the fused layers."""
-    lay, nslots, nblocks = layout(SEQS, seed=seed)
+def one_step(ref, dec, seqs, cache_dtype, seed, fused=True):
+    """Prefill each sequence's past with the reference, then one step of seqs' new rows on both models, checked."""
+    lay, nslots, nblocks = layout(seqs, seed=seed)
     ref_cache, tokens = prepared(ref, lay, nslots, nblocks, cache_dtype, seed=seed + 1)
     dec_cache, calls = clone(ref_cache), spy(dec)
     batch = verify_batch(lay, tokens)
+    assert L.fits_step(batch) == fused
     with torch.no_grad():
         ref_h, dec_h = ref(batch.input_ids, batch, ref_cache), dec(batch.input_ids, batch, dec_cache)
-    assert calls == [False]
+    assert calls == ([False] if fused else [])
     check_step(ref_cache, dec_cache, ref_h, dec_h, lay, batch)
+    return lay, ref_cache, dec_cache, calls
+
+
+def verify_then_continue(ref, dec, cache_dtype, seed):
+    """A verify step over SEQS, then every sequence with ring copies continues from the state after its last copied
+    row (a ring slot, as the engine swaps in the slot of the last accepted token), its rejected rows' K/V
+    overwritten. Both steps fused, both checked against the reference."""
+    lay, ref_cache, dec_cache, calls = one_step(ref, dec, SEQS, cache_dtype, seed)
     g = torch.Generator().manual_seed(seed + 2)
     nxt = []
     for s in lay:
@@ -267,3 +287,55 @@ def test_quantized_decoder_verify_steps_match_reference(checkpoint, kind, quanti
     dec = CpuDecoder(load_model(path, dtype="float32", quantization=quantization)[0])
     assert dec.fused and dec.layers[0][1].in_qkvz.format == quantization
     verify_then_continue(ref, dec, torch.float32, seed=4)
+
+
+M = L.MAX_ROWS_PER_SEQ
+
+
+@pytest.mark.parametrize("seqs,fused", [
+    ([(3, 5, [1, 3]), (2, 0, [1])], False),  # a copy after a sequence's last row
+    ([(4, 2, [2, 2]), (1, 4, [])], False),  # two copies after the same row
+    ([(M + 1, 3, [1, 2]), (2, 0, [1])], False),  # more rows than the fused layers take
+    ([(M, 0, list(range(1, M))), (1, 6, [])], True),  # the most rows, a copy after every row but the last
+    ([(1, 5, [1]), (1, 0, [])], False),  # one row per sequence: a copy can only follow the last row
+], ids=["copy-after-last", "two-copies-one-row", "too-many-rows", "most-rows", "plain-decode-copy"])
+def test_fits_step_refuses_what_the_fused_layers_cannot_run(checkpoint, seqs, fused):
+    """fits_step says no to these batches; the decoder then runs them layer by layer and still matches."""
+    path, _ = checkpoint("dense")
+    ref = load_model(path, dtype="float32")[0]
+    dec = CpuDecoder(load_model(path, dtype="float32")[0])
+    one_step(ref, dec, seqs, torch.float32, seed=5, fused=fused)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("seqs,cache_dtype", [
+    ([(3, 5), (1, 0), (9, 6), (2, 3)], torch.float32),
+    ([(3, 5), (1, 0), (9, 6), (2, 3)], torch.bfloat16),
+    ([(M + 3, 4), (2, 0)], torch.float32),  # a sequence longer than the fused layers take: unfused
+], ids=["fused", "fused-bf16-cache", "unfused"])
+def test_mtp_head_matches_reference(checkpoint, kind, seqs, cache_dtype):
+    """CpuDecoder.mtp (the head's layer fused when the batch fits) against models.mtp.MTP.forward on the same cache:
+    its output and the K/V it keeps at its own layer index, after earlier positions written by the reference."""
+    from tests.test_mtp import with_mtp
+
+    ref = with_mtp(kind, checkpoint)[0]
+    dec = CpuDecoder(with_mtp(kind, checkpoint)[0])  # the same weights, packed (the model's copies released)
+    assert dec.mtp_fused
+    lay, nslots, nblocks = layout([(n, p, []) for n, p in seqs], seed=6)
+    cache = poisoned(ref, nslots, nblocks, cache_dtype, mtp=True)
+    g = torch.Generator().manual_seed(7)
+    H, layer = ref.cfg.hidden_size, ref.cfg.num_hidden_layers
+    past = ForwardBatch.build([SeqChunk(torch.randint(0, 150, (s["past"],), generator=g).tolist(),
+                                        state_slot=s["slot"], block_ids=s["blocks"]) for s in lay if s["past"]], BS)
+    with torch.no_grad():
+        ref.mtp(torch.randn(past.input_ids.shape[0], H, generator=g), past.input_ids, past, cache)
+    dec_cache, calls = clone(cache), spy(dec)
+    batch = verify_batch(lay, [[0] * s["past"] + torch.randint(0, 150, (s["n"],), generator=g).tolist()
+                               for s in lay])
+    hidden = torch.randn(batch.input_ids.shape[0], H, generator=g)
+    with torch.no_grad():
+        want = ref.mtp(hidden, batch.input_ids, batch, cache)
+        got = dec.mtp(hidden, batch, dec_cache, dec.embed(batch.input_ids))
+    assert calls == ([True] if max(n for n, _ in seqs) <= M else [])
+    close(want, got, "mtp", cache_dtype == torch.bfloat16)
+    check_kv(cache, dec_cache, batch, [layer])
