@@ -17,7 +17,10 @@ from qwen35.backends.cpu import layers as L
 from qwen35.cache.hybrid import HybridCache
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import load_model
-from tests.backends.test_cpu_layers import config, packed, randomize, rand, residual, check_residual
+from qwen35.models.qwen3_5 import Attention, GatedDeltaNet
+from qwen35.ops.rope import inv_freq, rope_cos_sin
+from tests.backends.test_cpu_layers import check_residual, config, packed, rand, randomize, residual
+from tests.test_mtp import with_mtp
 
 pytestmark = pytest.mark.skipif(not library.available(), reason="native kernels unavailable (no C compiler/AVX2)")
 
@@ -29,8 +32,9 @@ SEQS = [(3, 5, [1, 2]), (1, 0, []), (9, 6, [1, 4, 8]), (2, 0, [1]), (5, 11, [1, 
 
 
 def layout(seqs, seed, block_size=BS):
-    """Scattered state slots, ring slots and shuffled K/V blocks for `seqs`; slots and blocks nobody owns are left
-    over (slot 1, block 0 and the last ones). Returns (chunks without tokens: dicts, num_slots, num_blocks)."""
+    """Scattered state slots, ring slots and shuffled K/V blocks for `seqs`; slots 0 and 1, block 0 and the last
+    block belong to nobody. Returns (one dict per sequence: its sizes, slot, blocks, snapshots; num_slots,
+    num_blocks)."""
     g = torch.Generator().manual_seed(seed)
     nslots = 2 + len(seqs) + sum(len(r) for _, _, r in seqs)
     nblocks = 2 + sum(-(-(n + p) // block_size) for n, p, _ in seqs)
@@ -63,8 +67,6 @@ def test_gdn_rows_match_layer(cache_dtype, heads):
     forward (the delta rule capturing the states inside each sequence): output, and conv history + recurrent state in
     each sequence's slot and each ring slot; slots nobody owns, and fresh sequences' stale slots, hold NaN that must
     never be read."""
-    from qwen35.models.qwen3_5 import GatedDeltaNet
-
     Hk, Hv, K, V = heads
     cfg = config(linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=K, linear_value_head_dim=V)
     layer = GatedDeltaNet(cfg, 0)
@@ -107,9 +109,6 @@ def test_attn_rows_match_layer(cache_dtype, Hq, Hkv):
     """The fused attention half over several rows per sequence (each row attends to its sequence's blocks up to its
     own position, the rows after it not yet visible) against the layer's PyTorch path: shuffled blocks, contexts
     across block boundaries, M-RoPE positions, NaN in blocks nobody owns and beyond each sequence's rows."""
-    from qwen35.models.qwen3_5 import Attention
-    from qwen35.ops.rope import inv_freq, rope_cos_sin
-
     cfg = config(num_attention_heads=Hq, num_key_value_heads=Hkv)
     layer = Attention(cfg, 0)
     randomize(layer, seed=Hq * 10 + Hkv)
@@ -205,13 +204,15 @@ def spy(dec):
 
 
 def check_kv(ref_cache, dec_cache, batch, layers):
-    """Both caches hold NaN in the same places (the decoder writes nothing the reference does not); the rows' K/V."""
+    """Both caches hold NaN in the same places in every attention layer (the decoder writes nothing the reference
+    does not); the batch rows' K/V in `layers`."""
     bf16 = next(iter(dec_cache.k.values())).dtype == torch.bfloat16
-    for i in layers:
+    for i in ref_cache.k:
         for name in ("k", "v"):
             a, b = getattr(ref_cache, name)[i], getattr(dec_cache, name)[i]
             assert torch.equal(a.isnan(), b.isnan()), (name, i)
-            close(a.flatten(0, 1)[batch.slot_mapping], b.flatten(0, 1)[batch.slot_mapping], (name, i), bf16)
+            if i in layers:
+                close(a.flatten(0, 1)[batch.slot_mapping], b.flatten(0, 1)[batch.slot_mapping], (name, i), bf16)
 
 
 def check_step(ref_cache, dec_cache, ref_h, dec_h, lay, batch, carried=()):
@@ -300,7 +301,9 @@ M = L.MAX_ROWS_PER_SEQ
     ([(1, 5, [1]), (1, 0, [])], False),  # one row per sequence: a copy can only follow the last row
 ], ids=["copy-after-last", "two-copies-one-row", "too-many-rows", "most-rows", "plain-decode-copy"])
 def test_fits_step_refuses_what_the_fused_layers_cannot_run(checkpoint, seqs, fused):
-    """fits_step says no to these batches; the decoder then runs them layer by layer and still matches."""
+    """fits_step refuses a state copy after a sequence's last row, two copies after one row and more than
+    MAX_ROWS_PER_SEQ rows (the decoder then runs the batch layer by layer, and still matches the reference); it takes
+    MAX_ROWS_PER_SEQ rows with a copy after every row but the last."""
     path, _ = checkpoint("dense")
     ref = load_model(path, dtype="float32")[0]
     dec = CpuDecoder(load_model(path, dtype="float32")[0])
@@ -316,8 +319,6 @@ def test_fits_step_refuses_what_the_fused_layers_cannot_run(checkpoint, seqs, fu
 def test_mtp_head_matches_reference(checkpoint, kind, seqs, cache_dtype):
     """CpuDecoder.mtp (the head's layer fused when the batch fits) against models.mtp.MTP.forward on the same cache:
     its output and the K/V it keeps at its own layer index, after earlier positions written by the reference."""
-    from tests.test_mtp import with_mtp
-
     ref = with_mtp(kind, checkpoint)[0]
     dec = CpuDecoder(with_mtp(kind, checkpoint)[0])  # the same weights, packed (the model's copies released)
     assert dec.mtp_fused
@@ -339,3 +340,4 @@ def test_mtp_head_matches_reference(checkpoint, kind, seqs, cache_dtype):
     assert calls == ([True] if max(n for n, _ in seqs) <= M else [])
     close(want, got, "mtp", cache_dtype == torch.bfloat16)
     check_kv(cache, dec_cache, batch, [layer])
+    assert all(t.isnan().all() for t in (*dec_cache.conv.values(), *dec_cache.ssm.values()))  # no recurrent state
