@@ -472,7 +472,9 @@ class SpeculativeConfig:
     """Speculative decoding with the checkpoint's MTP head (vLLM's `speculative_config`, method "mtp"): each step
     verifies `num_speculative_tokens` drafted tokens per request in one trunk pass. `disable_by_batch_size`: no
     drafts while more requests than this are running (verifying k + 1 tokens per request costs more than it saves
-    once a step is no longer memory-bound)."""
+    once a step is no longer memory-bound). `draft_vocab_size` (qwen35's; EAGLE-3's draft vocabulary, SGLang's
+    token map): the head drafts only among the first N token ids (the BPE tokens merged first, the most frequent)
+    and the added tokens, so its LM head reads N rows instead of the whole vocabulary; verification is unchanged."""
 
     METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp")
     MAX_TOKENS = 8
@@ -480,6 +482,7 @@ class SpeculativeConfig:
     method: str = "mtp"
     num_speculative_tokens: int = 1
     disable_by_batch_size: int | None = None
+    draft_vocab_size: int | None = None
 
     @classmethod
     def of(cls, value) -> "SpeculativeConfig | None":
@@ -509,7 +512,10 @@ class SpeculativeConfig:
         d = value.get("disable_by_batch_size")
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
             raise ConfigError(f"speculative_config: disable_by_batch_size must be a positive integer, got {d!r}")
-        return cls("mtp", k, d)
+        n = value.get("draft_vocab_size")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"speculative_config: draft_vocab_size must be a positive integer, got {n!r}")
+        return cls("mtp", k, d, n)
 
 
 @dataclass(frozen=True)

@@ -140,10 +140,20 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
+        self.draft_ids = self._draft_ids(self.speculative.draft_vocab_size) if k else None
         self.structured = None
         if tokenizer is not None:
             self.structured = StructuredOutputs(tokenizer, text.vocab_size, (tokenizer.token_to_id("<think>"),
                                                                              tokenizer.token_to_id("</think>")))
+
+    def _draft_ids(self, size: int | None) -> torch.Tensor | None:
+        """The ids the MTP head drafts among: None for every drawable id, or the first `size` (BPE ranks: the tokens
+        merged first are the most frequent) and the added tokens (eos, think and tool-call markers)."""
+        if size is None or size >= self.vocab_limit:
+            return None
+        added = self.tokenizer.backend.get_added_tokens_decoder() if self.tokenizer is not None else {}
+        ids = sorted(set(range(size)) | {i for i in added if i < self.vocab_limit} | set(self.eos_ids))
+        return torch.tensor(ids, device=self.device)
 
     def _num_snapshots(self, per_slot: int) -> int:
         """Snapshots the pool holds: state_snapshot_bytes' worth, by default 8 per sequence slot within
@@ -406,7 +416,7 @@ class LLMEngine:
             if drafting and not r.is_finished and r.num_computed_tokens + 1 == r.num_tokens:
                 k = min(self.num_spec, r.max_total_tokens - r.num_tokens - 1)
             jobs.append(MtpJob(r, c, start, ids, max(k, 0)))
-        for job, drafts in zip(jobs, self.runner.propose(jobs, self.vocab_limit)):
+        for job, drafts in zip(jobs, self.runner.propose(jobs, self.vocab_limit, self.draft_ids)):
             if self.draft_hook is not None and job.num_drafts:
                 drafts = list(self.draft_hook(job.request, drafts))[:job.num_drafts]
             job.request.spec_token_ids = drafts if not job.request.is_finished else []

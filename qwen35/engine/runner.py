@@ -82,10 +82,13 @@ class ModelRunner:
         return [out.get(id(c)) for c in everything]
 
     @torch.inference_mode()
-    def propose(self, jobs: list[MtpJob], vocab_limit: int) -> list[list[int]]:
+    def propose(self, jobs: list[MtpJob], vocab_limit: int, draft_ids: torch.Tensor | None = None
+                ) -> list[list[int]]:
         """Run the MTP head over the rows the last step committed (its K/V at those positions, in the blocks the
-        step used), then draft: per job, num_drafts tokens, each the head's argmax over the drawable ids, the first
-        from the last committed row, the others from the head's own output fed back one position further on."""
+        step used), then draft: per job, num_drafts tokens, each the head's argmax over the drawable ids (those below
+        vocab_limit) or over `draft_ids` (a draft vocabulary), the
+        first from the last committed row, the others from the head's own output fed back one position further
+        on."""
         if not jobs:
             return []
         seqs, rows = [], []
@@ -99,7 +102,11 @@ class ModelRunner:
         active = [i for i, j in enumerate(jobs) if j.num_drafts]
         h = u[batch.logits_indices] if active else None
         for step in range(max((jobs[i].num_drafts for i in active), default=0)):
-            tokens = self.decoder.compute_logits(h.to(self._hidden.dtype))[:, :vocab_limit].argmax(-1).tolist()
+            h = h.to(self._hidden.dtype)
+            if draft_ids is None:
+                tokens = self.decoder.compute_logits(h)[:, :vocab_limit].argmax(-1).tolist()
+            else:
+                tokens = draft_ids[self.decoder.compute_logits(h, draft_ids).argmax(-1)].tolist()
             for i, t in zip(active, tokens):
                 drafts[i].append(t)
             keep = [n for n, i in enumerate(active) if jobs[i].num_drafts > step + 1]

@@ -229,8 +229,13 @@ class Qwen3_5ForCausalLM(nn.Module):
         m2 = self.visual.cfg.spatial_merge_size ** 2
         return list(out.to(self.dtype).split([t * h * w // m2 for t, h, w in grids]))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the whole vocabulary, or over `ids` only (a draft vocabulary: [M] ids, [N, M] logits)."""
+        if ids is None:
+            return self.lm_head(hidden)
+        if isinstance(self.lm_head, nn.Linear):
+            return F.linear(hidden, self.lm_head.weight[ids])
+        return self.lm_head(hidden)[:, ids]  # a quantized head: whole rows, then the columns
 
     def cache_spec(self, mtp: bool = False) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
         """What each layer keeps between steps: the model declares its cache, the cache manager allocates it. With

@@ -288,6 +288,7 @@ class CpuDecoder:
         if self.mtp_layer is not None:
             self.mtp_norm_w1 = _w1(model.mtp.norm)
         self._cache, self._halves = None, None  # the layer halves' (kernel, struct), bound to one cache
+        self._head_rows = None  # (key, PackedWeight) of a draft vocabulary's head rows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,8 +302,15 @@ class CpuDecoder:
             return self.head.rows(input_ids).float()
         return self.model.model.embed_tokens(input_ids).float()
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.head)
+    def compute_logits(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the whole vocabulary, or over `ids` only (a draft vocabulary, whose rows are packed apart on
+        first use, in the model's dtype)."""
+        if ids is None:
+            return linear(hidden, self.head)
+        key = (ids.data_ptr(), ids.numel())
+        if self._head_rows is None or self._head_rows[0] != key:
+            self._head_rows = (key, PackedWeight.pack(self.head.rows(ids).to(self.model.dtype)))
+        return linear(hidden, self._head_rows[1])
 
     @torch.inference_mode()
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None) -> torch.Tensor:
