@@ -203,6 +203,21 @@ def test_moe_block_matches_layer(dtype, N, renormalize):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_moe_layer_takes_nan_rows():
+    """A NaN hidden state (a NaN weight, a stale state read by mistake) makes NaN routing probabilities: the router
+    then takes unchosen experts as torch.topk takes NaN, instead of expert id -1 (which wrote past the weights and
+    corrupted the heap)."""
+    from qwen35.layers.mlp import SparseMoeBlock
+
+    block = SparseMoeBlock(64, 8, 3, 40, 48)
+    randomize(block, seed=1)
+    h, y_prev, norm, _ = residual(64, 2, seed=6)
+    h[1] = float("nan")
+    nat, block = packed(backend._SparseMoe, block, norm, torch.float32)
+    got = run(L.moe_layer(), nat, None, decode_batch([1, 1], [0, 1], [[0], [0]]), h, y_prev)
+    assert got[1].isnan().all() and not got[0].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [1, 3])
 def test_mlp_layer_matches_module(dtype, N):

@@ -430,6 +430,8 @@ static void route(const float *logits, int64_t stride, int64_t Tn, int64_t E, in
             int64_t best = -1;
             for (int64_t e = 0; e < E; e++)
                 if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            for (int64_t e = 0; best < 0 && e < E; e++)  /* NaN logits: an unchosen expert, as torch.topk takes NaN */
+                if (p[e] != -1.0f) best = e;
             ids[t * k + j] = best;
             weights[t * k + j] = p[best];
             total += p[best];
