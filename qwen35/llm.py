@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
+from qwen35.config import SpeculativeConfig
 from qwen35.engine_args import EngineArgs, check_device, media_limits
 from qwen35.engine.llm_engine import LLMEngine
 from qwen35.hub import resolve_model
@@ -137,6 +138,7 @@ class LLM:
         a = self.args = EngineArgs.from_kwargs(**kwargs)
         device = a.device
         check_device(device)
+        SpeculativeConfig.of(a.speculative_config)  # a bad one is refused before the model loads
         fix_mmap_threshold()
         if model is None:
             from qwen35.demo import demo_checkpoint
