@@ -67,16 +67,19 @@ class Oracle:
     def __call__(self, req, drafts: list[int]) -> list[int]:
         if self.plain(req):
             return []
-        true = self.refs[tuple(req.prompt_token_ids)][len(req.output_token_ids):][:len(drafts)]
-        assert len(true) == len(drafts) > 0  # never drafts past max_tokens
+        n = len(drafts)
+        assert 0 < n <= min(self.k, req.max_total_tokens - req.num_tokens - 1)  # never drafts past max_tokens
+        true = self.refs[tuple(req.prompt_token_ids)][len(req.output_token_ids):][:n]
+        assert true, "the request went on past its reference output"
         a = min(next(self.plan), len(true))
         self.forced.add(a)
         self.num_drafts += 1
-        self.num_draft_tokens += len(true)
+        self.num_draft_tokens += n
         self.num_accepted += a
         for i in range(a):
             self.accepted_per_pos[i] += 1
-        return true[:a] + [(t + 1) % self.vocab for t in true[a:]]
+        # past the end of a reference that stopped, any token: the request stops before
+        return (true[:a] + [(t + 1) % self.vocab for t in true[a:]] + [0] * n)[:n]
 
     def check(self, stats) -> None:
         """stats: the engine's SpecDecodeStats (of an engine that verified only this oracle's drafts)."""
@@ -168,24 +171,30 @@ def test_batch_mixing_speculative_and_plain_requests(tiny, backend, k, caching):
 
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_preempted_mid_speculation(tiny, backend):
-    """A KV cache too small for the requests together: the newest are preempted (with drafts pending and their ring
-    of slots out), recomputed and resumed, and still give the plain greedy output."""
-    k = 3
+    """A KV cache too small for the requests together: as their outputs grow the newest are preempted with drafts
+    waiting to be verified (and their rings of slots out), recomputed and resumed, and still give the plain greedy
+    output."""
+    k, n_out = 3, 48
+    prompts = [tokens(20, 300 + i) for i in range(5)]
+    more = {tuple(p): o for p, o in zip(prompts, outputs(tiny("moe", backend, max_num_seqs=1).generate(
+        prompts, greedy(n_out))))}
     probe = tiny("moe", backend, k)
     per_token = HybridCache.bytes_per_token(probe.engine.model.cache_spec(mtp=True), probe.engine.model.dtype)
-    # 256-token max_model_len needs 16 blocks of 16; the five requests need 5 + 6 + 7 + 7 + 1 blocks together
-    llm = tiny("moe", backend, k, kv_cache_bytes=18 * 16 * per_token, max_num_seqs=8, max_num_batched_tokens=64)
-    assert llm.engine.blocks.num_blocks == 18
-    prompts = [p + tokens(30, 7) for p in PROMPTS]
-    more = {tuple(p): o for p, o in zip(prompts, outputs(tiny("moe", backend, max_num_seqs=1).generate(
-        prompts, greedy(2 * MAX_TOKENS))))}
+    # each request ends at 68 tokens + 2 drafted past them: 5 blocks of 16, 25 together; 12 hold two or three
+    llm = tiny("moe", backend, k, kv_cache_bytes=12 * 16 * per_token, max_model_len=128, max_num_seqs=8)
+    assert llm.engine.blocks.num_blocks == 12
     llm.engine.draft_hook = Oracle(more, k, 150, plan=itertools.cycle([3, 3, 1]))
+    sched = llm.engine.scheduler
+    with_drafts = []  # whether each preempted request had drafts waiting to be verified
+    preempt = sched._preempt
+    sched._preempt = lambda req: (with_drafts.append(bool(req.spec_token_ids)), preempt(req))
     try:
-        outs = llm.generate(prompts, greedy(2 * MAX_TOKENS))
+        outs = llm.generate(prompts, greedy(n_out))
     finally:
         llm.engine.draft_hook = None
-    assert outputs(outs) == expected(more, prompts, 2 * MAX_TOKENS)
-    assert llm.engine.scheduler_preemptions > 0
+        del sched._preempt
+    assert outputs(outs) == [more[tuple(p)] for p in prompts]
+    assert llm.engine.scheduler_preemptions == len(with_drafts) and any(with_drafts), with_drafts
     assert llm.engine.spec_stats.num_accepted_tokens > 0
     assert_all_free(llm)
 
@@ -207,6 +216,31 @@ def test_n_siblings_forked_after_the_prefill(tiny, backend):
         del llm.engine.runner.fork
     assert [[c.token_ids for c in o.outputs] for o in outs] == [[r] * 3 for r in expected(refs, PROMPTS[:3])]
     assert forks.count(True) == forks.count(False) == 6
+    assert_all_free(llm)
+
+
+def test_abort_mid_speculation_frees_everything(tiny):
+    """Requests aborted while drafts wait for verification (and their rings of slots are out) free every block and
+    slot; the others finish with their plain greedy output."""
+    refs = tiny.ref("moe", "cpu")
+    llm = tiny("moe", "cpu", 3)
+    eng = llm.engine
+    eng.draft_hook = Oracle(refs, 3, 150, plan=itertools.cycle([1, 3, 0, 2]))
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(str(i), p, greedy())
+    finished, pending = {}, 0
+    try:
+        for step in range(100):
+            if step == 3:
+                pending = sum(bool(r.spec_token_ids) for r in eng.scheduler.running)
+                eng.abort("1"), eng.abort("3")
+            finished.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+            if not eng.has_unfinished_requests():
+                break
+    finally:
+        eng.draft_hook = None
+    assert pending > 0
+    assert finished == {str(i): refs[tuple(p)][:MAX_TOKENS] for i, p in enumerate(PROMPTS) if i not in (1, 3)}
     assert_all_free(llm)
 
 
@@ -333,7 +367,7 @@ def test_engine_verified_tokens_follow_the_model_distribution(tiny):
     all). The pairs follow p(t1) p(t2 | t1) from the model's logprobs without speculation (chi-square)."""
     base = tiny("moe", "cpu", max_num_seqs=1)
     llm = tiny("moe", "cpu", 1, max_num_seqs=64)
-    prompt, allowed, T, N = tokens(6, 77), [11, 60, 123], 2.0, 800
+    prompt, allowed, T, N = tokens(6, 77), [11, 60, 123], 2.0, 600
 
     def target(ids):
         lp = base.generate([ids], greedy(1, logprobs=160))[0].outputs[0].logprobs[0]
@@ -446,4 +480,25 @@ def test_demo_structured_output_with_speculation(demo, constraint):
     assert [(c.token_ids, c.text, c.finish_reason) for c in got] == [(c.token_ids, c.text, c.finish_reason)
                                                                     for c in ref]
     assert llm.engine.spec_stats.num_draft_tokens > before
+    assert_all_free(llm)
+
+
+def test_demo_penalties_and_bans_see_the_tokens_accepted_before(demo):
+    """Each verified row is processed with the output as it stands after the drafts accepted before it: repetition
+    and frequency penalties, logit biases, bad words and min_tokens (eos banned) give the output without
+    speculation, with every acceptance count forced."""
+    base, llm = demo(), demo(3)
+    sp = SamplingParams(temperature=0, max_tokens=40, min_tokens=30, repetition_penalty=1.3, frequency_penalty=0.4,
+                        logit_bias={13: 2.0}, bad_words=["the"])
+    want = [o.outputs[0] for o in base.generate(DEMO_PROMPTS, sp)]
+    tok = base.get_tokenizer()
+    refs = {tuple(tok.encode(p)): o.token_ids for p, o in zip(DEMO_PROMPTS, want)}
+    llm.engine.draft_hook = Oracle(refs, 3, 10000)
+    try:
+        got = [o.outputs[0] for o in llm.generate(DEMO_PROMPTS, sp)]
+    finally:
+        llm.engine.draft_hook = None
+    assert [(c.token_ids, c.text) for c in got] == [(c.token_ids, c.text) for c in want]
+    plain = [o.outputs[0].token_ids for o in base.generate(DEMO_PROMPTS, greedy(40))]
+    assert all(c.token_ids[:len(p)] != p for c, p in zip(want, plain))  # the settings do change the output
     assert_all_free(llm)
