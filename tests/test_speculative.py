@@ -9,8 +9,10 @@ distribution: chi-square tests of `verify_token` on a toy vocabulary, and of the
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qwen35 import LLM, SamplingParams, StructuredOutputsParams
 from qwen35.backends.cpu import CpuDecoder
@@ -270,17 +272,23 @@ def test_disable_by_batch_size(tiny):
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_logprobs_equal_those_without_speculation(tiny, backend):
     """The logprobs of tokens verified in a speculative chunk are those of the same tokens decoded one by one (top
-    3 ids, ranks, values within float32 rounding), accepted drafts, rejected ones and bonus tokens alike. Caching off
+    3 ids, ranks, values within float32 rounding), accepted drafts, rejected ones and bonus tokens alike; prompt
+    logprobs are untouched. Caching off
     in both, so that both prefill the same chunks (bf16 prefills of other chunk shapes differ by ~1e-4 already)."""
     base = tiny("moe", backend, max_num_seqs=1, enable_prefix_caching=False)
     llm = tiny("moe", backend, 3, enable_prefix_caching=False)
-    sp = greedy(logprobs=3)
-    ref = [o.outputs[0] for o in base.generate(PROMPTS[:3], sp)]
+    sp = greedy(logprobs=3, prompt_logprobs=2)
+    ref_outs = base.generate(PROMPTS[:3], sp)
     llm.engine.draft_hook = Oracle(tiny.ref("moe", backend), 3, 150)
     try:
-        got = [o.outputs[0] for o in llm.generate(PROMPTS[:3], sp)]
+        outs = llm.generate(PROMPTS[:3], sp)
     finally:
         llm.engine.draft_hook = None
+    for o, r in zip(outs, ref_outs):
+        assert len(o.prompt_logprobs) == len(r.prompt_logprobs) and o.prompt_logprobs[0] is None
+        for x, y in zip(o.prompt_logprobs[1:], r.prompt_logprobs[1:]):
+            assert list(x) == list(y) and all(abs(x[t].logprob - y[t].logprob) < TOL for t in y)
+    got, ref = [o.outputs[0] for o in outs], [o.outputs[0] for o in ref_outs]
     for c, r in zip(got, ref):
         assert c.token_ids == r.token_ids
         for x, y in zip(c.logprobs, r.logprobs, strict=True):
@@ -501,4 +509,22 @@ def test_demo_penalties_and_bans_see_the_tokens_accepted_before(demo):
     assert [(c.token_ids, c.text) for c in got] == [(c.token_ids, c.text) for c in want]
     plain = [o.outputs[0].token_ids for o in base.generate(DEMO_PROMPTS, greedy(40))]
     assert all(c.token_ids[:len(p)] != p for c, p in zip(want, plain))  # the settings do change the output
+    assert_all_free(llm)
+
+
+def test_demo_image_prompt(demo):
+    """A prompt with an image (3D positions, which the MTP head's positions past the prompt follow): the head's own
+    drafts, then forced acceptance counts, give the output without speculation."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": img},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    want = demo().chat(messages, greedy(32))[0]
+    llm = demo(3)
+    assert llm.chat(messages, greedy(32))[0].outputs[0].token_ids == want.outputs[0].token_ids
+    llm.engine.draft_hook = Oracle({tuple(want.prompt_token_ids): want.outputs[0].token_ids}, 3, 10000)
+    try:
+        got = llm.chat(messages, greedy(32))[0]
+    finally:
+        llm.engine.draft_hook = None
+    assert got.prompt_token_ids == want.prompt_token_ids and got.outputs[0].token_ids == want.outputs[0].token_ids
     assert_all_free(llm)
