@@ -171,6 +171,23 @@ def test_batch_mixing_speculative_and_plain_requests(tiny, backend, k, caching):
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("budget", [2, 3])
+def test_token_budget_cuts_the_verify_chunk(tiny, budget):
+    """With fewer tokens per step than 1 + k, a decoding request verifies only the drafts that fit (budget - 1)."""
+    refs = tiny.ref("moe", "cpu")
+    llm = tiny("moe", "cpu", 3, max_num_batched_tokens=budget)
+    before = list(llm.engine.spec_stats.accepted_per_pos)
+    llm.engine.draft_hook = Oracle(refs, 3, 150, plan=itertools.repeat(3))
+    try:
+        outs = llm.generate(PROMPTS, greedy())
+    finally:
+        llm.engine.draft_hook = None
+    assert outputs(outs) == expected(refs, PROMPTS)
+    accepted = [a - b for a, b in zip(llm.engine.spec_stats.accepted_per_pos, before)]
+    assert all(accepted[:budget - 1]) and not any(accepted[budget - 1:]), accepted
+    assert_all_free(llm)
+
+
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_preempted_mid_speculation(tiny, backend):
     """A KV cache too small for the requests together: as their outputs grow the newest are preempted with drafts
