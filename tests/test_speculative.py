@@ -83,10 +83,16 @@ class Oracle:
         # past the end of a reference that stopped, any token: the request stops before
         return (true[:a] + [(t + 1) % self.vocab for t in true[a:]] + [0] * n)[:n]
 
-    def check(self, stats) -> None:
-        """stats: the engine's SpecDecodeStats (of an engine that verified only this oracle's drafts)."""
-        assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens, stats.accepted_per_pos) == \
-            (self.num_drafts, self.num_draft_tokens, self.num_accepted, self.accepted_per_pos)
+    def check(self, stats, before) -> None:
+        """stats: the engine's SpecDecodeStats now, `before` its `counts` when the oracle started (the engine verified
+        only this oracle's drafts in between)."""
+        now = counts(stats)
+        assert [now[i] - before[i] for i in range(3)] == [self.num_drafts, self.num_draft_tokens, self.num_accepted]
+        assert [x - y for x, y in zip(now[3], before[3])] == self.accepted_per_pos
+
+
+def counts(stats) -> tuple:
+    return stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens, list(stats.accepted_per_pos)
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +142,14 @@ def test_every_acceptance_count_gives_the_plain_greedy_output(tiny, kind, backen
     llm = tiny(kind, backend, k)
     oracle = Oracle(refs, k, 150)
     llm.engine.draft_hook = oracle
-    before = llm.engine.spec_stats.num_drafts
-    assert before == 0
+    before = counts(llm.engine.spec_stats)
     try:
         got = [outputs(llm.generate([p], greedy()))[0] for p in PROMPTS]
     finally:
         llm.engine.draft_hook = None
     assert got == expected(refs, PROMPTS)
     assert oracle.forced == set(range(k + 1))
-    oracle.check(llm.engine.spec_stats)
+    oracle.check(llm.engine.spec_stats, before)
     assert_all_free(llm)
 
 
@@ -268,6 +273,7 @@ def test_disable_by_batch_size(tiny):
     refs = tiny.ref("moe", "cpu")
     llm = tiny("moe", "cpu", 2, spec_kw={"disable_by_batch_size": 2}, max_num_seqs=8)
     oracle = Oracle(refs, 2, 150, plan=itertools.repeat(2))
+    before = counts(llm.engine.spec_stats)
     running = []
 
     def hook(req, drafts):
@@ -282,7 +288,7 @@ def test_disable_by_batch_size(tiny):
         llm.engine.draft_hook = None
     assert outputs(outs) == [refs[tuple(p)][:n] for p, n in zip(PROMPTS, [4, 4, 8, 16, 16])]
     assert running and max(running) <= 2
-    oracle.check(llm.engine.spec_stats)
+    oracle.check(llm.engine.spec_stats, before)
     assert_all_free(llm)
 
 
