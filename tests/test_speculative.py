@@ -296,8 +296,8 @@ def test_disable_by_batch_size(tiny):
 def test_logprobs_equal_those_without_speculation(tiny, backend):
     """The logprobs of tokens verified in a speculative chunk are those of the same tokens decoded one by one (top
     3 ids, ranks, values within float32 rounding), accepted drafts, rejected ones and bonus tokens alike; prompt
-    logprobs are untouched. Caching off
-    in both, so that both prefill the same chunks (bf16 prefills of other chunk shapes differ by ~1e-4 already)."""
+    logprobs are untouched. Caching off in both, so that both prefill the same chunks (bf16 prefills of other chunk
+    shapes differ by ~1e-4 already; the CPU backend's verify rows equal its decode rows exactly)."""
     base = tiny("moe", backend, max_num_seqs=1, enable_prefix_caching=False)
     llm = tiny("moe", backend, 3, enable_prefix_caching=False)
     sp = greedy(logprobs=3, prompt_logprobs=2)
@@ -373,14 +373,15 @@ def toy_target(temperature: float, top_k: int, top_p: float) -> list[float]:
     (2.0, 4, 0.9, 3)], ids=lambda v: str(v))
 def test_verify_token_keeps_the_target_distribution(temperature, top_k, top_p, draft):
     """Rejection sampling against a one-hot draft: whatever is drafted, the tokens come out with the target
-    probabilities (3000 seeded draws, chi-square), and the draft is kept exactly as often as it is likely."""
+    probabilities (3000 seeded draws, chi-square; the draft's own cell included: it is kept as often as it is
+    likely, never when the filters drop it)."""
     probs = toy_target(temperature, top_k, top_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     row = SampleRow(params, [], [], torch.Generator().manual_seed(1234), [])
     logits = torch.tensor(TOY_LOGITS)
     draws = [verify_token(logits, row, draft) for _ in range(3000)]
-    counts = [draws.count(t) for t in range(len(TOY_LOGITS))]
-    assert chi_square_pvalue(counts, probs) > ALPHA, (counts, probs)
+    seen = [draws.count(t) for t in range(len(TOY_LOGITS))]
+    assert chi_square_pvalue(seen, probs) > ALPHA, (seen, probs)
     assert torch.equal(logits, torch.tensor(TOY_LOGITS))  # the caller's row is left as it was
 
 
@@ -417,8 +418,8 @@ def test_engine_verified_tokens_follow_the_model_distribution(tiny):
     finally:
         llm.engine.draft_hook = None
     pairs = [tuple(o.outputs[0].token_ids[:2]) for o in outs]
-    counts = [pairs.count((a, b)) for a in allowed for b in allowed]
-    assert chi_square_pvalue(counts, probs) > ALPHA, (counts, [round(N * p) for p in probs])
+    seen = [pairs.count((a, b)) for a in allowed for b in allowed]
+    assert chi_square_pvalue(seen, probs) > ALPHA, (seen, [round(N * p) for p in probs])
     stats = llm.engine.spec_stats
     assert stats.num_drafts == N and 0 < stats.num_accepted_tokens < N // 2
     assert_all_free(llm)
