@@ -502,8 +502,6 @@ def test_demo_stops_inside_accepted_drafts(demo):
 
 @pytest.mark.parametrize("constraint", [{"choice": ["Paris", "London", "a city in France"]},
                                         {"regex": r"[A-Z][a-z]+( [a-z]+){2,5}\."}], ids=["choice", "regex"])
-@pytest.mark.xfail(strict=True, reason="LLMEngine._verify masks an inference-mode view of the logits in place: "
-                   "RuntimeError in StructuredOutputs.apply_masks, the request fails after its first token")
 def test_demo_structured_output_with_speculation(demo, constraint):
     """A grammar masks each verified row after the tokens accepted before it: the greedy output under a choice or
     regex constraint is the one without speculation (drafts the grammar forbids are rejected)."""
@@ -555,3 +553,22 @@ def test_demo_image_prompt(demo):
         llm.engine.draft_hook = None
     assert got.prompt_token_ids == want.prompt_token_ids and got.outputs[0].token_ids == want.outputs[0].token_ids
     assert_all_free(llm)
+
+
+def test_demo_draft_vocabulary(demo):
+    """draft_vocab_size: the head drafts only among the first N ids and the added tokens (its LM head reads those
+    rows alone), and verification keeps the output the one without speculation."""
+    sp = greedy(40)
+    ref = [o.outputs[0].token_ids for o in demo().generate(DEMO_PROMPTS, sp)]
+    llm = LLM(max_model_len=512, speculative_config={"method": "mtp", "num_speculative_tokens": 2,
+                                                      "draft_vocab_size": 1024})
+    allowed = set(llm.engine.draft_ids.tolist())
+    assert set(range(1024)) <= allowed and llm.engine.eos_ids <= allowed and len(allowed) < 1100
+    drafted = []
+    llm.engine.draft_hook = lambda req, drafts: drafted.extend(drafts) or drafts
+    assert [o.outputs[0].token_ids for o in llm.generate(DEMO_PROMPTS, sp)] == ref
+    assert drafted and set(drafted) <= allowed
+    assert llm.engine.spec_stats.acceptance_rate > 0.2
+    assert_all_free(llm)
+    with pytest.raises(ValueError, match="draft_vocab_size must be a positive integer"):
+        LLM(speculative_config={"method": "mtp", "draft_vocab_size": 0})

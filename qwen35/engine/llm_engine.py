@@ -370,7 +370,7 @@ class LLMEngine:
         for j in range(len(drafts) + 1):
             if r.is_finished:
                 break
-            row = lg[j:j + 1].float()
+            row = lg[j:j + 1].to(torch.float32, copy=True)  # masked in place: not the runner's inference tensor
             self._constrain(row, [r])
             if r.is_finished:
                 break
