@@ -2,7 +2,7 @@
 
     python benchmarks/spec_bench.py [--models demo bench-moe] [--batch 1 16] [--k 0 1 2 3] [--tokens 128]
                                     [--repeats 3] [--modes mtp oracle accept] [--oracle-accept 0.6]
-                                    [--threads N] [--dtype bfloat16] [--checkpoint DIR]
+                                    [--draft-vocab N] [--threads N] [--dtype bfloat16] [--checkpoint DIR]
                                     [--out benchmarks/results/spec.json] [--quick]
 
 Models: `demo`, the embedded trained model (`LLM()`, with its trained MTP head), on chat prompts about the Python
@@ -108,10 +108,11 @@ def bench_checkpoint(name: str, folder: Path | None) -> Path:
     return path
 
 
-def make_llm(model: Path | None, k: int, dtype: str, max_len: int, batch: int, prompt_len: int, tokenizer: bool):
+def make_llm(model: Path | None, k: int, dtype: str, max_len: int, batch: int, prompt_len: int, tokenizer: bool,
+             draft_vocab: int | None = None):
     from qwen35 import LLM
 
-    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    spec = {"method": "mtp", "num_speculative_tokens": k, "draft_vocab_size": draft_vocab} if k else None
     # prefix caching off: the repeated runs would otherwise find their prompts cached
     return LLM(model, dtype=dtype, max_model_len=max_len, max_num_seqs=batch,
                max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False, native_kernels=True,
@@ -239,7 +240,8 @@ def bench_model(name: str, args, sizes: dict) -> list[dict]:
     for k in ks:
         t = time.perf_counter()
         bw_before = read_bandwidth(1 if args.quick else 3)
-        llm = make_llm(path, k, args.dtype, 4096, max(args.batch), sizes["prompt_len"], tokenizer=demo)
+        llm = make_llm(path, k, args.dtype, 4096, max(args.batch), sizes["prompt_len"], tokenizer=demo,
+                       draft_vocab=args.draft_vocab)
         print(f"[{name} k={k}] loaded in {time.perf_counter() - t:.0f} s", flush=True)
         if not batch_prompts:
             n = max(args.batch)
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     "mtp oracle accept)")
     ap.add_argument("--oracle-accept", type=float, default=0.6, help="accept mode: the chance each draft position "
                     "is the true token (default 0.6)")
+    ap.add_argument("--draft-vocab", type=int, help="speculative_config draft_vocab_size: the head drafts among "
+                    "the first N ids (and the added tokens) only (default: the whole vocabulary)")
     ap.add_argument("--threads", type=int, help="CPU threads (torch's and the native kernels' OpenMP)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--checkpoint", type=Path, help="folder to keep the bench-moe checkpoint in (default: in the "
@@ -357,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"\n{info['cpu']}, {torch.get_num_threads()} threads, {args.dtype}, {sizes['tokens']} new tokens per "
           f"request, greedy; decode tok/s: tokens after the last first token / wall time after it (prefill apart); "
-          f"median of {sizes['repeats']} runs; accept mode p = {args.oracle_accept}\n")
+          f"median of {sizes['repeats']} runs; accept mode p = {args.oracle_accept}; draft vocabulary "
+          f"{args.draft_vocab or 'whole'}\n")
     print(md)
     if bad:
         print(f"\n!!! {len(bad)} configurations made different greedy tokens than k=0 (see 'mismatches' in the JSON)")
     record = {"command": " ".join(["python", "benchmarks/spec_bench.py", *(argv or sys.argv[1:])]),
               "machine": info, "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
-              "sizes": sizes, "oracle_accept": args.oracle_accept, "rows": rows, "table": md,
+              "sizes": sizes, "oracle_accept": args.oracle_accept, "draft_vocab_size": args.draft_vocab, "rows": rows,
+              "table": md,
               "wall_s": time.time() - t_start}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(record, indent=1) + "\n")

@@ -472,9 +472,10 @@ class SpeculativeConfig:
     """Speculative decoding with the checkpoint's MTP head (vLLM's `speculative_config`, method "mtp"): each step
     verifies `num_speculative_tokens` drafted tokens per request in one trunk pass. `disable_by_batch_size`: no
     drafts while more requests than this are running (verifying k + 1 tokens per request costs more than it saves
-    once a step is no longer memory-bound). `draft_vocab_size` (qwen35's; EAGLE-3's draft vocabulary, SGLang's
-    token map): the head drafts only among the first N token ids (the BPE tokens merged first, the most frequent)
-    and the added tokens, so its LM head reads N rows instead of the whole vocabulary; verification is unchanged."""
+    once a step is no longer memory-bound; default on CPU 8, the measured crossover, elsewhere none).
+    `draft_vocab_size` (qwen35's; EAGLE-3's draft vocabulary, SGLang's token map): the head drafts only among the
+    first N token ids (the BPE tokens merged first, the most frequent) and the added tokens, so its LM head reads N
+    rows instead of the whole vocabulary; verification is unchanged."""
 
     METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp")
     MAX_TOKENS = 8

@@ -292,6 +292,31 @@ def test_disable_by_batch_size(tiny):
     assert_all_free(llm)
 
 
+def test_cpu_default_stops_drafting_past_the_crossover(demo, monkeypatch):
+    """Without disable_by_batch_size, a CPU engine drafts only while at most CPU_SPEC_MAX_BATCH requests run (past
+    that a step is compute-bound and speculation costs more than it saves)."""
+    from qwen35.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "CPU_SPEC_MAX_BATCH", 2)
+    llm = demo(1)
+    running = []
+
+    def hook(req, drafts):
+        running.append(len(llm.engine.scheduler.running))
+        return drafts
+
+    llm.engine.draft_hook = hook
+    try:
+        want = [o.outputs[0].token_ids for o in demo().generate(DEMO_PROMPTS, [greedy(4), greedy(8), greedy(30),
+                                                                               greedy(30)])]
+        got = llm.generate(DEMO_PROMPTS, [greedy(4), greedy(8), greedy(30), greedy(30)])
+    finally:
+        llm.engine.draft_hook = None
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert running and max(running) <= 2
+    assert_all_free(llm)
+
+
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_logprobs_equal_those_without_speculation(tiny, backend):
     """The logprobs of tokens verified in a speculative chunk are those of the same tokens decoded one by one (top
@@ -398,7 +423,7 @@ def test_engine_verified_tokens_follow_the_model_distribution(tiny):
     prefill, the second verified against a forced draft (the likeliest of the three, or one that is not allowed at
     all). The pairs follow p(t1) p(t2 | t1) from the model's logprobs without speculation (chi-square)."""
     base = tiny("moe", "cpu", max_num_seqs=1)
-    llm = tiny("moe", "cpu", 1, max_num_seqs=64)
+    llm = tiny("moe", "cpu", 1, spec_kw={"disable_by_batch_size": 64}, max_num_seqs=64)  # drafting at any batch
     prompt, allowed, T, N = tokens(6, 77), [11, 60, 123], 2.0, 600
 
     def target(ids):
