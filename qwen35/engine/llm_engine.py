@@ -31,7 +31,7 @@ CPU_KV_DEFAULT_BYTES = 4 * 2**30
 SNAPSHOT_DEFAULT_BYTES = 2**30  # at most; and at most 8 snapshots per sequence slot
 # Speculative decoding on CPU drafts only while at most this many requests run (unless disable_by_batch_size says
 # otherwise): past it a step is compute-bound and verifying k + 1 rows per request costs more than it saves (bench-moe
-# on 2 cores, k = 1, 85% acceptance: 1.29x at batch 1, 1.25x at 4, 1.05x at 8, and 0.96x with every draft right at 16).
+# on 2 cores, k = 1, ~85% acceptance: 1.29x at batch 1, 1.25x at 4, 1.05x at 8; 0.96x with every draft right at 16).
 CPU_SPEC_MAX_BATCH = 8
 
 
