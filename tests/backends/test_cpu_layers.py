@@ -175,10 +175,18 @@ def test_attn_decode_matches_layer(cache_dtype, Hq, Hkv):
         got = run(L.attn_layer(), nat, nat_cache, batch, h, y_prev, cos, sin)
     check_residual(h, ref_h)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    for name in ("k", "v"):  # the new entries: equal up to a rare last-bit flip of the same fp32 value
+    check_new_kv(nat_cache, ref_cache, cache_dtype)
+
+
+def check_new_kv(nat_cache, ref_cache, cache_dtype) -> list[torch.Tensor]:
+    """The new K/V entries: equal up to a rare last-bit flip of the same fp32 value. Returns the native K and V."""
+    out = []
+    for name in ("k", "v"):
         a, b = getattr(nat_cache, name)[0].float(), getattr(ref_cache, name)[0].float()
         torch.testing.assert_close(a, b, rtol=2**-7 if cache_dtype == torch.bfloat16 else 1e-5, atol=1e-6,
                                    equal_nan=True)
+        out.append(a)
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
