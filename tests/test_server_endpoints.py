@@ -150,3 +150,32 @@ def test_startup_summary(tmp_path):
     assert "random weights" in weights_warning(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_5"}')
     assert weights_warning(tmp_path) is None
+
+
+def test_speculative_decoding_metrics_and_summary():
+    """With speculative decoding on, /metrics carries vLLM's spec_decode counters (in-process, from the engine's
+    counts) and the startup summary says so and counts sequences, not ring slots."""
+    llm = LLM(max_model_len=256, max_num_seqs=2, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    engine = llm.engine
+    engine.add_request("r", llm.get_tokenizer().encode("What does str.split do?"),
+                       SamplingParams(max_tokens=24, ignore_eos=True, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    view = SimpleNamespace(engine=engine, num_running=0, num_waiting=0)
+    text = Metrics("demo", 256).render(view)
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("vllm:spec_decode"))
+    lab = 'model_name="demo"'
+    stats = engine.spec_stats
+    assert stats.num_drafts > 0
+    assert float(values[f"vllm:spec_decode_num_drafts_total{{{lab}}}"]) == stats.num_drafts
+    assert float(values[f"vllm:spec_decode_num_draft_tokens_total{{{lab}}}"]) == stats.num_draft_tokens
+    assert float(values[f"vllm:spec_decode_num_accepted_tokens_total{{{lab}}}"]) == stats.num_accepted_tokens
+    for i in range(2):
+        assert float(values[f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{lab},position="{i}"}}']) == \
+            stats.accepted_per_pos[i]
+    summary = startup_summary(llm, "demo", "http://127.0.0.1:8000")
+    assert "state slots: 2 sequences x 3 (speculative rings)" in summary
+    assert "speculative decoding: MTP, 2 draft tokens per step" in summary
+    assert "max_num_seqs 2)" in summary
+    assert "vllm:spec_decode" not in Metrics("demo", 256).render(SimpleNamespace(
+        engine=LLM(max_model_len=256).engine, num_running=0, num_waiting=0))
