@@ -169,7 +169,7 @@ class Drafts:
 def run_once(llm, batch_prompts: list[list[int]], tokens: int, hook: Drafts | None) -> dict:
     """One greedy run of the batch through engine.step, timed step by step."""
     from qwen35 import SamplingParams
-    from qwen35.engine.llm_engine import SpecDecodeStats
+    from qwen35.engine.speculative import SpecDecodeStats
 
     engine = llm.engine
     engine.spec_stats = SpecDecodeStats(engine.num_spec)

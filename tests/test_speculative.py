@@ -295,9 +295,9 @@ def test_disable_by_batch_size(tiny):
 def test_cpu_default_stops_drafting_past_the_crossover(demo, monkeypatch):
     """Without disable_by_batch_size, a CPU engine drafts only while at most CPU_SPEC_MAX_BATCH requests run (past
     that a step is compute-bound and speculation costs more than it saves)."""
-    from qwen35.engine import llm_engine
+    from qwen35.engine import speculative
 
-    monkeypatch.setattr(llm_engine, "CPU_SPEC_MAX_BATCH", 2)
+    monkeypatch.setattr(speculative, "CPU_SPEC_MAX_BATCH", 2)
     llm = demo(1)
     running = []
 
