@@ -597,3 +597,13 @@ def test_demo_draft_vocabulary(demo):
     assert_all_free(llm)
     with pytest.raises(ValueError, match="draft_vocab_size must be a positive integer"):
         LLM(speculative_config={"method": "mtp", "draft_vocab_size": 0})
+
+
+def test_plain_engine_keeps_no_fork_pairs(demo):
+    """Only a speculative engine notes the (leader, sibling) pairs forked in a step, for the MTP head's K/V it copies
+    after its pass, and clears them there; a plain engine keeps none (they held finished requests forever)."""
+    for llm in (demo(), demo(1)):
+        outs = llm.generate(DEMO_PROMPTS[:2], SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=6))
+        assert all(len(o.outputs) == 3 for o in outs)
+        assert llm.engine._forks == []
+        assert_all_free(llm)

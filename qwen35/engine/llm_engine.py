@@ -347,7 +347,8 @@ class LLMEngine(SpeculativeDecoding):
                 if sib.fork_of is r and not sib.is_finished:
                     if self.scheduler.fork(r, sib):
                         self.runner.fork(r, sib)
-                        self._forks.append((r, sib))
+                        if self.num_spec:  # the MTP head's K/V of the copied block follows (_propose)
+                            self._forks.append((r, sib))
                         out.append((sib, lg))
                     else:  # no slot or block now: it waits, and will resume from the cache
                         sib.fork_of = None

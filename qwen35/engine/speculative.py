@@ -54,6 +54,8 @@ class SpecDecodeStats:
 
 
 class SpeculativeDecoding:
+    """LLMEngine's speculative steps (it sets speculative, num_spec, draft_ids, spec_stats, draft_hook, _forks)."""
+
     def _draft_ids(self, size: int | None) -> torch.Tensor | None:
         """The ids the MTP head drafts among: None for every drawable id, or the first `size` (BPE ranks: the tokens
         merged first are the most frequent) and the added tokens (eos, think and tool-call markers)."""
@@ -113,7 +115,7 @@ class SpeculativeDecoding:
             if n == 0:
                 continue
             ids = r.all_token_ids[start + 1:start + n + 1]
-            if len(ids) < n:  # nothing was sampled after the last row (the request failed): no successor
+            if len(ids) < n:  # the request stopped on, or failed at, its last row: that row has no successor
                 ids, n = ids[:n - 1], n - 1
                 if not n:
                     continue
