@@ -95,8 +95,7 @@ class SpeculativeDecoding:
             return
         r.num_computed_tokens += accepted
         if accepted < len(drafts):
-            i = accepted
-            r.state_slot, r.ring_slots[i] = r.ring_slots[i], r.state_slot
+            r.state_slot, r.ring_slots[accepted] = r.ring_slots[accepted], r.state_slot
 
     def _sample_at(self, logits: torch.Tensor, r: Request, draft: int | None) -> int:
         row = SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r))

@@ -251,15 +251,14 @@ def gated_delta_rule(
     """
     lengths = _sequence_lengths(q, v, cu_seqlens)
     kwargs = dict(use_qk_l2norm=use_qk_l2norm)
-    chunked = (gated_delta_rule_chunked_recompute if _wants_grad(q, k, v, g, beta, initial_state)
-               else gated_delta_rule_chunked)
+    grad = _wants_grad(q, k, v, g, beta, initial_state)
+    chunked = gated_delta_rule_chunked_recompute if grad else gated_delta_rule_chunked
     if capture:
-        if _wants_grad(q, k, v, g, beta, initial_state):
+        if grad:
             raise ValueError("capture is for inference only")
         if any(not 1 <= t < lengths[seq] for seq, t in capture):
             raise ValueError("capture: a state after t tokens needs 1 <= t < the sequence's length")
-        chunked = gated_delta_rule_chunked
-    short = 1 if _wants_grad(q, k, v, g, beta, initial_state) else RECURRENT_MAX_LEN
+    short = 1 if grad else RECURRENT_MAX_LEN
     is_short = [length <= short for length in lengths]
     if all(is_short):
         return gated_delta_rule_recurrent(q, k, v, g, beta, cu_seqlens, initial_state, **kwargs, capture=capture)

@@ -74,6 +74,8 @@ def mlp_layer():
 def fits_step(batch) -> bool:
     """Whether the fused layers can run this batch: at most MAX_ROWS_PER_SEQ new tokens per sequence, and state
     copies (models.batch.ForwardBatch.state_copies) only after a sequence's non-last rows, one per row."""
+    if batch.input_ids.shape[0] == batch.num_seqs and not batch.state_copies:  # a decode step
+        return True
     lengths = batch.cu_seqlens.diff().tolist()
     if max(lengths) > MAX_ROWS_PER_SEQ:
         return False
