@@ -98,6 +98,11 @@ class EngineArgs:
     quantization_group_size: int | None = _arg(None, "columns per scale when quantizing (a multiple of 32; "
                                                "default: int8 one scale per output row, int4 32)",
                                                type=positive_int, metavar="N", group="model")
+    tensor_parallel_size: int = _arg(1, "ranks one model instance is split over (heads, FFN widths, experts and "
+                                     "vocabulary; local worker processes, or torchrun's ranks)", type=positive_int,
+                                     flags=("-tp",), metavar="N", group="model")
+    enable_expert_parallel: bool = _arg(False, "with tensor_parallel_size > 1: split the routed experts by expert "
+                                        "instead of by width", flags=("-ep",), group="model")
     native_kernels: bool | None = _arg(None, "run the decoder on the native CPU kernels (default: for 16-bit and "
                                        "quantized weights on CPU)", group="model", cli=False)
     # engine

@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-from qwen35.config import SpeculativeConfig
+import torch
+
+from qwen35.config import ModelConfig, SpeculativeConfig
+from qwen35.distributed.shard import ShardPlan
+from qwen35.engine.executor import start_group
 from qwen35.engine_args import EngineArgs, check_device, media_limits
 from qwen35.engine.llm_engine import LLMEngine
 from qwen35.hub import resolve_model
@@ -146,12 +150,15 @@ class LLM:
             model = demo_checkpoint()
         self.model_path = resolve_model(model, a.revision)
         self.model_name = str(model) if self.model_path != Path(model).expanduser() else self.model_path.name
-        self.model, self.model_config, self.load_report = load_model(self.model_path, dtype=a.dtype, device=device,
-                                                                     vision=not a.language_model_only,
-                                                                     quantization=a.quantization,
-                                                                     lm_head_quantization=a.lm_head_quantization,
-                                                                     group_size=a.quantization_group_size,
-                                                                     mtp=a.speculative_config is not None)
+        load_kwargs = dict(dtype=a.dtype, quantization=a.quantization, lm_head_quantization=a.lm_head_quantization,
+                           group_size=a.quantization_group_size, mtp=a.speculative_config is not None)
+        self.workers = None  # the other ranks of a tensor-parallel model
+        if a.tensor_parallel_size > 1:
+            self._load_sharded(a, device, load_kwargs)
+        else:
+            self.model, self.model_config, self.load_report = load_model(self.model_path, device=device,
+                                                                         vision=not a.language_model_only,
+                                                                         **load_kwargs)
         self.processor_config = None
         if self.model.visual is not None:
             self.processor_config = ProcessorConfig.from_dir(self.model_path, self.model_config.vision)
@@ -170,9 +177,38 @@ class LLM:
             if a.chat_template is not None:
                 self.tokenizer.chat_template = _chat_template(a.chat_template)
         engine_config = a.engine_config(default_max_tokens=self.generation_defaults().get("max_tokens"))
-        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device)
+        self.engine = LLMEngine(self.model, self.model_config, self.tokenizer, engine_config, device, self.workers)
         self._ids = itertools.count()
         release_free_heap()
+
+    def _load_sharded(self, a: EngineArgs, device: str, load_kwargs: dict) -> None:
+        """Rank 0's shard here, the others' in the worker processes (spawned here, or torchrun's), loaded at once."""
+        cfg = ModelConfig.from_dir(self.model_path).text
+        ShardPlan(cfg, 0, a.tensor_parallel_size, a.enable_expert_parallel)  # refuse an impossible split first
+        self.workers = start_group(a.tensor_parallel_size, torch.device(device))
+        self.workers.send("worker", ("load",), (str(self.model_path), load_kwargs, a.enable_expert_parallel),
+                          reply=True)
+        error = None
+        try:
+            self.model, self.model_config, self.load_report = load_model(
+                self.model_path, device=self.workers.comm.device, vision=not a.language_model_only, **load_kwargs,
+                shard=ShardPlan(cfg, 0, a.tensor_parallel_size, a.enable_expert_parallel), comm=self.workers.comm)
+        except Exception as e:
+            error = e
+        try:
+            self.workers.replies("loading the checkpoint")  # every rank answers, so none is left waiting
+        except Exception:
+            self.workers.close()
+            raise
+        if error is not None:
+            self.workers.close()
+            raise error
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op on one process); the LLM cannot generate afterwards."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the checkpoint's generation_config.json defaults, as vLLM does."""

@@ -1,6 +1,6 @@
 """The package's import map: imports run downward only and there is no cycle, counting imports inside functions
 too (a function-level import must never hide a cycle). Levels, lowest first: quant/paths/config/ops/cache, layers,
-models, backends, engine/train, and the user-facing modules above them."""
+distributed (collectives, the shard plan), models, backends, engine/train, and the user-facing modules above them."""
 
 import ast
 from pathlib import Path
@@ -13,7 +13,10 @@ RULES = [
     (("qwen35.quant", "qwen35.paths", "qwen35.ops", "qwen35.cache", "qwen35.layers", "qwen35.models"),
      ("qwen35.backends", "qwen35.engine", "qwen35.train", "qwen35.llm", "qwen35.serve", "qwen35.cli", "qwen35.demo",
       "qwen35.chat")),
-    (("qwen35.ops", "qwen35.cache", "qwen35.quant", "qwen35.paths"), ("qwen35.layers", "qwen35.models")),
+    (("qwen35.ops", "qwen35.cache", "qwen35.quant", "qwen35.paths"), ("qwen35.layers", "qwen35.models",
+                                                                       "qwen35.distributed")),
+    (("qwen35.distributed",), ("qwen35.models", "qwen35.backends", "qwen35.engine", "qwen35.train", "qwen35.llm",
+                               "qwen35.serve", "qwen35.cli")),
     (("qwen35.backends",), ("qwen35.engine", "qwen35.train", "qwen35.llm", "qwen35.serve", "qwen35.cli",
                             "qwen35.demo")),
 ]

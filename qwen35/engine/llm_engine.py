@@ -66,7 +66,9 @@ def check_max_model_len(max_model_len: int, text) -> None:
 
 
 class LLMEngine(SpeculativeDecoding):
-    def __init__(self, model, model_config, tokenizer, config: EngineConfig, device="cpu"):
+    def __init__(self, model, model_config, tokenizer, config: EngineConfig, device="cpu", workers=None):
+        """workers: the other ranks of a tensor-parallel model (distributed/executor.py `WorkerGroup`); each
+        allocates the same blocks and slots for its own heads."""
         self.model, self.model_config, self.tokenizer, self.config = model, model_config, tokenizer, config
         self.device = torch.device(device)
         text = model_config.text
@@ -97,7 +99,11 @@ class LLMEngine(SpeculativeDecoding):
                     num_blocks, config.block_size, num_blocks * config.block_size * per_token / MiB,
                     seq_slots, num_snapshots, (seq_slots + num_snapshots) * per_slot / MiB,
                     "" if self.prefix else "; prefix caching off", f"; MTP drafts {k} tokens per step" if k else "")
-        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels, mtp=bool(k))
+        if workers is not None:
+            workers.send("worker", ("make_cache",), (bool(k), num_blocks, config.block_size, seq_slots + num_snapshots),
+                         reply=True)
+            workers.replies("allocating the cache")
+        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels, mtp=bool(k), workers=workers)
         self.spec_stats = SpecDecodeStats(k)
         self.draft_hook = None  # tests: fn(request, drafts) -> the drafts to verify instead
         self._forks: list[tuple[Request, Request]] = []  # (leader, sibling) forked this step

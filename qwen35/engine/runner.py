@@ -16,6 +16,7 @@ import torch
 
 from qwen35.backends.cpu import decoder_for
 from qwen35.cache.hybrid import HybridCache
+from qwen35.engine.executor import Remote, WorkerGroup
 from qwen35.engine.scheduler import ScheduledChunk
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.vision import EncodeJob
@@ -34,11 +35,19 @@ class MtpJob:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None, mtp: bool = False):
+    def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None, mtp: bool = False,
+                 workers: WorkerGroup | None = None):
         """native_kernels: run the text decoder on the CPU backend (backends.cpu.decoder_for decides by default;
-        its weights then move out of the model). mtp: keep each step's hidden states for the MTP head (`propose`)."""
+        its weights then move out of the model). mtp: keep each step's hidden states for the MTP head (`propose`).
+        workers: the other ranks of a tensor-parallel model (`model` is rank 0's shard): every call on the model
+        and the cache reaches them too (distributed/executor.py); the reference model runs, not the CPU backend."""
         self.model, self.cache, self.device = model, cache, device
-        self.decoder = decoder_for(model, device, native_kernels) or model
+        if workers is not None:
+            self.decoder, self.cache = Remote(workers, "model", model), Remote(workers, "cache", cache)
+            self.native = False
+        else:
+            self.decoder = decoder_for(model, device, native_kernels) or model
+            self.native = self.decoder is not model
         self.mtp = mtp
         self._hidden, self._rows = None, {}  # the last step's hidden states; per chunk (first row, block ids)
 
@@ -125,9 +134,9 @@ class ModelRunner:
 
     def _mtp(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         embeds = self.decoder.embed(batch.input_ids)
-        if self.decoder is not self.model:  # the CPU backend
+        if self.native:  # the CPU backend
             return self.decoder.mtp(hidden, batch, self.cache, embeds)
-        return self.model.mtp(hidden, batch.input_ids, batch, self.cache, next_embeds=embeds)
+        return self.decoder.mtp(hidden, batch.input_ids, batch, self.cache, next_embeds=embeds)
 
     def fork(self, leader, req, mtp_only: bool = False) -> None:
         """Copy the leader's state and its partial last block (the full ones are shared) into a forked sibling

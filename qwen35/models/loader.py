@@ -29,6 +29,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen35.config import ModelConfig
+from qwen35.distributed.parallel import Comm
+from qwen35.distributed.shard import ShardPlan
 from qwen35.models import quantized
 from qwen35.models.mtp import MTP
 from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
@@ -128,7 +130,8 @@ def canonical_name(name: str, vision: bool = False, mtp: bool = False) -> tuple[
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
                progress: bool | None = None, vision: bool = True, mtp: bool = False,
-               quantization: str | None = None, lm_head_quantization: str = "auto", group_size: int | None = None
+               quantization: str | None = None, lm_head_quantization: str = "auto", group_size: int | None = None,
+               shard: ShardPlan | None = None, comm: Comm | None = None
                ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, LoadReport]:
     """vision=False loads only the language model of a multimodal checkpoint (its tower is set aside).
     mtp=True also loads the checkpoint's MTP head (`mtp.*`, strictly) as `model.mtp`; a checkpoint without one
@@ -139,7 +142,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     "int4" quantize the decoder's linears and experts while loading (round to nearest; int8 one scale per output
     channel, int4 groups of 32 with zero points; `group_size` overrides); "none" dequantizes a quantized
     checkpoint into `dtype`. lm_head_quantization: "auto" (int8 when the model is quantized), "int8", "int4",
-    "none". Which modules are quantized: the table in models/quantized.py."""
+    "none". Which modules are quantized: the table in models/quantized.py.
+    shard (with its group's `comm`): load one tensor-parallel rank's slice of every tensor (distributed/shard.py),
+    reading only that slice from the file where it is a plain float tensor, and skipping other ranks' experts."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -153,16 +158,24 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if mtp:
         _check_mtp_config(path, config)
     check_headers(path, config, files, vision, mtp)
+    local = shard.local_config() if shard is not None else cfg
     with torch.device("meta"):
-        model = Qwen3_5ForCausalLM(cfg, config.vision if vision else None)
+        model = Qwen3_5ForCausalLM(local, config.vision if vision else None)
         if mtp:
-            model.mtp = MTP(cfg, model.model)
+            model.mtp = MTP(local, model.model)
+        if shard is not None:
+            shard.prepare(model, comm)
     params = dict(model.named_parameters(remove_duplicate=False))
     report = LoadReport()
     quant = config.quantization
     canonical = {c: n for n in files if (c := canonical_name(n, vision, mtp)[0]) is not None}
     specs = quantized.plan(model, config, set(canonical), quantization, lm_head_quantization, group_size,
                            lambda msg: logger.warning("%s: %s", path, msg))
+    if shard is not None and specs:
+        raise CheckpointError(f"{path}: tensor parallelism runs float weights for now; this load would quantize "
+                              f"{len(specs)} modules ({config.quantization.describe() if quant else quantization}): "
+                              "load with quantization='none' (--quantization none dequantizes an FP8 or GPTQ "
+                              "checkpoint to the model dtype)")
     quantized.apply(model, specs)
     # a quantized checkpoint's module -> its companion suffixes present (FP8 weight + scale, GPTQ's four)
     companions: dict[str, set] = {}
@@ -182,8 +195,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     loaded: set[str] = set()
     experts_seen: dict[str, set] = {}
 
-    def assign(cname: str, tensor, ckpt_name: str):
-        """tensor: a float tensor or a quantized checkpoint's CheckpointWeight."""
+    def cut(cname: str, tensor, sliced: bool):
+        """The rank's slice of a whole tensor (a quantized checkpoint's weight is dequantized first: no specs)."""
+        if shard is None or sliced or (piece := shard.piece(cname)) is None:
+            return tensor
+        return piece.take(quantized.convert(tensor, None), shard.rank)
+
+    def assign(cname: str, tensor, ckpt_name: str, sliced: bool = False):
+        """tensor: a float tensor or a quantized checkpoint's CheckpointWeight; sliced: already the rank's part."""
+        tensor = cut(cname, tensor, sliced)
         if cname not in params:
             raise CheckpointError(f"{path}: unexpected tensor {ckpt_name} (this {config.model_type} model has no "
                                   f"parameter {cname})")
@@ -209,10 +229,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             raise CheckpointError(f"{path}: tensor {ckpt_name}: {e}") from None
         loaded.add(cname)
 
-    def place(cname: str, tensor, name: str):
+    def place(cname: str, tensor, name: str, sliced: bool = False):
         if m := EXPERT_2D.match(cname):
-            _assign_expert(model, params, m, tensor, name, torch_dtype, device, experts_seen, path, loaded,
-                           specs.get(m[1]))
+            _assign_expert(model, params, m, cut(cname, tensor, sliced), name, torch_dtype, device, experts_seen,
+                           path, loaded, specs.get(m[1]))
         elif cfg.fused_gdn_projections and FUSED_GDN.match(cname):
             want = fused_gdn_shape(cfg, cname)
             if tuple(tensor.shape) != want:
@@ -229,7 +249,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
             for part_name, part in parts.items():
                 assign(part_name, part, name)
         else:
-            assign(cname, tensor, name)
+            assign(cname, tensor, name, sliced)
 
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
@@ -249,7 +269,16 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 if cname == "lm_head.weight" and cfg.tie_word_embeddings:
                     report.set_aside["lm_head (tied)"] = 1  # some exports write the tied head anyway
                     continue
-                tensor = reader.read(name)
+                piece = None
+                if shard is not None:
+                    if (cname := shard.local_name(cname)) is None:
+                        report.set_aside["other ranks' experts"] = report.set_aside.get("other ranks' experts", 0) + 1
+                        continue
+                    plain = quantized.split_companion(cname, quant) is None and not (
+                        cfg.fused_gdn_projections and FUSED_GDN.match(cname))
+                    piece = shard.piece(cname) if plain else None
+                    piece = None if piece is not None and piece.first_rank_only else piece
+                tensor = reader.read(name, piece)
                 report.num_tensors += 1
                 report.num_bytes += tensor.numel() * tensor.element_size()
                 prefix_of[cname] = name
@@ -263,7 +292,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                         ckpt_module = name.rpartition(".")[0]
                         place(module + ".weight", quantized.CheckpointWeight(ckpt_module, quant, parts), ckpt_module)
                 else:
-                    place(cname, tensor, name)
+                    place(cname, tensor, name, sliced=piece is not None)
                 if bar is not None:
                     bar.advance(tensor.numel() * tensor.element_size())
     if bar is not None:
@@ -411,19 +440,32 @@ class _TensorReader:
                                   f"{dtype} within the file's {self.size} bytes")
         return shape
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor as stored (its dtype was checked against its role by check_headers)."""
+    def read(self, name: str, piece=None) -> torch.Tensor:
+        """The tensor as stored (its dtype was checked against its role by check_headers), or only a tensor-parallel
+        rank's `piece` of it (distributed.shard.Piece): its contiguous runs are read where they are few; where they
+        are many small ones (a column slice of a tall matrix) the whole tensor is read and cut."""
         shape = self.check_entry(name, tuple(self.DTYPES))
         info = self.header[name]
         dtype, (start, end) = self.DTYPES[info["dtype"]], info["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        self.fh.seek(self.base + start)
+        if piece is not None and math.prod(shape[:piece.dim]) * len(piece.ranges) > 4096:
+            return piece.take(self.read(name))
+        if piece is None:
+            runs = [(start, end - start)]
+        else:
+            inner = math.prod(shape[piece.dim + 1:]) * dtype.itemsize
+            runs = [(start + (o * shape[piece.dim] + lo) * inner, (hi - lo) * inner)
+                    for o in range(math.prod(shape[:piece.dim])) for lo, hi in piece.ranges]
+            shape = piece.shape(shape)
+        buf = torch.empty(sum(n for _, n in runs), dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
-        while done < len(view):
-            got = self.fh.readinto(view[done:])
-            if not got:
-                raise CheckpointError(f"{self.path}: cannot read tensor {name}: the file ends early")
-            done += got
+        for offset, n in runs:
+            self.fh.seek(self.base + offset)
+            stop = done + n
+            while done < stop:
+                got = self.fh.readinto(view[done:stop])
+                if not got:
+                    raise CheckpointError(f"{self.path}: cannot read tensor {name}: the file ends early")
+                done += got
         return buf.view(dtype).reshape(shape)
 
 

@@ -24,14 +24,6 @@ def _one_of(flag: str, names: tuple[str, ...], what: str):
     return check
 
 
-def _one_device(value: str) -> int:
-    n = int(value)
-    if n != 1:
-        raise argparse.ArgumentTypeError(f"{n}: qwen35 runs on one device for now (tensor parallelism is not "
-                                         "implemented yet); leave it at 1")
-    return n
-
-
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="checkpoint directory or Hugging Face repo id, as "
@@ -80,8 +72,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                       help="accepted (qwen35 runs its own model code, never a checkpoint's)")
     vllm.add_argument("--enforce-eager", action="store_true", help="accepted (no CUDA graphs on this path)")
     vllm.add_argument("--disable-log-stats", action="store_true", help="accepted (no periodic stats are logged)")
-    vllm.add_argument("--tensor-parallel-size", "-tp", type=_one_device, default=1, metavar="1",
-                      help="1 (one process; tensor parallelism is not implemented yet)")
     vllm.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default: 0)")
     vllm.add_argument("--uvicorn-log-level", default="info",
                       choices=["critical", "error", "warning", "info", "debug", "trace"],
