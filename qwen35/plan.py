@@ -176,6 +176,8 @@ def plan(config: ModelConfig, gpus: int, gpu_memory: int, quantization: str = "n
         try:
             share = rank_share(cfg, gpus, layout)
         except ValueError as e:
+            if layout == "TP":  # the head counts rule out every layout
+                raise ValueError(f"cannot lay the model over {gpus} ranks: {e}") from None
             layouts.append({**entry, "possible": False, "reason": str(e), "fits": False})
             continue
         counts = count_parameters(shapes, shard_shape(cfg, share))
