@@ -211,9 +211,9 @@ def format_plan(name: str, p: dict) -> str:
              f"context {p['context']} tokens"]
     if p["context"] > p["max_context_len"]:
         lines.append(f"  note: past the model's {p['max_context_len']} positions: needs YaRN")
-    lines.append(f"  per rank         {_gib(p['usable_bytes'])} usable (x {p['gpu_memory_utilization']} utilization), "
-                 f"less {_gib(p['reserve_bytes'])} for activations and workspace and the weights: free for KV + state")
-    lines.append("  (figures are rank 0's, the largest rank)")
+    lines += [f"  per rank         {_gib(p['usable_bytes'])} usable (x {p['gpu_memory_utilization']} utilization), "
+              f"less {_gib(p['reserve_bytes'])} for activations and workspace,",
+              "                   less the weights: the rest holds KV cache + state (figures: rank 0, the largest)"]
     for lay in p["layouts"]:
         lines.append(f"  {lay['layout']:<6} ({lay['flags']})")
         if not lay["possible"]:
@@ -228,8 +228,9 @@ def format_plan(name: str, p: dict) -> str:
             ffn += f", shared expert {s['shared_intermediate']}"
         vision = f" + vision tower {_gib(lay['vision_bytes'])} bf16 (rank 0 only)" if lay["vision_bytes"] else ""
         lines += [
-            f"    rank 0 holds   GDN {s['k_heads']} k / {s['v_heads']} v heads; attention {kv}, {s['q_heads']} q "
-            f"heads; {ffn}; vocab {s['vocab']}",
+            f"    rank 0 holds   GDN {s['k_heads']} k / {s['v_heads']} v heads; attention {kv}, "
+            f"{s['q_heads']} q heads;",
+            f"                   {ffn}; vocab {s['vocab']} rows",
             f"    weights        {_gib(lay['weight_bytes'])} {p['weight_format']}{vision}",
             f"    KV cache       {lay['kv_cache_bytes_per_token'] / 1024:.2f} KiB per token",
             f"    state          {lay['recurrent_state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence",
