@@ -43,6 +43,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from qwen35.plan import format_plan, parse_memory, plan
+
+    config = _resolve_config(args.target, args.revision)
+    quantization = args.quantization
+    if quantization is None:  # the checkpoint's own format, else bf16
+        q = config.quantization
+        quantization = "none" if q is None else "fp8" if q.method == "fp8" else f"int{q.bits}"
+    p = plan(config, args.gpus, parse_memory(args.gpu_memory), quantization, args.context,
+             args.gpu_memory_utilization)
+    print(json.dumps(p, indent=2) if args.json else format_plan(args.target, p))
+    return 0
+
+
 def cmd_forward(args) -> int:
     import torch
 
@@ -324,6 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="how a model lays out over N GPUs: per-rank weights, KV cache, state, sequences "
+                       "that fit, per parallel layout")
+    p.add_argument("target", help="checkpoint directory, Hugging Face repo id (only its config.json is read) or preset")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default: main)")
+    p.add_argument("--gpus", type=positive_int, required=True, help="devices (ranks) to lay the model over")
+    p.add_argument("--gpu-memory", default="141GB",
+                   help="memory per device: 141GB (10^9 bytes), 131GiB (2^30 bytes) or a number of GiB "
+                   "(default: 141GB, an H200)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="the fraction of each device's memory to use (default: 0.9, as vLLM)")
+    p.add_argument("--quantization", choices=["fp8", "int8", "int4", "none"],
+                   help="weight format (default: the checkpoint's own, else none = bf16)")
+    p.add_argument("--context", type=positive_int, default=32768, help="tokens per sequence (default: 32768)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("forward", help="load a checkpoint and run one forward pass (smoke test)")
     add_model_flags(p)
