@@ -5,12 +5,8 @@ the number of sequences of a given context that fit, and the communication of on
 recommends. Parameters are counted by `qwen35.info`'s loop over the real module tree with each tensor's per-rank
 shape, so at one device every figure is `qwen35 info`'s total.
 
-The sharding rules (the engine's): n items over p ranks are split contiguously, rank r getting n // p, plus one when
-r < n % p. Gated DeltaNet layers split by key heads, their value heads following; full attention splits the KV heads
-and the query-head groups that read them, or, with fewer KV heads than ranks, replicates each KV head on N / kv ranks
-and splits its group's query heads over them; dense FFNs and shared experts split their intermediate size; routed
-experts split their intermediate size (TP) or whole experts (TP+EP); embedding and LM head split the vocabulary;
-norms, the router and the shared-expert gate are replicated; a vision tower lives on rank 0 only."""
+The sharding rules are the engine's own (`qwen35.distributed.shard.ShardPlan`, whose docstring states them; the
+slice of each parameter is the one the loader reads); a vision tower lives on rank 0 only."""
 
 from __future__ import annotations
 
@@ -18,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from qwen35.config import ModelConfig, TextConfig
+from qwen35.distributed.shard import ShardPlan
 from qwen35.info import (GIB, count_parameters, kv_cache_bytes_per_token, parameter_shapes,
                          recurrent_state_bytes_per_sequence, weight_bytes)
 
@@ -25,11 +22,6 @@ RESERVE_BYTES = 2 * GIB  # per rank, for activations and workspace (a fixed allo
 DEFAULT_GPU_MEMORY = "141GB"  # an H200
 QUANTIZATIONS = {"none": "bf16", "fp8": "fp8", "int8": "int8", "int4": "int4"}  # --quantization -> info's format
 LAYOUTS = ("TP", "TP+EP")
-
-
-def split(n: int, p: int, rank: int = 0) -> int:
-    """Rank `rank`'s share of n items split contiguously over p ranks (rank 0 is the largest)."""
-    return n // p + (1 if rank < n % p else 0)
 
 
 def parse_memory(text: str) -> int:
@@ -58,99 +50,32 @@ class RankShare:
     moe_intermediate: int  # of each routed expert held
 
 
-def rank_share(cfg: TextConfig, gpus: int, layout: str) -> RankShare:
-    """Rank 0's share under `layout`; a ValueError says why the head counts rule the layout out."""
+def rank_share(cfg: TextConfig, gpus: int, layout: str) -> tuple[RankShare, ShardPlan]:
+    """Rank 0's share under `layout`, from the engine's own plan (distributed/shard.py); a ValueError says why the
+    head counts rule the layout out."""
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} ({', '.join(LAYOUTS)})")
-    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    if cfg.num_linear_attention_layers and hk < gpus:
-        raise ValueError(f"Gated DeltaNet has {hk} key heads and each of the {gpus} ranks needs at least one "
-                         f"(at most {hk} ranks)")
-    k_heads = split(hk, gpus)
-    kv, heads = cfg.num_key_value_heads, cfg.num_attention_heads
-    group = heads // kv  # query heads per KV head
-    if kv >= gpus:
-        kv_heads, replicas, q_heads = split(kv, gpus), 1, split(kv, gpus) * group
-    else:
-        replicas = gpus // kv
-        if cfg.num_full_attention_layers and gpus % kv:
-            raise ValueError(f"full attention has {kv} KV heads, fewer than the {gpus} ranks: each KV head is then "
-                             f"replicated, which needs the ranks to be a multiple of {kv}")
-        if cfg.num_full_attention_layers and group < replicas:
-            raise ValueError(f"full attention has {kv} KV heads of {group} query heads each; over {gpus} ranks each "
-                             f"KV head is replicated on {replicas} ranks, and its {group} query heads cannot split "
-                             f"over {replicas} ranks")
-        kv_heads, q_heads = 1, split(group, replicas)
-    experts, moe_intermediate = cfg.num_experts, cfg.moe_intermediate_size
-    if layout == "TP+EP":
-        if not cfg.num_experts:
-            raise ValueError("a dense model has no routed experts to split (TP+EP is TP)")
-        if experts < gpus:
-            raise ValueError(f"{experts} routed experts over {gpus} ranks would leave ranks without an expert")
-        experts = split(experts, gpus)
-    else:
-        moe_intermediate = split(moe_intermediate, gpus)
-    return RankShare(k_heads=k_heads, v_heads=k_heads * (hv // hk), kv_heads=kv_heads, kv_replicas=replicas,
-                     q_heads=q_heads, vocab=split(cfg.vocab_size, gpus),
-                     intermediate=split(cfg.intermediate_size, gpus),
-                     shared_intermediate=split(cfg.shared_expert_intermediate_size, gpus), experts=experts,
-                     moe_intermediate=moe_intermediate)
+    if layout == "TP+EP" and not cfg.num_experts:
+        raise ValueError("a dense model has no routed experts to split (TP+EP is TP)")
+    plan = ShardPlan(cfg, 0, gpus, expert_parallel=layout == "TP+EP")  # a ShardError (ValueError) says why not
+    local = plan.local_config()
+    return RankShare(k_heads=local.linear_num_key_heads, v_heads=local.linear_num_value_heads,
+                     kv_heads=local.num_key_value_heads,
+                     kv_replicas=gpus // cfg.num_key_value_heads if cfg.num_key_value_heads < gpus else 1,
+                     q_heads=local.num_attention_heads, vocab=plan.vocab[1] - plan.vocab[0],
+                     intermediate=local.intermediate_size, shared_intermediate=local.shared_expert_intermediate_size,
+                     experts=plan.experts[1] - plan.experts[0], moe_intermediate=local.moe_intermediate_size), plan
 
 
-def shard_shape(cfg: TextConfig, s: RankShare):
-    """shard(name, shape) -> the shape rank 0 holds of that parameter; an unknown parameter is an error, so a tensor
-    added to the model cannot go uncounted."""
-    hv, heads, kv = cfg.linear_num_value_heads, cfg.num_attention_heads, cfg.num_key_value_heads
-    conv_dim = 2 * s.k_heads * cfg.linear_key_head_dim + s.v_heads * cfg.linear_value_head_dim
-
-    def rows(n):
-        return lambda sh: (n(sh), *sh[1:])
-
-    def cols(n):
-        return lambda sh: (*sh[:-1], n(sh))
-
-    def same(sh):
-        return sh
-
-    per_v_head, per_q_head = (lambda sh: sh[0] // hv * s.v_heads), (lambda sh: sh[0] // heads * s.q_heads)
-    rules = {
-        "linear_attn.in_proj_qkv.weight": rows(lambda sh: conv_dim),  # q, k and v segments: the rank's heads of each
-        "linear_attn.conv1d.weight": rows(lambda sh: conv_dim),
-        "linear_attn.in_proj_z.weight": rows(per_v_head), "linear_attn.in_proj_b.weight": rows(per_v_head),
-        "linear_attn.in_proj_a.weight": rows(per_v_head), "linear_attn.A_log": rows(per_v_head),
-        "linear_attn.dt_bias": rows(per_v_head),
-        "linear_attn.out_proj.weight": cols(lambda sh: sh[-1] // hv * s.v_heads),
-        "linear_attn.norm.weight": same,
-        "self_attn.q_proj.weight": rows(per_q_head),  # the output gate's half with its heads
-        "self_attn.k_proj.weight": rows(lambda sh: sh[0] // kv * s.kv_heads),
-        "self_attn.v_proj.weight": rows(lambda sh: sh[0] // kv * s.kv_heads),
-        "self_attn.o_proj.weight": cols(lambda sh: sh[-1] // heads * s.q_heads),
-        "self_attn.q_proj.bias": rows(per_q_head), "self_attn.k_proj.bias": rows(lambda sh: sh[0] // kv * s.kv_heads),
-        "self_attn.v_proj.bias": rows(lambda sh: sh[0] // kv * s.kv_heads), "self_attn.o_proj.bias": same,
-        "self_attn.q_norm.weight": same, "self_attn.k_norm.weight": same,
-        "mlp.gate_proj.weight": rows(lambda sh: s.intermediate), "mlp.up_proj.weight": rows(lambda sh: s.intermediate),
-        "mlp.down_proj.weight": cols(lambda sh: s.intermediate),
-        "mlp.shared_expert.gate_proj.weight": rows(lambda sh: s.shared_intermediate),
-        "mlp.shared_expert.up_proj.weight": rows(lambda sh: s.shared_intermediate),
-        "mlp.shared_expert.down_proj.weight": cols(lambda sh: s.shared_intermediate),
-        "mlp.experts.gate_up_proj": lambda sh: (s.experts, 2 * s.moe_intermediate, sh[2]),  # [E, 2I, hidden]
-        "mlp.experts.down_proj": lambda sh: (s.experts, sh[1], s.moe_intermediate),  # [E, hidden, I]
-        "mlp.gate.weight": same, "mlp.shared_expert_gate.weight": same,
-        "input_layernorm.weight": same, "post_attention_layernorm.weight": same,
-    }
-    top = {"model.embed_tokens.weight": rows(lambda sh: s.vocab), "lm_head.weight": rows(lambda sh: s.vocab),
-           "model.norm.weight": same}
+def shard_shape(plan: ShardPlan):
+    """shard(name, shape) -> the shape rank 0 holds of that parameter: the slice the loader reads for it
+    (`ShardPlan.piece`); the vision tower stays whole, on rank 0."""
 
     def shard(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if name.startswith("visual."):  # whole, on rank 0
-            return shape
-        layer = re.match(r"model\.layers\.\d+\.(.+)$", name)
-        rule = rules.get(layer[1]) if layer else top.get(name)
-        if rule is None:
-            raise ValueError(f"no sharding rule for parameter {name} {tuple(shape)}")
-        return rule(shape)
+        piece = None if name.startswith("visual.") else plan.piece(name)
+        return tuple(piece.shape(list(shape))) if piece is not None else tuple(shape)
 
     return shard
 
@@ -174,13 +99,13 @@ def plan(config: ModelConfig, gpus: int, gpu_memory: int, quantization: str = "n
         entry = {"layout": layout, "flags": f"--tensor-parallel-size {gpus}" +
                  (" --enable-expert-parallel" if layout == "TP+EP" else "")}
         try:
-            share = rank_share(cfg, gpus, layout)
+            share, shard_plan = rank_share(cfg, gpus, layout)
         except ValueError as e:
             if layout == "TP":  # the head counts rule out every layout
-                raise ValueError(f"cannot lay the model over {gpus} ranks: {e}") from None
+                raise ValueError(str(e)) from None
             layouts.append({**entry, "possible": False, "reason": str(e), "fits": False})
             continue
-        counts = count_parameters(shapes, shard_shape(cfg, share))
+        counts = count_parameters(shapes, shard_shape(shard_plan))
         weights, vision = weight_bytes(counts)[fmt], 2 * counts["vision"]  # the vision tower stays bf16
         kv = kv_cache_bytes_per_token(cfg, share.kv_heads)
         state = recurrent_state_bytes_per_sequence(cfg, share.k_heads, share.v_heads)
