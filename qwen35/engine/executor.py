@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import tempfile
+import threading
 import traceback
 
 import torch
@@ -39,6 +41,7 @@ class WorkerGroup:
     def __init__(self, comm: Comm, processes: list | None = None, cleanup=None):
         self.comm, self.processes, self._cleanup = comm, processes or [], cleanup
         self.broken: str | None = None
+        self._closing = False
 
     @property
     def size(self) -> int:
@@ -62,11 +65,33 @@ class WorkerGroup:
 
     def fail(self, cause: BaseException):
         """The group is out of step (a worker died, or a call failed on rank 0 while the workers made it)."""
+        for p in self.processes:
+            p.join(0.5)  # a worker that just died: its exit code
         dead = [f"worker {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self.processes, 1)
                 if p.exitcode is not None]
         self.broken = "; ".join(dead) if dead else f"a tensor-parallel call failed: {type(cause).__name__}: {cause}"
         raise WorkerDied(f"tensor parallelism stopped: {self.broken}. The engine cannot continue; restart it") \
             from cause
+
+    def watch(self, on_death) -> None:
+        """Call on_death(message) from a thread as soon as a spawned worker exits (a server stops then, even idle)."""
+        if not self.processes:
+            return
+
+        def wait():
+            for sentinel in multiprocessing.connection.wait([p.sentinel for p in self.processes]):
+                next(p for p in self.processes if p.sentinel == sentinel).join(5)  # its exit code
+            if not self._closing:
+                dead = [f"worker {r} (pid {p.pid}) exited with code {p.exitcode}"
+                        for r, p in enumerate(self.processes, 1) if p.exitcode is not None]
+                self.broken = self.broken or "; ".join(dead)
+                on_death(f"tensor parallelism stopped: {self.broken}")
+
+        threading.Thread(target=wait, name="qwen35-tp-watch", daemon=True).start()
+
+    def describe(self) -> str:
+        pids = ", ".join(str(p.pid) for p in self.processes)
+        return f"{self.size} ranks" + (f" (worker pids {pids})" if pids else " (torchrun)")
 
     def _check(self) -> None:
         if self.broken:
@@ -74,6 +99,7 @@ class WorkerGroup:
                              "restart it")
 
     def close(self) -> None:
+        self._closing = True
         if not self.broken:
             try:
                 self.comm.broadcast(None)

@@ -3,7 +3,8 @@
 Requests and aborts reach the thread through a command list guarded by a condition variable and are applied
 between steps; each request's outputs go back to its own `asyncio.Queue` via `loop.call_soon_threadsafe`. An error
 while adding a request goes to that request only, and so does a request the step failed alone (`RequestFailed`);
-an error of the step as a whole (the shared forward) fails the requests then in flight and the loop carries on.
+an error of the step as a whole (the shared forward) fails the requests then in flight and the loop carries on,
+except a dead tensor-parallel worker (`WorkerDied`), after which no step can run: `on_fatal` tells the server.
 With no work the thread sleeps on the condition (no spinning).
 """
 
@@ -14,6 +15,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+from qwen35.distributed.parallel import WorkerDied
 from qwen35.engine.llm_engine import RequestFailed
 from qwen35.outputs import RequestOutput
 from qwen35.sampling_params import SamplingParams
@@ -60,6 +62,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._num_pending_adds = 0
         self._stopping = False
+        self.on_fatal = None  # fn(message): the engine cannot step again (a tensor-parallel worker died)
         self._thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
         self._thread.start()
 
@@ -174,6 +177,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except WorkerDied as e:  # no later step can run: fail everything, and tell the server
+                logger.error("%s", e)
+                for request_id in list(self._streams):
+                    self._send(request_id, e)
+                    self.engine.abort(request_id)
+                if self.on_fatal is not None:
+                    self.on_fatal(str(e))
+                continue
             except Exception as e:
                 logger.exception("engine step failed; failing the requests in flight")
                 for request_id in list(self._streams):

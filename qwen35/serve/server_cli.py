@@ -136,6 +136,13 @@ def cmd_serve(args) -> int:
                                                max_connections=args.max_connections,
                                                log_level=args.uvicorn_log_level,
                                                timeout_graceful_shutdown=10))
+        if llm.workers is not None:  # a dead worker stops the server (in-flight requests fail with its message)
+            def stop(message: str) -> None:
+                logging.getLogger("qwen35.serve").error("%s; shutting the server down", message)
+                server.should_exit = True
+
+            llm.workers.watch(stop)
+            app.state.engine.on_fatal = stop
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(startup_summary(llm, app.state.metrics.model_name, f"http://{host}:{sock.getsockname()[1]}"),
               file=sys.stderr, flush=True)
@@ -144,4 +151,9 @@ def cmd_serve(args) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if llm.workers is not None and llm.workers.broken:
+        print(f"qwen35 serve: stopped: tensor parallelism failed: {llm.workers.broken}", file=sys.stderr)
+        return 1
+    if llm.workers is not None:
+        llm.shutdown()
     return 0 if server.started else 1

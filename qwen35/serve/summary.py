@@ -53,6 +53,9 @@ def startup_summary(llm, served_model_name: str, url: str) -> str:
         f"(the KV cache holds {fits:.2f}x, max_num_seqs {max_seqs})",
         f"prefix caching: {'on' if e.prefix is not None else 'off'}",
         "speculative decoding: " + (f"MTP, {e.num_spec} draft tokens per step" if e.num_spec else "off"),
+        "tensor parallel: " + (f"{llm.workers.describe()}, experts split "
+                               f"{'by expert (EP)' if llm.args.enable_expert_parallel else 'by width'}; KV cache and "
+                               "state above are rank 0's share" if llm.workers else "off (one process)"),
         f"serving on {url} (OpenAI API under {url}/v1)",
     ]
     return "\n".join(lines)
