@@ -8,6 +8,7 @@ import socket
 import sys
 
 from qwen35.cli_types import api_key, json_object, port, positive_float, positive_int
+from qwen35.distributed.parallel import torchrun_env
 from qwen35.engine_args import EngineArgs, add_cli_args
 
 TOOL_CALL_PARSERS = ("qwen3_coder", "qwen3_xml")  # vLLM's names for the XML tool-call format Qwen3.5 writes
@@ -121,6 +122,10 @@ def cmd_serve(args) -> int:
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"give the model once: `qwen35 serve {args.model_tag}` and --model {args.model} differ")
     model = args.model_tag or args.model
+    env = torchrun_env()
+    if env is not None and env[0] != 0:  # a torchrun rank other than 0: a worker, serving rank 0's calls in LLM()
+        LLM(model, revision=args.revision, seed=args.seed, **EngineArgs.cli_kwargs(args))
+        return 0
     # Bind before loading the model, so a bad or busy address fails at once; uvicorn then serves on this socket.
     sock = bind(args.host, args.port)
     try:
