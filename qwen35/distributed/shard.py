@@ -14,10 +14,13 @@ reference modules run unchanged on their slice. Per layer:
   size / num_kv_heads times) and the group's q heads split over the ranks sharing it. `q_proj` rows are per head
   [query | gate], so the gate follows its head. `o_proj` row-parallel (its bias on rank 0 only), then an all-reduce.
 - FFN: dense MLP and shared expert split by intermediate size; routed experts by intermediate size (TP) or by
-  expert (EP: whole experts per rank, every token routed on every rank, non-local choices skipped); the router and
+  expert (EP: whole experts per rank, `Experts(first_expert=...)`, every token routed on every rank, other ranks'
+  experts skipped); the router and
   the shared expert's gate replicated (router logits as at one rank). One all-reduce after the block.
+- Quantized weights are cut after conversion, so every rank holds exactly its slice of the single-process integers
+  and scales (columns at group edges, or under one per-row scale).
 - Embedding and LM head: vocabulary rows split; the embedding masks ids outside its rows and all-reduces, the head
-  all-gathers the logits. Norms replicated.
+  (a plain or quantized linear of the rank's rows) all-gathers the logits. Norms replicated.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch import nn
 
 from qwen35.config import TextConfig
 from qwen35.distributed.parallel import Comm
-from qwen35.ops.moe import experts_grouped
+from qwen35.layers.mlp import Experts
+from qwen35.quant import QuantizedWeight
 
 
 class ShardError(ValueError):
@@ -55,10 +59,44 @@ class Piece:
     ranges: tuple[tuple[int, int], ...]
     first_rank_only: bool = False
 
-    def take(self, t: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    def take(self, t: torch.Tensor | QuantizedWeight, rank: int = 0) -> torch.Tensor | QuantizedWeight:
+        if isinstance(t, QuantizedWeight):
+            return self._take_quantized(t)
         if self.first_rank_only:
             return t if rank == 0 else torch.zeros_like(t)
         return torch.cat([t.narrow(self.dim, lo, hi - lo) for lo, hi in self.ranges], dim=self.dim)
+
+    def _take_quantized(self, qw: QuantizedWeight) -> QuantizedWeight:
+        """Rows (or experts) take their integers, scales and zero points along; columns must cut at group edges,
+        unless one scale covers a whole row, which then covers the slice."""
+        *_, k = qw.shape
+        if self.dim != len(qw.shape) - 1:
+            def rows(t):
+                return None if t is None else self.take(t)
+
+            return QuantizedWeight(qw.bits, qw.group, rows(qw.q), rows(qw.scales), rows(qw.zeros))
+        width = sum(hi - lo for lo, hi in self.ranges)
+        per_row = qw.group == k
+        if not per_row and any(lo % qw.group or hi % qw.group for lo, hi in self.ranges):
+            raise ValueError(f"columns {list(self.ranges)} of a weight in groups of {qw.group} do not cut at group "
+                             "edges")
+        pack = 2 if qw.bits == 4 else 1
+        if any(lo % pack or hi % pack for lo, hi in self.ranges):
+            raise ValueError(f"columns {list(self.ranges)} split a byte of packed 4-bit integers")
+        cut = Piece(self.dim, tuple((lo // pack, hi // pack) for lo, hi in self.ranges)).take(qw.q)
+        if per_row:
+            return QuantizedWeight(qw.bits, width, cut, qw.scales, qw.zeros)
+        groups = Piece(self.dim, tuple((lo // qw.group, hi // qw.group) for lo, hi in self.ranges))
+        return QuantizedWeight(qw.bits, qw.group, cut, groups.take(qw.scales),
+                               None if qw.zeros is None else groups.take(qw.zeros))
+
+    def fits_groups(self, shape: tuple[int, ...], group: int, bits: int) -> bool:
+        """Can a weight of `shape` quantized in groups of `group` columns be cut here (see _take_quantized)?"""
+        if self.first_rank_only or self.dim != len(shape) - 1:
+            return True
+        k = shape[-1]
+        edges = [x for r in self.ranges for x in r]
+        return (group == k or all(x % group == 0 for x in edges)) and (bits != 4 or all(x % 2 == 0 for x in edges))
 
     def shape(self, full: list[int]) -> list[int]:
         if self.first_rank_only:
@@ -67,7 +105,8 @@ class Piece:
 
 
 SKIP = "skip"  # a per-expert tensor of an expert another rank holds
-EXPERT_2D = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+# a per-expert checkpoint tensor: the weight, or a quantized checkpoint's companion (scales, packed integers)
+EXPERT_TENSOR = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.((?:gate|up|down)_proj\.\w+)$")
 
 
 @dataclass(frozen=True)
@@ -208,34 +247,45 @@ class ShardPlan:
         return None  # norms, the router, the shared expert's gate, the MTP head's fc and norms
 
     def local_name(self, name: str) -> str | None:
-        """A per-expert checkpoint name with the rank's own expert index, or None for another rank's expert (EP);
-        any other name unchanged."""
-        m = EXPERT_2D.match(name)
+        """A per-expert checkpoint name (weight or quantized companion) with the rank's own expert index, or None for
+        another rank's expert (EP); any other name unchanged."""
+        m = EXPERT_TENSOR.match(name)
         if not (m and self.expert_parallel):
             return name
         lo, hi = self.experts
         e = int(m[2])
-        return f"{m[1]}.{e - lo}.{m[3]}_proj.weight" if lo <= e < hi else None
+        return f"{m[1]}.{e - lo}.{m[3]}" if lo <= e < hi else None
 
     def prepare(self, model: nn.Module, comm: Comm) -> None:
-        """Swap in the parallel modules and install the all-reduces, on a model built from `local_config()` (on the
-        meta device, before loading)."""
+        """Swap in this rank's modules where the local config cannot give them (on the meta device, before loading
+        and before quantized stand-ins replace any matmul): the vocabulary rows of the embedding and the LM head,
+        EP's own experts. `connect` then adds the collectives."""
         c = self.cfg
         text = model.model
         v0, v1 = self.vocab
         text.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, v0, v1, comm)
-        sizes = [split(c.vocab_size, self.size, r) for r in range(self.size)]
-        model.lm_head = ParallelLMHead(c.hidden_size, sizes, self.rank, comm)
+        model.lm_head = nn.Linear(c.hidden_size, v1 - v0, bias=False)
         if c.tie_word_embeddings:
             model.lm_head.weight = text.embed_tokens.weight
-        layers = list(text.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
-        for layer in layers:
-            mixer = layer.linear_attn.out_proj if hasattr(layer, "linear_attn") else layer.self_attn.o_proj
+        if self.expert_parallel:
+            e0, e1 = self.experts
+            for layer in _layers(model):
+                if hasattr(layer.mlp, "experts"):
+                    layer.mlp.experts = Experts(e1 - e0, c.hidden_size, c.moe_intermediate_size, first_expert=e0)
+
+    def connect(self, model: nn.Module, comm: Comm) -> None:
+        """The sums and the gather, as forward hooks: after each mixer and FFN block, whose last matmuls are
+        row-parallel (a quantized stand-in may have replaced those matmuls: the blocks stay), and on the LM head."""
+        for layer in _layers(model):
+            mixer = layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn
             for module in (mixer, layer.mlp):
                 module.register_forward_hook(comm.all_reduce_hook)
-            if self.expert_parallel and hasattr(layer.mlp, "experts"):
-                e0, e1 = self.experts
-                layer.mlp.experts = LocalExperts(e0, e1, c.hidden_size, c.moe_intermediate_size)
+        sizes = [hi - lo for lo, hi in (split(self.cfg.vocab_size, self.size, r) for r in range(self.size))]
+        model.lm_head.register_forward_hook(lambda module, args, out: comm.all_gather_cols(out, sizes))
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
 
 
 def _layer_part(name: str) -> tuple[int | None, str, str]:
@@ -254,37 +304,3 @@ class VocabParallelEmbedding(nn.Embedding):
         inside = (ids >= self.lo) & (ids < self.hi)
         rows = F.embedding(torch.where(inside, ids - self.lo, 0), self.weight)
         return self.comm.all_reduce(torch.where(inside[..., None], rows, 0))
-
-
-class ParallelLMHead(nn.Module):
-    """The LM head's vocabulary rows of this rank; the logits of every rank gathered, in vocabulary order."""
-
-    def __init__(self, hidden_size: int, sizes: list[tuple[int, int]], rank: int, comm: Comm):
-        super().__init__()
-        lo, hi = sizes[rank]
-        self.weight = nn.Parameter(torch.empty(hi - lo, hidden_size))
-        self.sizes, self.comm = [b - a for a, b in sizes], comm
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather_cols(F.linear(h, self.weight), self.sizes)
-
-
-class LocalExperts(nn.Module):
-    """EP: experts [lo, hi) of `layers.mlp.Experts`; the tokens' choices of other ranks' experts contribute zero
-    here (their ranks add them in the block's all-reduce)."""
-
-    def __init__(self, lo: int, hi: int, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.lo, self.hi = lo, hi
-        self.gate_up_proj = nn.Parameter(torch.empty(hi - lo, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(hi - lo, hidden_size, intermediate_size))
-
-    def forward(self, x, weights, ids):
-        mine = (ids >= self.lo) & (ids < self.hi)
-        tokens, slots = mine.nonzero(as_tuple=True)
-        out = torch.zeros_like(x)
-        if tokens.numel():
-            y = experts_grouped(x[tokens], weights[tokens, slots, None], (ids[tokens, slots] - self.lo)[:, None],
-                                self.gate_up_proj, self.down_proj)
-            out.index_add_(0, tokens, y)
-        return out

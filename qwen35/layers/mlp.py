@@ -29,16 +29,18 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts as two 3D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """All routed experts as two 3D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]; or,
+    with first_expert set (expert parallelism), experts first_expert.. only, the others' choices adding nothing."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, first_expert: int | None = None):
         super().__init__()
+        self.first_expert = first_expert
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x, weights, ids):
         """sum over each token's chosen experts ids [N, k] of weights [N, k] * expert(x)."""
-        return experts_grouped(x, weights, ids, self.gate_up_proj, self.down_proj)
+        return experts_grouped(x, weights, ids, self.gate_up_proj, self.down_proj, self.first_expert)
 
 
 class SparseMoeBlock(nn.Module):

@@ -40,10 +40,12 @@ class QuantExperts(nn.Module):
     """`layers.mlp.Experts` with quantized gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int,
-                 groups: tuple[int, int], has_zeros: bool = False):
-        """groups: the column group of gate_up_proj (over H) and of down_proj (over I)."""
+                 groups: tuple[int, int], has_zeros: bool = False, first_expert: int | None = None):
+        """groups: the column group of gate_up_proj (over H) and of down_proj (over I); first_expert: as
+        `layers.mlp.Experts`."""
         super().__init__()
         self.bits, (self.gate_up_group, self.down_group) = bits, groups
+        self.first_expert = first_expert
         E, H, inter = num_experts, hidden_size, intermediate_size
         _register(self, "gate_up_", (E, 2 * inter, H), bits, groups[0], has_zeros)
         _register(self, "down_", (E, H, inter), bits, groups[1], has_zeros)
@@ -64,7 +66,7 @@ class QuantExperts(nn.Module):
         """sum over each token's chosen experts ids [N, k] of weights [N, k] * expert(x); only the experts hit are
         dequantized (`experts_grouped` indexes one expert at a time)."""
         return experts_grouped(x, weights, ids, _Dequantized(self.gate_up_proj, x.dtype),
-                               _Dequantized(self.down_proj, x.dtype))
+                               _Dequantized(self.down_proj, x.dtype), self.first_expert)
 
 
 class _Dequantized:

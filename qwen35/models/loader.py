@@ -14,6 +14,7 @@ checkpoint is executed: no pickle, no remote code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -169,14 +170,21 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     report = LoadReport()
     quant = config.quantization
     canonical = {c: n for n in files if (c := canonical_name(n, vision, mtp)[0]) is not None}
-    specs = quantized.plan(model, config, set(canonical), quantization, lm_head_quantization, group_size,
-                           lambda msg: logger.warning("%s: %s", path, msg))
-    if shard is not None and specs:
-        raise CheckpointError(f"{path}: tensor parallelism runs float weights for now; this load would quantize "
-                              f"{len(specs)} modules ({config.quantization.describe() if quant else quantization}): "
-                              "load with quantization='none' (--quantization none dequantizes an FP8 or GPTQ "
-                              "checkpoint to the model dtype)")
+    warn = lambda msg: logger.warning("%s: %s", path, msg)  # noqa: E731
+    if shard is None:
+        specs = whole_specs = quantized.plan(model, config, set(canonical), quantization, lm_head_quantization,
+                                             group_size, warn)
+    else:  # formats chosen on the whole model, as one process would quantize it; each rank holds its cut
+        with torch.device("meta"):
+            whole = Qwen3_5ForCausalLM(cfg)
+            if mtp:
+                whole.mtp = MTP(cfg, whole.model)
+        whole_specs = quantized.plan(whole, config, set(canonical), quantization, lm_head_quantization, group_size,
+                                     warn)
+        specs = _local_specs(whole, model, whole_specs, shard, warn)
     quantized.apply(model, specs)
+    if shard is not None:
+        shard.connect(model, comm)
     # a quantized checkpoint's module -> its companion suffixes present (FP8 weight + scale, GPTQ's four)
     companions: dict[str, set] = {}
     for c in canonical:
@@ -196,10 +204,18 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     experts_seen: dict[str, set] = {}
 
     def cut(cname: str, tensor, sliced: bool):
-        """The rank's slice of a whole tensor (a quantized checkpoint's weight is dequantized first: no specs)."""
+        """The rank's slice of a whole tensor. A module quantized here is converted first, in the whole model's
+        format, then cut (a cut along rows of a float tensor comes first: rows quantize alone); a float module
+        takes its slice of the float (a quantized checkpoint's weight dequantized)."""
         if shard is None or sliced or (piece := shard.piece(cname)) is None:
             return tensor
-        return piece.take(quantized.convert(tensor, None), shard.rank)
+        module, which = _module_of(cname)
+        spec = whole_specs.get(module) if module in specs else None
+        if spec is None:
+            return piece.take(quantized.convert(tensor, None), shard.rank)
+        if isinstance(tensor, torch.Tensor) and piece.dim < tensor.dim() - 1:
+            return piece.take(tensor)
+        return piece.take(quantized.convert(tensor, spec, spec.groups[which == "down"]))
 
     def assign(cname: str, tensor, ckpt_name: str, sliced: bool = False):
         """tensor: a float tensor or a quantized checkpoint's CheckpointWeight; sliced: already the rank's part."""
@@ -275,7 +291,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                         report.set_aside["other ranks' experts"] = report.set_aside.get("other ranks' experts", 0) + 1
                         continue
                     plain = quantized.split_companion(cname, quant) is None and not (
-                        cfg.fused_gdn_projections and FUSED_GDN.match(cname))
+                        cfg.fused_gdn_projections and FUSED_GDN.match(cname)) and _module_of(cname)[0] not in specs
                     piece = shard.piece(cname) if plain else None
                     piece = None if piece is not None and piece.first_rank_only else piece
                 tensor = reader.read(name, piece)
@@ -325,6 +341,36 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     report.quantization = quantized.describe(specs, report.checkpoint_format)
     report.seconds = time.time() - start
     return model, config, report
+
+
+def _module_of(cname: str) -> tuple[str, str]:
+    """(the module a tensor belongs to for quantization, which matrix: "down" or another name)."""
+    if m := EXPERT_2D.match(cname):
+        return m[1], m[3]
+    module, _, attr = cname.rpartition(".")
+    return module, attr.removesuffix("_proj")
+
+
+def _local_specs(whole: nn.Module, local: nn.Module, specs: dict, shard: ShardPlan, warn) -> dict:
+    """A rank's formats: the whole model's, with a per-row group narrowed to the rank's columns; a module whose
+    columns the rank cannot cut at group edges stays in the model dtype."""
+    out = {}
+    for name, spec in specs.items():
+        if isinstance(whole.get_submodule(name), nn.Linear):
+            mats = [(f"{name}.weight", whole.get_submodule(name).weight, local.get_submodule(name).weight)]
+        else:
+            w, lo = whole.get_submodule(name), local.get_submodule(name)
+            mats = [(f"{name}.gate_up_proj", w.gate_up_proj, lo.gate_up_proj),
+                    (f"{name}.down_proj", w.down_proj, lo.down_proj)]
+        fits = all((p := shard.piece(n)) is None or p.fits_groups(tuple(full.shape), g, spec.bits)
+                   for (n, full, _), g in zip(mats, spec.groups))
+        if not fits:
+            warn(f"{name}: rank {shard.rank}'s columns do not cut at the edges of its {spec.bits}-bit groups "
+                 f"({spec.groups}); kept in the model dtype on that rank")
+            continue
+        groups = tuple(part.shape[-1] if g == full.shape[-1] else g for (_, full, part), g in zip(mats, spec.groups))
+        out[name] = dataclasses.replace(spec, groups=groups)
+    return out
 
 
 def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool, mtp: bool = False) -> None:

@@ -169,7 +169,7 @@ def apply(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
                 new = QuantLinear(old.in_features, old.out_features, spec.bits, spec.groups[0], spec.has_zeros)
             else:
                 E, two_i, H = old.gate_up_proj.shape
-                new = QuantExperts(E, H, two_i // 2, spec.bits, spec.groups, spec.has_zeros)
+                new = QuantExperts(E, H, two_i // 2, spec.bits, spec.groups, spec.has_zeros, old.first_expert)
         parent._modules[leaf] = new
 
 

@@ -233,9 +233,9 @@ class Qwen3_5ForCausalLM(nn.Module):
         """Logits over the whole vocabulary, or over `ids` only (a draft vocabulary: [M] ids, [N, M] logits)."""
         if ids is None:
             return self.lm_head(hidden)
-        if isinstance(self.lm_head, nn.Linear):
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.out_features == self.cfg.vocab_size:
             return F.linear(hidden, self.lm_head.weight[ids])
-        return self.lm_head(hidden)[:, ids]  # a quantized head: whole rows, then the columns
+        return self.lm_head(hidden)[:, ids]  # a quantized head or a rank's rows: all logits, then the columns
 
     def cache_spec(self, mtp: bool = False) -> dict[int, AttentionCacheSpec | LinearCacheSpec]:
         """What each layer keeps between steps: the model declares its cache, the cache manager allocates it. With

@@ -33,13 +33,21 @@ def experts_reference(x, weights, ids, gate_up_proj, down_proj):
     return out
 
 
-def experts_grouped(x, weights, ids, gate_up_proj, down_proj):
-    """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice."""
+def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
+    """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice. first: the weights
+    hold experts first.. only (expert parallelism): pairs choosing other experts are left out."""
     N, k = ids.shape
     flat_ids = ids.reshape(-1)
+    pairs = None
+    if first is not None:
+        flat_ids = flat_ids - first
+        pairs = ((flat_ids >= 0) & (flat_ids < gate_up_proj.shape[0])).nonzero().squeeze(1)
+        flat_ids = flat_ids[pairs]
     order = torch.argsort(flat_ids, stable=True)
+    if pairs is not None:
+        order = pairs[order]
     token_of_pair = order // k
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(ids.reshape(-1)[order] - (first or 0), minlength=gate_up_proj.shape[0]).tolist()
     xs = x[token_of_pair]
     ws = weights.reshape(-1)[order]
     out = torch.zeros_like(x)
