@@ -138,6 +138,8 @@ def test_serve_runs_uvicorn_on_the_socket_it_bound_first(monkeypatch, capsys):
     seen = {}
 
     class FakeLLM:
+        workers = None  # one process
+
         def __init__(self, model, **kwargs):
             # the port is bound before the model loads, but not yet listening: clients are refused, not kept waiting
             with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):

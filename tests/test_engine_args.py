@@ -59,20 +59,21 @@ def test_flags_reach_llm_under_vllms_names(seen, tmp_path):
               "--block-size", "32", "--max-num-seqs", "3", "--chat-template", str(template), "--generation-config",
               "vllm", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder", "--reasoning-parser", "qwen3",
               "--disable-log-requests", "--uvicorn-log-level", "warning", "--no-enable-prefix-caching",
-              "--trust-remote-code", "--enforce-eager", "--disable-log-stats", "-tp", "1", "--seed", "7",
+              "--trust-remote-code", "--enforce-eager", "--disable-log-stats", "-tp", "2", "-ep", "--seed", "7",
               "--port", "0"])
     assert seen["model"] == "some/model"
     assert (seen["kv_cache_memory_fraction"], seen["max_num_batched_tokens"], seen["block_size"],
             seen["max_num_seqs"]) == (0.3, 512, 32, 3)
     assert (seen["chat_template"], seen["generation_config"], seen["enable_prefix_caching"], seen["seed"]) == (
         str(template), "vllm", False, 7)
+    assert (seen["tensor_parallel_size"], seen["enable_expert_parallel"]) == (2, True)
     assert EngineArgs.from_kwargs(**{k: v for k, v in seen.items() if k not in ("model", "revision")})
 
 
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--tool-call-parser", "hermes"], "argument --tool-call-parser: 'hermes' is not supported"),
     (["serve", "--reasoning-parser", "deepseek_r1"], "argument --reasoning-parser: 'deepseek_r1' is not supported"),
-    (["serve", "--tensor-parallel-size", "2"], "argument --tensor-parallel-size/-tp: 2: qwen35 runs on one device"),
+    (["serve", "--tensor-parallel-size", "0"], "argument --tensor-parallel-size/-tp: must be at least 1, got 0"),
     (["serve", "--gpu-memory-utilization", "1.5"], "argument --kv-cache-memory-fraction/--gpu-memory-utilization: "
                                                    "must be in (0, 1], got 1.5"),
 ])
