@@ -164,9 +164,6 @@ def format_plan(name: str, p: dict) -> str:
             f"    communication  {lay['all_reduce_bytes_per_token']:,} all-reduce bytes / "
             f"{lay['all_gather_bytes_per_token']:,} all-gather bytes per decode token (batch 1, bf16)",
         ]
-    if p["gpus"] > 1 and p["weight_format"] != "bf16":
-        lines.append(f"  note             qwen35's tensor parallelism runs float weights for now: an "
-                     f"{p['weight_format']} checkpoint loads with --quantization none (the bf16 figures)")
     if p["recommended"]:
         best = next(lay for lay in p["layouts"] if lay["layout"] == p["recommended"])
         lines.append(f"  recommended      {best['layout']}: {best['flags']}")
