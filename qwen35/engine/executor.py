@@ -191,6 +191,7 @@ def serve(comm: Comm) -> None:
 
 def _spawned(rank: int, size: int, init_method: str, device: str) -> None:
     logging.basicConfig(level=logging.WARNING)
+    _share_cores(torch.device(device), size)
     try:
         comm = init(rank, size, _rank_device(torch.device(device), rank), init_method)
         serve(comm)
@@ -226,6 +227,12 @@ def start_group(size: int, device: torch.device) -> WorkerGroup:
     return spawn_workers(size, device)
 
 
+def _share_cores(device: torch.device, size: int) -> None:
+    """Ranks on one CPU machine split its cores: N ranks at full width would each wait on the others' threads."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
 def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
     fd, store = tempfile.mkstemp(prefix="qwen35-tp-")
     os.close(fd)
@@ -236,6 +243,7 @@ def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
                              name=f"qwen35-tp-worker-{r}") for r in range(1, size)]
     for p in processes:
         p.start()
+    _share_cores(device, size)  # rank 0 too
 
     def cleanup():
         if os.path.exists(store):
