@@ -134,7 +134,8 @@ class LLM:
         kv_cache_memory_fraction, enable_prefix_caching, state_snapshot_bytes, tokenizer, skip_tokenizer_init,
         chat_template, generation_config, language_model_only, quantization, lm_head_quantization,
         quantization_group_size, native_kernels, speculative_config (MTP drafting: {"method": "mtp",
-        "num_speculative_tokens": k}), and the media policy: limit_mm_per_prompt,
+        "num_speculative_tokens": k}), tensor_parallel_size and enable_expert_parallel (one model over N processes:
+        spawned here, or torchrun's ranks; `shutdown()` stops them), and the media policy: limit_mm_per_prompt,
         allowed_local_media_path, allow_remote_media, allowed_media_domains, media_fetch_timeout (image_url /
         video_url chat parts may point at local files inside allowed_local_media_path, and with allow_remote_media
         at public addresses, or at the allowed_media_domains hosts wherever they resolve). An unknown keyword is a
@@ -183,6 +184,9 @@ class LLM:
 
     def _load_sharded(self, a: EngineArgs, device: str, load_kwargs: dict) -> None:
         """Rank 0's shard here, the others' in the worker processes (spawned here, or torchrun's), loaded at once."""
+        if a.native_kernels:
+            raise ValueError("native_kernels=True: the native CPU kernels do not run under tensor parallelism (each "
+                             "rank runs the reference model); leave native_kernels unset")
         cfg = ModelConfig.from_dir(self.model_path).text
         ShardPlan(cfg, 0, a.tensor_parallel_size, a.enable_expert_parallel)  # refuse an impossible split first
         self.workers = start_group(a.tensor_parallel_size, torch.device(device))
