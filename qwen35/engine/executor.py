@@ -67,9 +67,7 @@ class WorkerGroup:
         """The group is out of step (a worker died, or a call failed on rank 0 while the workers made it)."""
         for p in self.processes:
             p.join(0.5)  # a worker that just died: its exit code
-        dead = [f"worker {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in enumerate(self.processes, 1)
-                if p.exitcode is not None]
-        self.broken = "; ".join(dead) if dead else f"a tensor-parallel call failed: {type(cause).__name__}: {cause}"
+        self.broken = self._dead() or f"a tensor-parallel call failed: {type(cause).__name__}: {cause}"
         raise WorkerDied(f"tensor parallelism stopped: {self.broken}. The engine cannot continue; restart it") \
             from cause
 
@@ -82,12 +80,14 @@ class WorkerGroup:
             for sentinel in multiprocessing.connection.wait([p.sentinel for p in self.processes]):
                 next(p for p in self.processes if p.sentinel == sentinel).join(5)  # its exit code
             if not self._closing:
-                dead = [f"worker {r} (pid {p.pid}) exited with code {p.exitcode}"
-                        for r, p in enumerate(self.processes, 1) if p.exitcode is not None]
-                self.broken = self.broken or "; ".join(dead)
+                self.broken = self.broken or self._dead()
                 on_death(f"tensor parallelism stopped: {self.broken}")
 
         threading.Thread(target=wait, name="qwen35-tp-watch", daemon=True).start()
+
+    def _dead(self) -> str:
+        return "; ".join(f"worker {r} (pid {p.pid}) exited with code {p.exitcode}"
+                         for r, p in enumerate(self.processes, 1) if p.exitcode is not None)
 
     def describe(self) -> str:
         pids = ", ".join(str(p.pid) for p in self.processes)
