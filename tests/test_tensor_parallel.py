@@ -18,6 +18,7 @@ from qwen35.distributed.shard import Piece, ShardError, ShardPlan, split
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import CheckpointError, load_model
 from tests.test_mtp import mtp_checkpoint
+from tests.test_speculative import Oracle
 from tests.tiny_models import BASE, MOE
 
 RANKS = 2
@@ -321,11 +322,13 @@ def tokens(n: int, seed: int, vocab: int = 150) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine_outputs(path, **kw) -> list:
+def engine_outputs(path, hook=None, **kw) -> tuple[list, dict]:
     """Greedy and seeded requests through the engine: a prompt whose prefix an earlier request cached, n > 1 (forks),
-    unequal prompts in one batch, prompts longer than the step's token budget (chunked prefill)."""
+    unequal prompts in one batch, prompts longer than the step's token budget (chunked prefill). hook: the engine's
+    draft hook. Returns the outputs and the speculative decoding counters."""
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=40, block_size=16,
               max_model_len=256, **kw)
+    llm.engine.draft_hook = hook
     try:
         greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
         prefix = tokens(70, 1)
@@ -333,12 +336,13 @@ def engine_outputs(path, **kw) -> list:
         batch = [prefix + tokens(9, 3), tokens(3, 4), tokens(57, 5), tokens(33, 6)]
         params = [greedy, SamplingParams(temperature=0, n=2, max_tokens=12, ignore_eos=True),
                   SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=8, ignore_eos=True), greedy]
-        return first + llm.generate(batch, params)
+        return first + llm.generate(batch, params), dataclasses.asdict(llm.engine.spec_stats)
     finally:
         llm.shutdown()
 
 
 def assert_same(got: list, want: list) -> None:
+    """The same tokens (greedy and seeded sampling alike), cached prefixes, and the tokens' logprobs within 1e-4."""
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.num_cached_tokens == w.num_cached_tokens
@@ -349,20 +353,48 @@ def assert_same(got: list, want: list) -> None:
                 assert ta == tb and abs(la.logprob - lb.logprob) < 1e-4
 
 
-@pytest.mark.parametrize("checkpoint_name,kw", [
-    ("next-kv1-uneven-untied", dict(enable_expert_parallel=True)),
-    ("dense-uneven-tied", dict(speculative_config={"method": "mtp", "num_speculative_tokens": 2})),
-], ids=["next-ep2", "dense-tp2-mtp"])
-def test_engine_under_tensor_parallel_gives_the_same_tokens(one_thread, checkpoint, tmp_path, checkpoint_name, kw):
-    kind, overrides = CHECKPOINTS[checkpoint_name]
+def test_engine_under_expert_parallel_gives_the_same_tokens(one_thread, checkpoint):
+    """Qwen3-Next (a replicated KV head, 3 GDN key heads, 5 experts) with EP=2 against one process."""
+    kind, overrides = CHECKPOINTS["next-kv1-uneven-untied"]
     path = checkpoint(kind, **overrides)[0]
-    if "speculative_config" in kw:
-        path = mtp_checkpoint(kind, lambda k: checkpoint(k, **overrides), tmp_path)[0]
-    want = engine_outputs(path, native_kernels=False, **kw)
-    got = engine_outputs(path, tensor_parallel_size=2, **kw)
+    want, _ = engine_outputs(path, native_kernels=False)
+    got, _ = engine_outputs(path, tensor_parallel_size=2, enable_expert_parallel=True)
     assert got[1].num_cached_tokens > 0  # the second prompt resumed from the first's cached prefix
     assert [len(o.outputs) for o in got] == [1, 1, 2, 3, 1]
     assert_same(got, want)
+
+
+class Drafts(Oracle):
+    """test_speculative.Oracle (drafts forced to be accepted 0, 1 or 2 at a time, from the plain greedy outputs;
+    none for sampled requests), noting what the MTP head itself drafted at each step."""
+
+    def __init__(self, refs):
+        super().__init__(refs, 2, 150, plain=lambda r: r.params.temperature > 0)
+        self.proposed = []
+
+    def __call__(self, req, drafts):
+        self.proposed.append((req.prompt_token_ids[:3], len(req.output_token_ids), list(drafts)))
+        return super().__call__(req, drafts)
+
+
+def test_engine_under_tensor_parallel_speculates_the_same(one_thread, checkpoint, tmp_path):
+    """A dense model with uneven heads and an MTP head (its attention layer sharded too) drafting 2 tokens, under
+    TP=2 and on one process: the head drafts the same tokens, and the verified tokens, cache hits and speculative
+    counters are the same."""
+    kind, overrides = CHECKPOINTS["dense-uneven-tied"]
+    path = mtp_checkpoint(kind, lambda k: checkpoint(k, **overrides), tmp_path)[0]
+    spec = dict(speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    plain, _ = engine_outputs(path, native_kernels=False)
+    refs = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in plain}
+    want_drafts, got_drafts = Drafts(refs), Drafts(refs)
+    want, want_spec = engine_outputs(path, want_drafts, native_kernels=False, **spec)
+    got, got_spec = engine_outputs(path, got_drafts, tensor_parallel_size=2, **spec)
+    assert got_drafts.proposed == want_drafts.proposed and len(got_drafts.proposed) > 10
+    assert got_spec == want_spec and got_spec["num_accepted_tokens"] > 0
+    assert got_drafts.forced == {0, 1, 2}
+    assert got[1].num_cached_tokens > 0
+    assert_same(got, want)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
 
 
 def test_a_dead_worker_is_a_clear_error(one_thread, checkpoint):
