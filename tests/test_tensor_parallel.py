@@ -323,9 +323,10 @@ def test_each_rank_caches_its_own_heads(sharded, case):
 
 
 @pytest.fixture
-def one_thread():
-    """Rank 0 and its worker share the 2 cores: with 2 threads each, their idle threads spin against the other
-    process's compute and a step takes ~20x longer."""
+def one_thread(monkeypatch):
+    """One thread on rank 0 and in the worker (spawned with this environment): on 2 shared cores a second thread
+    per process spins against the other rank's compute, and steps take up to ~10x longer."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -336,12 +337,12 @@ def tokens(n: int, seed: int, vocab: int = 150) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine_outputs(path, hook=None, **kw) -> tuple[list, dict]:
+def engine_outputs(path, hook=None, max_model_len=256, **kw) -> tuple[list, dict, int]:
     """Greedy and seeded requests through the engine: a prompt whose prefix an earlier request cached, n > 1 (forks),
     unequal prompts in one batch, prompts longer than the step's token budget (chunked prefill). hook: the engine's
-    draft hook. Returns the outputs and the speculative decoding counters."""
+    draft hook. Returns the outputs, the speculative decoding counters and the number of preemptions."""
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=40, block_size=16,
-              max_model_len=256, **kw)
+              max_model_len=max_model_len, **kw)
     llm.engine.draft_hook = hook
     try:
         greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
@@ -350,7 +351,8 @@ def engine_outputs(path, hook=None, **kw) -> tuple[list, dict]:
         batch = [prefix + tokens(9, 3), tokens(3, 4), tokens(57, 5), tokens(33, 6)]
         params = [greedy, SamplingParams(temperature=0, n=2, max_tokens=12, ignore_eos=True),
                   SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=8, ignore_eos=True), greedy]
-        return first + llm.generate(batch, params), dataclasses.asdict(llm.engine.spec_stats)
+        outs = first + llm.generate(batch, params)
+        return outs, dataclasses.asdict(llm.engine.spec_stats), llm.engine.scheduler_preemptions
     finally:
         llm.shutdown()
 
@@ -368,11 +370,15 @@ def assert_same(got: list, want: list) -> None:
 
 
 def test_engine_under_expert_parallel_gives_the_same_tokens(one_thread, checkpoint):
-    """Qwen3-Next (a replicated KV head, 3 GDN key heads, 5 experts) with EP=2 against one process."""
+    """Qwen3-Next (a replicated KV head, 3 GDN key heads, 5 experts) with EP=2 against one process, in a KV cache of
+    9 blocks that makes the scheduler preempt and recompute requests (the KV head is whole on each rank, so both
+    engines get the same blocks and the same schedule)."""
     kind, overrides = CHECKPOINTS["next-kv1-uneven-untied"]
     path = checkpoint(kind, **overrides)[0]
-    want, _ = engine_outputs(path, native_kernels=False)
-    got, _ = engine_outputs(path, tensor_parallel_size=2, enable_expert_parallel=True)
+    small = dict(max_model_len=128, kv_cache_bytes=9 * 16 * 256)  # 256 bytes per token: 1 layer x K, V x 32 x fp32
+    want, _, want_preempted = engine_outputs(path, native_kernels=False, **small)
+    got, _, got_preempted = engine_outputs(path, tensor_parallel_size=2, enable_expert_parallel=True, **small)
+    assert got_preempted == want_preempted > 0
     assert got[1].num_cached_tokens > 0  # the second prompt resumed from the first's cached prefix
     assert [len(o.outputs) for o in got] == [1, 1, 2, 3, 1]
     assert_same(got, want)
@@ -398,11 +404,11 @@ def test_engine_under_tensor_parallel_speculates_the_same(one_thread, checkpoint
     kind, overrides = CHECKPOINTS["dense-uneven-tied"]
     path = mtp_checkpoint(kind, lambda k: checkpoint(k, **overrides), tmp_path)[0]
     spec = dict(speculative_config={"method": "mtp", "num_speculative_tokens": 2})
-    plain, _ = engine_outputs(path, native_kernels=False)
+    plain = engine_outputs(path, native_kernels=False)[0]
     refs = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in plain}
     want_drafts, got_drafts = Drafts(refs), Drafts(refs)
-    want, want_spec = engine_outputs(path, want_drafts, native_kernels=False, **spec)
-    got, got_spec = engine_outputs(path, got_drafts, tensor_parallel_size=2, **spec)
+    want, want_spec, _ = engine_outputs(path, want_drafts, native_kernels=False, **spec)
+    got, got_spec, _ = engine_outputs(path, got_drafts, tensor_parallel_size=2, **spec)
     assert got_drafts.proposed == want_drafts.proposed and len(got_drafts.proposed) > 10
     assert got_spec == want_spec and got_spec["num_accepted_tokens"] > 0
     assert got_drafts.forced == {0, 1, 2}
