@@ -347,7 +347,8 @@ def engine_outputs(path, hook=None, max_model_len=256, **kw) -> tuple[list, dict
     try:
         greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
         prefix = tokens(70, 1)
-        first = llm.generate([prefix + tokens(5, 2)], greedy)
+        first = llm.generate([prefix + tokens(5, 2)], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                                     logprobs=0, prompt_logprobs=0))
         batch = [prefix + tokens(9, 3), tokens(3, 4), tokens(57, 5), tokens(33, 6)]
         params = [greedy, SamplingParams(temperature=0, n=2, max_tokens=12, ignore_eos=True),
                   SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=8, ignore_eos=True), greedy]
@@ -358,8 +359,12 @@ def engine_outputs(path, hook=None, max_model_len=256, **kw) -> tuple[list, dict
 
 
 def assert_same(got: list, want: list) -> None:
-    """The same tokens (greedy and seeded sampling alike), cached prefixes, and the tokens' logprobs within 1e-4."""
+    """The same tokens (greedy and seeded sampling alike), cached prefixes, and the tokens' logprobs (sampled and
+    prompt) within 1e-4."""
     assert len(got) == len(want)
+    assert got[0].prompt_logprobs and len(got[0].prompt_logprobs) == len(want[0].prompt_logprobs)
+    for a, b in zip(got[0].prompt_logprobs[1:], want[0].prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
     for g, w in zip(got, want):
         assert g.num_cached_tokens == w.num_cached_tokens
         assert [o.token_ids for o in g.outputs] == [o.token_ids for o in w.outputs], g.prompt_token_ids[:5]
