@@ -1,7 +1,8 @@
 """Tensor and expert parallelism on CPU over gloo with 2 processes: the shard plan's pieces rebuild every tensor, a
 sharded model's float32 logits equal the whole model's (TP=2 and EP=2, on head counts, widths, experts and
-vocabularies that split unevenly or are replicated), the engine under TP=2 gives TP=1's greedy tokens (prefix cache
-hits, n > 1, chunked prefill, MTP speculation), and impossible splits or dead workers are clear errors."""
+vocabularies that split unevenly or are replicated), the engine under TP=2 / EP=2 gives one process's tokens (prefix
+cache hits, n > 1, chunked prefill, preemption, MTP speculation), and impossible splits or dead workers are clear
+errors."""
 
 import dataclasses
 import re
@@ -247,15 +248,18 @@ def _sharded_logits(rank: int, init_method: str, jobs: list, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def sharded(checkpoint, tmp_path_factory):
-    """case -> (the whole model, prompts, [each rank's results]); all cases in one spawned group."""
+    """case -> (the whole model, its LoadReport, the prompts, [each rank's results]); all cases in one spawned
+    group."""
     tmp = tmp_path_factory.mktemp("tp")
     paths = {name: checkpoint(kind, **overrides)[0] for name, (kind, overrides) in CHECKPOINTS.items()}
     jobs = [(case, str(paths[ck]), ep, prompts(CHECKPOINTS[ck][1].get("vocab_size", 160), seed=i))
             for i, (case, ck, ep) in enumerate(CASES)]
     mp.spawn(_sharded_logits, args=(f"file://{tmp}/store", jobs, str(tmp)), nprocs=RANKS, join=True)
-    whole = {ck: load_model(p, dtype="float32", progress=False) for ck, p in paths.items()}
-    return {case: (*whole[ck][::2], seqs, [torch.load(f"{tmp}/{case}-{r}.pt", weights_only=False)
-                                           for r in range(RANKS)])
+    whole = {}
+    for ck, p in paths.items():
+        model, _, report = load_model(p, dtype="float32", progress=False)
+        whole[ck] = model, report
+    return {case: (*whole[ck], seqs, [torch.load(f"{tmp}/{case}-{r}.pt", weights_only=False) for r in range(RANKS)])
             for (case, ck, _), (_, _, _, seqs) in zip(CASES, jobs)}
 
 
