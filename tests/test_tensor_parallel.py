@@ -6,11 +6,13 @@ errors."""
 
 import dataclasses
 import re
+import shutil
 import threading
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from qwen35 import LLM, SamplingParams
 from qwen35.cache.spec import AttentionCacheSpec, LinearCacheSpec
@@ -38,9 +40,12 @@ CHECKPOINTS = {
     "next-kv1-uneven-untied": ("next", dict(REPLICATED_KV, **EXPERTS, linear_num_key_heads=3,
                                             linear_num_value_heads=6, intermediate_size=95, vocab_size=161)),
 }
+# The released BF16 MoE layout: fused 3D experts (transformers writes one 2D tensor per expert), under
+# model.language_model.*; its reference is the checkpoint it was made from.
+FUSED = {"moe-uneven-tied-fused": "moe-uneven-tied"}
 # (case, checkpoint, expert parallel)
-CASES = [(name, name, False) for name in CHECKPOINTS] + [
-    (f"{name}-ep", name, True) for name in CHECKPOINTS if CHECKPOINTS[name][0] != "dense"]
+CASES = [(name, name, False) for name in [*CHECKPOINTS, *FUSED]] + [
+    (f"{name}-ep", name, True) for name in [*CHECKPOINTS, *FUSED] if CHECKPOINTS[FUSED.get(name, name)][0] != "dense"]
 PROMPT_LENGTHS = [1, 7, 70, 33]
 
 
@@ -232,6 +237,26 @@ def test_impossible_splits_are_refused(kind, overrides, size, ep, words):
 # ---- sharded models in one group of 2 processes
 
 
+def fused_copy(src, dst):
+    """`src` (transformers' per-expert tensors) with each layer's experts fused into gate_up_proj / down_proj."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    per_expert = re.compile(r"^model\.(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    tensors, experts = {}, {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if m := per_expert.match(name):
+            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = t
+        else:
+            tensors["model.language_model." + name.removeprefix("model.") if name.startswith("model.") else name] = t
+    for base, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        tensors[f"model.language_model.{base}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[e, "gate"], parts[e, "up"]]) for e in range(n)])
+        tensors[f"model.language_model.{base}.down_proj"] = torch.stack([parts[e, "down"] for e in range(n)])
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
 def _sharded_logits(rank: int, init_method: str, jobs: list, out: str) -> None:
     """Each rank loads every case's shard and runs the prompts; every rank saves its (gathered) logits."""
     torch.set_num_threads(1)  # two ranks on two cores
@@ -253,15 +278,19 @@ def sharded(checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     built = {name: checkpoint(kind, **overrides) for name, (kind, overrides) in CHECKPOINTS.items()}
     paths = {name: path for name, (path, _) in built.items()}
-    jobs = [(case, str(paths[ck]), ep, prompts(CHECKPOINTS[ck][1].get("vocab_size", 160), seed=i))
+    paths.update({name: fused_copy(paths[base], tmp / name) for name, base in FUSED.items()})
+    jobs = [(case, str(paths[ck]), ep, prompts(CHECKPOINTS[FUSED.get(ck, ck)][1].get("vocab_size", 160), seed=i))
             for i, (case, ck, ep) in enumerate(CASES)]
     mp.spawn(_sharded_logits, args=(f"file://{tmp}/store", jobs, str(tmp)), nprocs=RANKS, join=True)
     whole = {}
     for ck, p in paths.items():
         model, _, report = load_model(p, dtype="float32", progress=False)
         whole[ck] = model, report
+    for name, base in FUSED.items():  # the same weights in the other layout
+        assert all(torch.equal(a, b) for a, b in zip(whole[name][0].state_dict().values(),
+                                                    whole[base][0].state_dict().values()))
     return {case: (*whole[ck], seqs, [torch.load(f"{tmp}/{case}-{r}.pt", weights_only=False) for r in range(RANKS)],
-                   built[ck][1])
+                   built[FUSED.get(ck, ck)][1])
             for (case, ck, _), (_, _, _, seqs) in zip(CASES, jobs)}
 
 
