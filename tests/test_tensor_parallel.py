@@ -373,7 +373,7 @@ def test_each_rank_caches_its_own_heads(sharded, case):
 @pytest.fixture
 def one_thread(monkeypatch):
     """One thread on rank 0 and in the worker (spawned with this environment): on 2 shared cores a second thread
-    per process spins against the other rank's compute, and steps take up to ~10x longer."""
+    per process spins against the other rank's compute, and steps take several times longer."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
