@@ -487,15 +487,31 @@ def error_within(seconds: float, fn) -> BaseException | None:
     return box[0] if box else None
 
 
-def test_a_dead_worker_is_a_clear_error(one_thread, checkpoint):
+@pytest.mark.parametrize("when", ["idle", "mid-step"])
+def test_a_dead_worker_is_a_clear_error(one_thread, checkpoint, when):
+    """The worker killed between calls, or while rank 0 waits for it in an all-reduce of a step: that generate and
+    the next raise WorkerDied naming the worker and its exit code, without waiting for a timeout."""
     path = checkpoint("dense")[0]
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2)
     try:
         sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         assert len(llm.generate([[1, 2, 3]], sp)[0].outputs[0].token_ids) == 4
         worker = llm.workers.processes[0]
-        worker.kill()
-        worker.join(timeout=10)
+        if when == "idle":
+            worker.kill()
+            worker.join(timeout=10)
+        else:
+            comm, calls = llm.workers.comm, []
+            all_reduce = comm.all_reduce
+
+            def kill_on_the_fifth(x):
+                calls.append(1)
+                if len(calls) == 5:
+                    worker.kill()
+                    worker.join(timeout=10)
+                return all_reduce(x)
+
+            comm.all_reduce = kill_on_the_fifth
         for _ in range(2):  # at once, and again on the next call
             error = error_within(10, lambda: llm.generate([[4, 5, 6]], sp))
             assert isinstance(error, WorkerDied), error
