@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from qwen35 import LLM, SamplingParams
 from qwen35.cache.spec import AttentionCacheSpec, LinearCacheSpec
 from qwen35.config import ModelConfig, TextConfig
-from qwen35.distributed.parallel import Comm, WorkerDied, init
+from qwen35.distributed.parallel import WorkerDied, init
 from qwen35.distributed.shard import Piece, ShardError, ShardPlan, split
 from qwen35.models.batch import ForwardBatch, SeqChunk
-from qwen35.models.loader import CheckpointError, load_model
+from qwen35.models.loader import load_model
 from tests.test_mtp import mtp_checkpoint
 from tests.test_speculative import Oracle
 from tests.tiny_models import BASE, MOE
@@ -370,17 +370,6 @@ def test_each_rank_caches_its_own_heads(sharded, case):
 # ---- the engine: rank 0 schedules and samples, a spawned worker follows
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """One thread on rank 0 and in the worker (spawned with this environment): on 2 shared cores a second thread
-    per process spins against the other rank's compute, and steps take several times longer."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tokens(n: int, seed: int, vocab: int = 150) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -422,7 +411,7 @@ def assert_same(got: list, want: list) -> None:
                 assert ta == tb and abs(la.logprob - lb.logprob) < 1e-4
 
 
-def test_engine_under_expert_parallel_gives_the_same_tokens(one_thread, checkpoint):
+def test_engine_under_expert_parallel_gives_the_same_tokens(checkpoint):
     """Qwen3-Next (a replicated KV head, 3 GDN key heads, 5 experts) with EP=2 against one process, in a KV cache of
     9 blocks that makes the scheduler preempt and recompute requests (the KV head is whole on each rank, so both
     engines get the same blocks and the same schedule)."""
@@ -450,7 +439,7 @@ class Drafts(Oracle):
         return super().__call__(req, drafts)
 
 
-def test_engine_under_tensor_parallel_speculates_the_same(one_thread, checkpoint, tmp_path):
+def test_engine_under_tensor_parallel_speculates_the_same(checkpoint, tmp_path):
     """A dense model with uneven heads and an MTP head (its attention layer sharded too) drafting 2 tokens, under
     TP=2 and on one process: the head drafts the same tokens, and the verified tokens, cache hits and speculative
     counters are the same."""
@@ -488,7 +477,7 @@ def error_within(seconds: float, fn) -> BaseException | None:
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-step"])
-def test_a_dead_worker_is_a_clear_error(one_thread, checkpoint, when):
+def test_a_dead_worker_is_a_clear_error(checkpoint, when):
     """The worker killed between calls, or while rank 0 waits for it in an all-reduce of a step: that generate and
     the next raise WorkerDied naming the worker and its exit code, without waiting for a timeout."""
     path = checkpoint("dense")[0]
@@ -530,24 +519,3 @@ def test_an_impossible_split_is_refused_before_any_worker_starts(checkpoint, mon
     monkeypatch.setattr("qwen35.llm.start_group", no_spawn)
     with pytest.raises(ShardError, match="over 2 ranks: it has 1 Gated DeltaNet key heads, fewer than the ranks"):
         LLM(str(path), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2)
-
-
-QUANTIZED_SHARD_BUG = ("quantized.plan reads the ParallelLMHead (not an nn.Linear) as an Experts module: "
-                       "AttributeError 'gate_up_proj' before the loader's CheckpointError")
-
-
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=QUANTIZED_SHARD_BUG)
-def test_quantizing_a_shard_is_a_clear_error(checkpoint):
-    path = checkpoint("dense")[0]
-    plan = ShardPlan(ModelConfig.from_dir(path).text, 0, 2)
-    with pytest.raises(CheckpointError, match="tensor parallelism runs float weights for now"):
-        load_model(path, dtype="float32", quantization="int8", shard=plan,
-                   comm=Comm(0, 2, torch.device("cpu")))  # no collective runs before the error
-
-
-@pytest.mark.xfail(strict=True, reason=QUANTIZED_SHARD_BUG + " (raised on the worker and on rank 0)")
-def test_llm_quantized_under_tensor_parallel_is_a_clear_error(one_thread, checkpoint):
-    path = checkpoint("dense")[0]
-    with pytest.raises(Exception, match="tensor parallelism runs float weights for now"):
-        LLM(str(path), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2, quantization="int8")
-    assert not mp.active_children()  # the worker was stopped

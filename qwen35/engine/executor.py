@@ -227,10 +227,13 @@ def start_group(size: int, device: torch.device) -> WorkerGroup:
     return spawn_workers(size, device)
 
 
-def _share_cores(device: torch.device, size: int) -> None:
-    """Ranks on one CPU machine split its cores: N ranks at full width would each wait on the others' threads."""
+def _share_cores(device: torch.device, size: int) -> int:
+    """Ranks on one CPU machine split its cores: N ranks at full width would each wait on the others' threads.
+    Returns the thread count before (rank 0's is restored when its group closes)."""
+    before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    return before
 
 
 def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
@@ -243,9 +246,10 @@ def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
                              name=f"qwen35-tp-worker-{r}") for r in range(1, size)]
     for p in processes:
         p.start()
-    _share_cores(device, size)  # rank 0 too
+    threads = _share_cores(device, size)  # rank 0 too
 
     def cleanup():
+        torch.set_num_threads(threads)
         if os.path.exists(store):
             os.unlink(store)
 
