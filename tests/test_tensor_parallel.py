@@ -23,7 +23,7 @@ from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import load_model
 from tests.test_mtp import mtp_checkpoint
 from tests.test_speculative import Oracle
-from tests.tiny_models import BASE, MOE
+from tests.tiny_models import BASE, MOE, build
 
 RANKS = 2
 # 3 KV heads / 3 GDN key heads over 2 ranks (uneven), odd FFN widths, 5 experts, a vocabulary of 161.
@@ -519,3 +519,21 @@ def test_an_impossible_split_is_refused_before_any_worker_starts(checkpoint, mon
     monkeypatch.setattr("qwen35.llm.start_group", no_spawn)
     with pytest.raises(ShardError, match="over 2 ranks: it has 1 Gated DeltaNet key heads, fewer than the ranks"):
         LLM(str(path), dtype="float32", skip_tokenizer_init=True, tensor_parallel_size=2)
+
+
+def test_images_under_tensor_parallel(tmp_path):
+    """The vision tower runs on rank 0 only; its embeddings reach every rank with the step (EP=2 on a MoE VL model)."""
+    from tests.test_multimodal_e2e import GREEDY, PREPROCESSOR, VIDEO_PREPROCESSOR, picture
+    from tests.tokenizer_fixtures import add_qwen35_tokenizer
+
+    build("moe_vl", tmp_path, seed=7, vocab_size=248320)
+    add_qwen35_tokenizer(tmp_path, preprocessor_config=PREPROCESSOR, video_preprocessor_config=VIDEO_PREPROCESSOR)
+    prompts = [{"prompt": "<|vision_start|><|image_pad|><|vision_end|>Describe.",
+                "multi_modal_data": {"image": picture(64, 96, 1)}}, {"prompt": "plain text"}]
+    want = LLM(str(tmp_path), dtype="float32", max_model_len=1024).generate(prompts, GREEDY)
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=1024, tensor_parallel_size=2, enable_expert_parallel=True)
+    try:
+        got = llm.generate(prompts, GREEDY)
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
