@@ -57,8 +57,7 @@ def test_a_module_a_rank_cannot_cut_stays_float():
     """int4 in groups of 32 over the tiny model's 96-wide value heads: a 2-way split cuts out_proj's columns at 48."""
     from qwen35.config import ModelConfig
     from qwen35.distributed.shard import ShardPlan
-    from qwen35.models.loader import _local_specs
-    from qwen35.models.quantized import QuantSpec
+    from qwen35.models.quantized import QuantSpec, local_specs
     from qwen35.models.qwen3_5 import Qwen3_5ForCausalLM
     from tests.tiny_models import BASE
 
@@ -69,11 +68,11 @@ def test_a_module_a_rank_cannot_cut_stays_float():
     names = ["model.layers.0.linear_attn.in_proj_qkv", "model.layers.0.linear_attn.out_proj",
              "model.layers.3.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
     warnings = []
-    specs = _local_specs(whole, local, {n: QuantSpec(4, (32,), True) for n in names}, plan, warnings.append)
+    specs = local_specs(whole, local, {n: QuantSpec(4, (32,), True) for n in names}, plan, warnings.append)
     # rows cut anywhere; o_proj's 128 columns cut at 64; out_proj's 96 and down_proj's 96 at 48: inside a group
     assert set(specs) == {names[0], names[2]}
     assert len(warnings) == 2 and "model.layers.0.linear_attn.out_proj: rank 1's columns" in warnings[0]
-    per_row = _local_specs(whole, local, {names[1]: QuantSpec(8, (96,))}, plan, warnings.append)
+    per_row = local_specs(whole, local, {names[1]: QuantSpec(8, (96,))}, plan, warnings.append)
     assert per_row[names[1]].groups == (48,)  # one scale per whole row covers the rank's half
 
 

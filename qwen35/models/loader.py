@@ -14,7 +14,6 @@ checkpoint is executed: no pickle, no remote code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -181,7 +180,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
                 whole.mtp = MTP(cfg, whole.model)
         whole_specs = quantized.plan(whole, config, set(canonical), quantization, lm_head_quantization, group_size,
                                      warn)
-        specs = _local_specs(whole, model, whole_specs, shard, warn)
+        specs = quantized.local_specs(whole, model, whole_specs, shard, warn)
     quantized.apply(model, specs)
     if shard is not None:
         shard.connect(model, comm)
@@ -349,28 +348,6 @@ def _module_of(cname: str) -> tuple[str, str]:
         return m[1], m[3]
     module, _, attr = cname.rpartition(".")
     return module, attr.removesuffix("_proj")
-
-
-def _local_specs(whole: nn.Module, local: nn.Module, specs: dict, shard: ShardPlan, warn) -> dict:
-    """A rank's formats: the whole model's, with a per-row group narrowed to the rank's columns; a module whose
-    columns the rank cannot cut at group edges stays in the model dtype."""
-    out = {}
-    for name, spec in specs.items():
-        if isinstance(whole.get_submodule(name), nn.Linear):
-            mats = [(f"{name}.weight", whole.get_submodule(name).weight, local.get_submodule(name).weight)]
-        else:
-            w, lo = whole.get_submodule(name), local.get_submodule(name)
-            mats = [(f"{name}.gate_up_proj", w.gate_up_proj, lo.gate_up_proj),
-                    (f"{name}.down_proj", w.down_proj, lo.down_proj)]
-        fits = all((p := shard.piece(n)) is None or p.fits_groups(tuple(full.shape), g, spec.bits)
-                   for (n, full, _), g in zip(mats, spec.groups))
-        if not fits:
-            warn(f"{name}: rank {shard.rank}'s columns do not cut at the edges of its {spec.bits}-bit groups "
-                 f"({spec.groups}); kept in the model dtype on that rank")
-            continue
-        groups = tuple(part.shape[-1] if g == full.shape[-1] else g for (_, full, part), g in zip(mats, spec.groups))
-        out[name] = dataclasses.replace(spec, groups=groups)
-    return out
 
 
 def check_headers(path: Path, config: ModelConfig, files: dict[str, Path], vision: bool, mtp: bool = False) -> None:

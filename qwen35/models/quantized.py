@@ -15,6 +15,7 @@ which the loader either dequantizes (float modules, quantization="none") or conv
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import re
@@ -156,6 +157,30 @@ def split_rows(qw: QuantizedWeight, split) -> dict[str, QuantizedWeight]:
     q, s = split(qw.q), split(qw.scales)
     z = split(qw.zeros) if qw.zeros is not None else dict.fromkeys(q)
     return {name: QuantizedWeight(qw.bits, qw.group, q[name], s[name], z[name]) for name in q}
+
+
+def local_specs(whole: nn.Module, local: nn.Module, specs: dict[str, QuantSpec], shard, warn
+                ) -> dict[str, QuantSpec]:
+    """A tensor-parallel rank's formats (`shard`: its distributed.shard.ShardPlan; `local`: its model): the whole
+    model's `specs`, with a per-row group narrowed to the rank's columns; a module whose columns the rank cannot cut
+    at group edges stays in the model dtype."""
+    out = {}
+    for name, spec in specs.items():
+        if isinstance(whole.get_submodule(name), nn.Linear):
+            mats = [(f"{name}.weight", whole.get_submodule(name).weight, local.get_submodule(name).weight)]
+        else:
+            w, lo = whole.get_submodule(name), local.get_submodule(name)
+            mats = [(f"{name}.gate_up_proj", w.gate_up_proj, lo.gate_up_proj),
+                    (f"{name}.down_proj", w.down_proj, lo.down_proj)]
+        fits = all((p := shard.piece(n)) is None or p.fits_groups(tuple(full.shape), g, spec.bits)
+                   for (n, full, _), g in zip(mats, spec.groups))
+        if not fits:
+            warn(f"{name}: rank {shard.rank}'s columns do not cut at the edges of its {spec.bits}-bit groups "
+                 f"({spec.groups}); kept in the model dtype on that rank")
+            continue
+        groups = tuple(part.shape[-1] if g == full.shape[-1] else g for (_, full, part), g in zip(mats, spec.groups))
+        out[name] = dataclasses.replace(spec, groups=groups)
+    return out
 
 
 def apply(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
