@@ -537,3 +537,22 @@ def test_images_under_tensor_parallel(tmp_path):
     finally:
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_step_messages_move_whole_to_a_device():
+    """On GPUs a step's arguments go by the host (a pickled CUDA tensor would unpickle on rank 0's GPU): `move`
+    reaches every tensor of a ForwardBatch, in tuples, lists and dicts, and leaves the rest alone."""
+    from qwen35.engine.executor import move
+    from qwen35.models.batch import ForwardBatch, SeqChunk
+
+    batch = ForwardBatch.build([SeqChunk([1, 2, 3], state_slot=0, block_ids=[0]), SeqChunk([4], num_past=2,
+                                state_slot=1, block_ids=[1])], 16, torch.device("cpu"))
+    args, kwargs = move((torch.ones(2), batch, [torch.zeros(1), "x"]), torch.device("meta")), \
+        move({"inputs_embeds": torch.ones(4, 2), "n": 3}, torch.device("meta"))
+    moved = args[1]
+    assert args[0].is_meta and args[2][0].is_meta and args[2][1] == "x" and kwargs["inputs_embeds"].is_meta
+    assert kwargs["n"] == 3 and type(moved) is ForwardBatch
+    for f in dataclasses.fields(batch):
+        value = getattr(moved, f.name)
+        assert not isinstance(value, torch.Tensor) or value.is_meta, f.name
+    assert moved.state_copies == batch.state_copies

@@ -10,6 +10,7 @@ group is out of step and every call raises it again. A worker whose rank 0 is go
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -49,6 +50,8 @@ class WorkerGroup:
 
     def send(self, name: str, path: tuple, args: tuple = (), kwargs: dict | None = None, reply: bool = False):
         self._check()
+        if self.comm.device.type == "cuda":  # a pickled CUDA tensor would come back on rank 0's GPU: go by the host
+            args, kwargs = move(args, torch.device("cpu")), move(kwargs, torch.device("cpu"))
         try:
             self.comm.broadcast((name, path, args, kwargs or {}, reply))
         except Exception as e:
@@ -139,6 +142,20 @@ class Remote:
         return _worker_object, (self._name,)
 
 
+def move(obj, device: torch.device):
+    """obj with every tensor inside (tuples, lists, dicts, dataclasses such as ForwardBatch) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
 def _here(value):
     return value._target if isinstance(value, Remote) else value
 
@@ -174,6 +191,8 @@ def serve(comm: Comm) -> None:
         if msg is None:
             return
         name, path, args, kwargs, reply = msg
+        if comm.device.type == "cuda":
+            args, kwargs = move(args, comm.device), move(kwargs, comm.device)
         target = _OBJECTS[name]
         for attr in path:
             target = getattr(target, attr)
