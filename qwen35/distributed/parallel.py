@@ -27,7 +27,6 @@ class WorkerDied(RuntimeError):
 class CommStats:
     all_reduce_bytes: int = 0
     all_gather_bytes: int = 0  # what this rank contributes
-    broadcast_bytes: int = 0
     calls: dict = field(default_factory=dict)
 
     def count(self, kind: str, nbytes: int) -> None:

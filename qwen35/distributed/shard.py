@@ -75,14 +75,10 @@ class Piece:
                 return None if t is None else self.take(t)
 
             return QuantizedWeight(qw.bits, qw.group, rows(qw.q), rows(qw.scales), rows(qw.zeros))
-        width = sum(hi - lo for lo, hi in self.ranges)
-        per_row = qw.group == k
-        if not per_row and any(lo % qw.group or hi % qw.group for lo, hi in self.ranges):
-            raise ValueError(f"columns {list(self.ranges)} of a weight in groups of {qw.group} do not cut at group "
-                             "edges")
-        pack = 2 if qw.bits == 4 else 1
-        if any(lo % pack or hi % pack for lo, hi in self.ranges):
-            raise ValueError(f"columns {list(self.ranges)} split a byte of packed 4-bit integers")
+        if not self.fits_groups(qw.shape, qw.group, qw.bits):
+            raise ValueError(f"columns {list(self.ranges)} of a {qw.bits}-bit weight in groups of {qw.group} do not "
+                             "cut at group edges (or split a byte of packed 4-bit integers)")
+        width, per_row, pack = sum(hi - lo for lo, hi in self.ranges), qw.group == k, 2 if qw.bits == 4 else 1
         cut = Piece(self.dim, tuple((lo // pack, hi // pack) for lo, hi in self.ranges)).take(qw.q)
         if per_row:
             return QuantizedWeight(qw.bits, width, cut, qw.scales, qw.zeros)
@@ -104,7 +100,6 @@ class Piece:
         return [sum(hi - lo for lo, hi in self.ranges) if d == self.dim else n for d, n in enumerate(full)]
 
 
-SKIP = "skip"  # a per-expert tensor of an expert another rank holds
 # a per-expert checkpoint tensor: the weight, or a quantized checkpoint's companion (scales, packed integers)
 EXPERT_TENSOR = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.((?:gate|up|down)_proj\.\w+)$")
 

@@ -176,9 +176,6 @@ class Worker:
         _OBJECTS["cache"] = HybridCache(model.cache_spec(mtp=mtp), num_blocks, block_size, num_slots, model.dtype,
                                         self.comm.device)
 
-    def stats(self) -> dict:
-        return vars(self.comm.stats)
-
 
 def serve(comm: Comm) -> None:
     """A worker's life: make rank 0's calls until it says stop (None) or is gone."""
