@@ -7,7 +7,9 @@ errors."""
 import dataclasses
 import re
 import shutil
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -556,3 +558,17 @@ def test_step_messages_move_whole_to_a_device():
         value = getattr(moved, f.name)
         assert not isinstance(value, torch.Tensor) or value.is_meta, f.name
     assert moved.state_copies == batch.state_copies
+
+
+def _dies_at_start(rank, size, init_method, device):
+    sys.exit(3)
+
+
+def test_a_worker_that_dies_before_joining_is_a_clear_error_at_once():
+    """Not a wait for the group's 30-minute timeout: rank 0 watches the workers while it joins."""
+    from qwen35.engine.executor import spawn_workers
+
+    threads, start = torch.get_num_threads(), time.monotonic()
+    with pytest.raises(WorkerDied, match=r"tensor-parallel worker 1 \(pid \d+\) exited with code 3 before joining"):
+        spawn_workers(2, torch.device("cpu"), target=_dies_at_start)
+    assert time.monotonic() - start < 60 and torch.get_num_threads() == threads

@@ -252,13 +252,16 @@ def _share_cores(device: torch.device, size: int) -> int:
     return before
 
 
-def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
+def spawn_workers(size: int, device: torch.device, target=_spawned) -> WorkerGroup:
+    """Start size - 1 local workers (target: their main function, (rank, size, init_method, device)) and join them
+    in a group. A worker that exits before joining is a WorkerDied at once: rank 0 joins in a thread and watches
+    the workers meanwhile, rather than waiting for the group's timeout."""
     fd, store = tempfile.mkstemp(prefix="qwen35-tp-")
     os.close(fd)
     os.unlink(store)  # the file store creates it; a stale one would hold an old group's keys
     init_method = f"file://{store}"
     ctx = multiprocessing.get_context("spawn")
-    processes = [ctx.Process(target=_spawned, args=(r, size, init_method, str(device)), daemon=True,
+    processes = [ctx.Process(target=target, args=(r, size, init_method, str(device)), daemon=True,
                              name=f"qwen35-tp-worker-{r}") for r in range(1, size)]
     for p in processes:
         p.start()
@@ -269,11 +272,27 @@ def spawn_workers(size: int, device: torch.device) -> WorkerGroup:
         if os.path.exists(store):
             os.unlink(store)
 
-    try:
-        comm = init(0, size, _rank_device(device, 0), init_method)
-    except Exception as e:
+    joined, box = threading.Event(), {}
+
+    def join():
+        try:
+            box["comm"] = init(0, size, _rank_device(device, 0), init_method)
+        except Exception as e:
+            box["error"] = e
+        joined.set()
+
+    threading.Thread(target=join, name="qwen35-tp-join", daemon=True).start()
+    while not joined.wait(0.2):
+        if dead := [(r, p) for r, p in enumerate(processes, 1) if p.exitcode is not None]:
+            box["error"] = WorkerDied("; ".join(f"tensor-parallel worker {r} (pid {p.pid}) exited with code "
+                                                f"{p.exitcode} before joining the group" for r, p in dead)
+                                      + " (its error is above)")
+            break
+    if "comm" not in box:  # the join thread, if still waiting, waits on a store nobody else will reach
         for p in processes:
             p.kill()
         cleanup()
-        raise WorkerDied(f"the tensor-parallel workers did not join: {e}") from e
-    return WorkerGroup(comm, processes, cleanup)
+        error = box["error"]
+        raise error if isinstance(error, WorkerDied) else WorkerDied(
+            f"the tensor-parallel workers did not join: {error}") from error
+    return WorkerGroup(box["comm"], processes, cleanup)
