@@ -38,13 +38,15 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(rank: int, world_size: int, device: torch.device, init_method: str | None = None) -> Comm:
-    """Join the process group (init_method: e.g. "file:///tmp/x" or "tcp://host:port"; None reads torchrun's
-    environment) and return the group's Comm."""
+def init(rank: int, world_size: int, device: torch.device, init_method: str | None = None,
+         store: dist.Store | None = None) -> Comm:
+    """Join the process group (init_method: e.g. "file:///tmp/x" or "tcp://host:port", or a `store` the ranks
+    share; neither reads torchrun's environment) and return the group's Comm."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=init_method or "env://", rank=rank,
-                            world_size=world_size, timeout=ENGINE_TIMEOUT if rank == 0 else WORKER_TIMEOUT)
+    where = {"store": store} if store is not None else {"init_method": init_method or "env://"}
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world_size,
+                            timeout=ENGINE_TIMEOUT if rank == 0 else WORKER_TIMEOUT, **where)
     return Comm(rank, world_size, device)
 
 

@@ -18,9 +18,11 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from qwen35.cache.hybrid import HybridCache
 from qwen35.config import ModelConfig
@@ -205,11 +207,13 @@ def serve(comm: Comm) -> None:
             comm.gather(error)
 
 
-def _spawned(rank: int, size: int, init_method: str, device: str) -> None:
+def _spawned(rank: int, size: int, store_path: str, device: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     _share_cores(torch.device(device), size)
     try:
-        comm = init(rank, size, _rank_device(torch.device(device), rank), init_method)
+        store = dist.FileStore(store_path, size)
+        store.set(f"ready/{rank}", "1")  # rank 0 joins once every worker got this far
+        comm = init(rank, size, _rank_device(torch.device(device), rank), store=store)
         serve(comm)
     except Exception:
         traceback.print_exc()
@@ -253,15 +257,15 @@ def _share_cores(device: torch.device, size: int) -> int:
 
 
 def spawn_workers(size: int, device: torch.device, target=_spawned) -> WorkerGroup:
-    """Start size - 1 local workers (target: their main function, (rank, size, init_method, device)) and join them
-    in a group. A worker that exits before joining is a WorkerDied at once: rank 0 joins in a thread and watches
-    the workers meanwhile, rather than waiting for the group's timeout."""
-    fd, store = tempfile.mkstemp(prefix="qwen35-tp-")
+    """Start size - 1 local workers (target: their main function, (rank, size, store path, device)) and join them
+    in a group over a file store. Rank 0 joins only once every worker has said it is ready (a key in the store),
+    watching the workers meanwhile: one that exits before is a WorkerDied at once, not a wait for the group's
+    timeout."""
+    fd, path = tempfile.mkstemp(prefix="qwen35-tp-")
     os.close(fd)
-    os.unlink(store)  # the file store creates it; a stale one would hold an old group's keys
-    init_method = f"file://{store}"
+    os.unlink(path)  # the store creates it; a stale one would hold an old group's keys
     ctx = multiprocessing.get_context("spawn")
-    processes = [ctx.Process(target=target, args=(r, size, init_method, str(device)), daemon=True,
+    processes = [ctx.Process(target=target, args=(r, size, path, str(device)), daemon=True,
                              name=f"qwen35-tp-worker-{r}") for r in range(1, size)]
     for p in processes:
         p.start()
@@ -269,30 +273,21 @@ def spawn_workers(size: int, device: torch.device, target=_spawned) -> WorkerGro
 
     def cleanup():
         torch.set_num_threads(threads)
-        if os.path.exists(store):
-            os.unlink(store)
+        if os.path.exists(path):
+            os.unlink(path)
 
-    joined, box = threading.Event(), {}
-
-    def join():
-        try:
-            box["comm"] = init(0, size, _rank_device(device, 0), init_method)
-        except Exception as e:
-            box["error"] = e
-        joined.set()
-
-    threading.Thread(target=join, name="qwen35-tp-join", daemon=True).start()
-    while not joined.wait(0.2):
-        if dead := [(r, p) for r, p in enumerate(processes, 1) if p.exitcode is not None]:
-            box["error"] = WorkerDied("; ".join(f"tensor-parallel worker {r} (pid {p.pid}) exited with code "
-                                                f"{p.exitcode} before joining the group" for r, p in dead)
-                                      + " (its error is above)")
-            break
-    if "comm" not in box:  # the join thread, if still waiting, waits on a store nobody else will reach
+    try:
+        store = dist.FileStore(path, size)
+        ready = [f"ready/{r}" for r in range(1, size)]
+        while not store.check(ready):
+            if dead := [(r, p) for r, p in enumerate(processes, 1) if p.exitcode is not None]:
+                raise WorkerDied("; ".join(f"tensor-parallel worker {r} (pid {p.pid}) exited with code {p.exitcode} "
+                                           "before joining the group" for r, p in dead) + " (its error is above)")
+            time.sleep(0.05)
+        comm = init(0, size, _rank_device(device, 0), store=store)
+    except Exception as e:
         for p in processes:
             p.kill()
         cleanup()
-        error = box["error"]
-        raise error if isinstance(error, WorkerDied) else WorkerDied(
-            f"the tensor-parallel workers did not join: {error}") from error
-    return WorkerGroup(box["comm"], processes, cleanup)
+        raise e if isinstance(e, WorkerDied) else WorkerDied(f"the tensor-parallel workers did not join: {e}") from e
+    return WorkerGroup(comm, processes, cleanup)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.ops.moe import experts_grouped, route_logits
+from qwen35.ops.moe import experts, route_logits
 
 
 class MLP(nn.Module):
@@ -40,7 +40,7 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, ids):
         """sum over each token's chosen experts ids [N, k] of weights [N, k] * expert(x)."""
-        return experts_grouped(x, weights, ids, self.gate_up_proj, self.down_proj, self.first_expert)
+        return experts(x, weights, ids, self.gate_up_proj, self.down_proj, self.first_expert)
 
 
 class SparseMoeBlock(nn.Module):

@@ -1,5 +1,7 @@
 """Sparse mixture of experts: softmax router, top-k, renormalised weights, and a dispatch that groups the routed
-tokens by expert so each used expert runs one matmul and unused experts cost nothing."""
+tokens by expert so each used expert runs one matmul and unused experts cost nothing: a loop over the hit experts
+(`experts_grouped`), or one grouped matmul per projection for all of them (`experts_grouped_mm`, on GPUs);
+`experts_reference` is the definition both are tested against."""
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +35,29 @@ def experts_reference(x, weights, ids, gate_up_proj, down_proj):
     return out
 
 
-def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
-    """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice. first: the weights
-    hold experts first.. only (expert parallelism): pairs choosing other experts are left out."""
-    N, k = ids.shape
-    flat_ids = ids.reshape(-1)
-    pairs = None
+def _pairs_by_expert(weights, ids, num_experts: int, first: int | None):
+    """The (token, expert) pairs sorted by expert, stable: (token of each pair, its weight, tokens per expert
+    [num_experts]). first: the weights hold experts first.. only (expert parallelism): other pairs are left out."""
+    k = ids.shape[1]
+    order = ids.reshape(-1)
     if first is not None:
-        flat_ids = flat_ids - first
-        pairs = ((flat_ids >= 0) & (flat_ids < gate_up_proj.shape[0])).nonzero().squeeze(1)
-        flat_ids = flat_ids[pairs]
-    order = torch.argsort(flat_ids, stable=True)
-    if pairs is not None:
-        order = pairs[order]
-    token_of_pair = order // k
-    counts = torch.bincount(ids.reshape(-1)[order] - (first or 0), minlength=gate_up_proj.shape[0]).tolist()
+        local = order - first
+        order = ((local >= 0) & (local < num_experts)).nonzero().squeeze(1)
+        order = order[torch.argsort(local[order], stable=True)]
+    else:
+        order = torch.argsort(order, stable=True)
+    counts = torch.bincount(ids.reshape(-1)[order] - (first or 0), minlength=num_experts)
+    return order // k, weights.reshape(-1)[order], counts
+
+
+def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
+    """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice. first: see
+    `_pairs_by_expert`."""
+    token_of_pair, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
     xs = x[token_of_pair]
-    ws = weights.reshape(-1)[order]
     out = torch.zeros_like(x)
     start = 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(counts.tolist()):
         if c == 0:
             continue
         sl = slice(start, start + c)
@@ -60,3 +65,21 @@ def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None 
         out.index_add_(0, token_of_pair[sl], y.to(x.dtype))
         start += c
     return out
+
+
+def experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
+    """As experts_grouped, but every expert's rows in one grouped matmul per projection (`torch._grouped_mm`: one
+    kernel for all experts on a GPU, and no host sync for the counts)."""
+    token_of_pair, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = torch._grouped_mm(x[token_of_pair], gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs) * ws[:, None]
+    return torch.zeros_like(x).index_add_(0, token_of_pair, y.to(x.dtype))
+
+
+def experts(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
+    """The routed experts' sum: one grouped matmul per projection on a GPU, the per-expert loop elsewhere (the CPU
+    backend has its own kernel; this loop is the reference model's)."""
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        return experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first)
+    return experts_grouped(x, weights, ids, gate_up_proj, down_proj, first)

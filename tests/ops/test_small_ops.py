@@ -6,7 +6,7 @@ import torch
 from qwen35.cache.hybrid import HybridCache  # noqa: F401  (import check: cache imports models cleanly)
 from qwen35.ops.attention import attention_reference, gather_kv, varlen_attention, write_kv
 from qwen35.ops.conv import causal_conv1d, causal_conv1d_reference
-from qwen35.ops.moe import experts_grouped, experts_reference, route
+from qwen35.ops.moe import experts_grouped, experts_grouped_mm, experts_reference, route
 from qwen35.ops.rope import apply_rotary, inv_freq, rope_cos_sin
 
 LENS = {"single token": [1], "chunk edges": [63, 64, 65], "unequal": [1, 7, 200, 3], "many short": [1] * 9}
@@ -98,7 +98,26 @@ def test_grouped_experts_match_reference(shape):
     gate_up, down = torch.randn(E, 2 * inter, H, generator=g) / 4, torch.randn(E, H, inter, generator=g) / 5
     w, ids = route(x, router, k)
     torch.testing.assert_close(w.sum(-1), torch.ones(N))
-    torch.testing.assert_close(experts_grouped(x, w, ids, gate_up, down), experts_reference(x, w, ids, gate_up, down))
+    ref = experts_reference(x, w, ids, gate_up, down)
+    torch.testing.assert_close(experts_grouped(x, w, ids, gate_up, down), ref)
+    torch.testing.assert_close(experts_grouped_mm(x, w, ids, gate_up, down), ref)  # the GPU path, run on CPU
+
+
+@pytest.mark.parametrize("first, num", [(0, 3), (3, 2), (5, 3)])
+@pytest.mark.parametrize("fn", [experts_grouped, experts_grouped_mm])
+def test_a_slice_of_the_experts_adds_only_its_own(fn, first, num):
+    """Expert parallelism: weights of experts first..first+num only; the slices of all ranks add up to the whole."""
+    g = torch.Generator().manual_seed(5)
+    N, E, k, H, inter = 29, 8, 3, 16, 24
+    x = torch.randn(N, H, generator=g)
+    gate_up, down = torch.randn(E, 2 * inter, H, generator=g) / 4, torch.randn(E, H, inter, generator=g) / 5
+    w, ids = route(x, torch.randn(E, H, generator=g), k)
+    mine = (ids >= first) & (ids < first + num)
+    want = experts_reference(x, w * mine, ids, gate_up, down)  # the others' choices weigh nothing
+    got = fn(x, w, ids, gate_up[first:first + num], down[first:first + num], first)
+    torch.testing.assert_close(got, want)
+    parts = [fn(x, w, ids, gate_up[a:b], down[a:b], a) for a, b in ((0, 3), (3, 5), (5, 8))]
+    torch.testing.assert_close(sum(parts), experts_reference(x, w, ids, gate_up, down))
 
 
 def test_rope_text_positions_equal_mrope_with_equal_axes_and_match_transformers():
