@@ -78,8 +78,11 @@ def experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first: int | No
 
 
 def experts(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
-    """The routed experts' sum: one grouped matmul per projection on a GPU, the per-expert loop elsewhere (the CPU
-    backend has its own kernel; this loop is the reference model's)."""
-    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+    """The routed experts' sum: one grouped matmul per projection where torch has it for the case (bf16 on a Hopper
+    or newer GPU, rows of 16-byte multiples), the per-expert loop elsewhere (the CPU backend has its own kernel;
+    this loop is the reference model's). Neither path has run on a GPU here yet."""
+    if (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and gate_up_proj.shape[-1] % 8 == 0 and down_proj.shape[-1] % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
         return experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first)
     return experts_grouped(x, weights, ids, gate_up_proj, down_proj, first)
