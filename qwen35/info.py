@@ -78,20 +78,17 @@ def weight_bytes(c: dict[str, int]) -> dict[str, int]:
     }
 
 
-def kv_cache_bytes_per_token(cfg: TextConfig, kv_heads: int | None = None) -> int:
-    """bf16 K and V of every full-attention layer; `kv_heads`: those one rank holds (default: all)."""
-    kv_heads = cfg.num_key_value_heads if kv_heads is None else kv_heads
-    return cfg.num_full_attention_layers * 2 * kv_heads * cfg.head_dim * 2
+def kv_cache_bytes_per_token(cfg: TextConfig) -> int:
+    """bf16 K and V of every full-attention layer (of one rank, given its local config)."""
+    return cfg.num_full_attention_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
 
 
-def recurrent_state_bytes_per_sequence(cfg: TextConfig, k_heads: int | None = None, v_heads: int | None = None) -> int:
-    """Every Gated DeltaNet layer's bf16 conv history and fp32 recurrent state; `k_heads` / `v_heads`: those one rank
-    holds (default: all)."""
-    k_heads = cfg.linear_num_key_heads if k_heads is None else k_heads
-    v_heads = cfg.linear_num_value_heads if v_heads is None else v_heads
-    conv_dim = 2 * k_heads * cfg.linear_key_head_dim + v_heads * cfg.linear_value_head_dim
-    conv = cfg.num_linear_attention_layers * conv_dim * (cfg.linear_conv_kernel_dim - 1) * 2
-    ssm = cfg.num_linear_attention_layers * v_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+def recurrent_state_bytes_per_sequence(cfg: TextConfig) -> int:
+    """Every Gated DeltaNet layer's bf16 conv history and fp32 recurrent state (of one rank, given its local
+    config)."""
+    conv = cfg.num_linear_attention_layers * cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * 2
+    ssm = cfg.num_linear_attention_layers * cfg.linear_num_value_heads * cfg.linear_key_head_dim * \
+        cfg.linear_value_head_dim * 4
     return conv + ssm
 
 

@@ -187,8 +187,9 @@ class LLM:
         if a.native_kernels:
             raise ValueError("native_kernels=True: the native CPU kernels do not run under tensor parallelism (each "
                              "rank runs the reference model); leave native_kernels unset")
-        cfg = ModelConfig.from_dir(self.model_path).text
-        ShardPlan(cfg, 0, a.tensor_parallel_size, a.enable_expert_parallel)  # refuse an impossible split first
+        # rank 0's plan, built first: an impossible split is refused before any worker starts
+        plan = ShardPlan(ModelConfig.from_dir(self.model_path).text, 0, a.tensor_parallel_size,
+                         a.enable_expert_parallel)
         self.workers = start_group(a.tensor_parallel_size, torch.device(device))
         self.workers.send("worker", ("load",), (str(self.model_path), load_kwargs, a.enable_expert_parallel),
                           reply=True)
@@ -196,7 +197,7 @@ class LLM:
         try:
             self.model, self.model_config, self.load_report = load_model(
                 self.model_path, device=self.workers.comm.device, vision=not a.language_model_only, **load_kwargs,
-                shard=ShardPlan(cfg, 0, a.tensor_parallel_size, a.enable_expert_parallel), comm=self.workers.comm)
+                shard=plan, comm=self.workers.comm)
         except Exception as e:
             error = e
         try:

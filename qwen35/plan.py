@@ -107,8 +107,8 @@ def plan(config: ModelConfig, gpus: int, gpu_memory: int, quantization: str = "n
             continue
         counts = count_parameters(shapes, shard_shape(shard_plan))
         weights, vision = weight_bytes(counts)[fmt], 2 * counts["vision"]  # the vision tower stays bf16
-        kv = kv_cache_bytes_per_token(cfg, share.kv_heads)
-        state = recurrent_state_bytes_per_sequence(cfg, share.k_heads, share.v_heads)
+        local = shard_plan.local_config()
+        kv, state = kv_cache_bytes_per_token(local), recurrent_state_bytes_per_sequence(local)
         free = usable - RESERVE_BYTES - weights - vision
         seqs = max(free, 0) // (context * kv + state)
         comm = (0, 0) if gpus == 1 else ((2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 2, cfg.vocab_size * 2)

@@ -200,8 +200,8 @@ class ShardPlan:
         c = self.cfg
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return Piece(0, (self.vocab,))
-        layer, _, rest = _layer_part(name)
-        if layer is None:
+        rest = _in_layer(name)
+        if rest is None:
             return None
         D, dk, dv = c.head_dim, c.linear_key_head_dim, c.linear_value_head_dim
         (k0, k1), (v0, v1) = self.k_heads, self.v_heads
@@ -258,7 +258,7 @@ class ShardPlan:
         c = self.cfg
         text = model.model
         v0, v1 = self.vocab
-        text.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, v0, v1, comm)
+        text.embed_tokens = VocabParallelEmbedding(c.hidden_size, v0, v1, comm)
         model.lm_head = nn.Linear(c.hidden_size, v1 - v0, bias=False)
         if c.tie_word_embeddings:
             model.lm_head.weight = text.embed_tokens.weight
@@ -283,17 +283,18 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
 
 
-def _layer_part(name: str) -> tuple[int | None, str, str]:
-    m = re.match(r"^(?:model|mtp)\.layers\.(\d+)\.(.*)$", name)
-    return (int(m[1]), name[:m.start(2)], m[2]) if m else (None, "", name)
+def _in_layer(name: str) -> str | None:
+    """A decoder (or MTP) layer's tensor name within its layer, e.g. "mlp.gate_proj.weight"; None elsewhere."""
+    m = re.match(r"^(?:model|mtp)\.layers\.\d+\.(.*)$", name)
+    return m[1] if m else None
 
 
 class VocabParallelEmbedding(nn.Embedding):
     """Rows [lo, hi) of the embedding: ids outside them look up zeros, and the ranks' rows are summed."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, lo: int, hi: int, comm: Comm):
+    def __init__(self, hidden_size: int, lo: int, hi: int, comm: Comm):
         super().__init__(hi - lo, hidden_size)
-        self.vocab_size, self.lo, self.hi, self.comm = vocab_size, lo, hi, comm
+        self.lo, self.hi, self.comm = lo, hi, comm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         inside = (ids >= self.lo) & (ids < self.hi)
