@@ -193,3 +193,26 @@ def test_imports_without_triton():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay():
+    """Captured once (keys split among programs, as few sequences leave SMs idle), replayed on new queries and
+    context lengths written into the same buffers."""
+    q, k_cache, v_cache, cu_seqlens, context_lens, block_tables = make_case(
+        [1, 1, 1, 1], [5, 40, 70, 200], 2, 8, 128, 16, torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def call():
+        paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, 128 ** -0.5, 1, out=out)
+
+    call()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    q.copy_(torch.randn_like(q))
+    context_lens.copy_(torch.tensor([2, 33, 70, 129]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches(out, q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, 128 ** -0.5)

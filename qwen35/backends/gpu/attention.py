@@ -108,6 +108,9 @@ if triton is not None:
     # Triton's interpreter multiplies bf16 operands of tl.dot as their raw 16 bits (triton 3.9): there the kernel
     # multiplies in fp32 instead, the same numbers (a product of two bf16 values is exact in fp32).
     _INTERPRETED = not isinstance(_paged_attention_kernel, triton.runtime.JITFunction)
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+MAX_SPLITS = 32  # programs sharing one sequence's keys, at most
 
 
 def _check(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, out):
@@ -146,9 +149,6 @@ def _num_splits(device, num_programs: int) -> int:
     return max(1, min(MAX_SPLITS, sms // num_programs))
 
 
-MAX_SPLITS = 32
-
-
 def paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, scale: float, max_query_len: int,
                     out=None, num_kv_splits: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its first context_lens[s] cached positions (the new
@@ -166,7 +166,6 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables,
     """
     if triton is None:
         raise RuntimeError("paged_attention needs triton (pip install triton; it comes with CUDA builds of torch)")
-    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     _check(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, out)
     if num_kv_splits is not None and num_kv_splits < 1:
         raise ValueError(f"paged_attention: num_kv_splits must be >= 1; got {num_kv_splits}")
