@@ -106,6 +106,18 @@ def as_kernel_reads(x, dtype):
     return x.to(dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", ["decode-G1-D64-bs16", "chunked-G3-D80-bs4", "mixed-G8-D64-bs16", "D256-G2-bs16"])
+def test_split_keys(case, splits, dtype):
+    """Keys shared among programs and merged by log-sum-exp: splits that cover a tile or more, splits past the
+    context (empty), splits in which some query of a prefill sees no key at all."""
+    q_lens, ctx_lens, Hkv, G, D, block_size = CASES[case]
+    args = make_case(q_lens, ctx_lens, Hkv, G, D, block_size, dtype)
+    got = paged_attention(*args, scale=D ** -0.5, max_query_len=max(q_lens), num_kv_splits=splits)
+    assert_matches(got, *args, scale=D ** -0.5)
+
+
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float16)],
                          ids=["fp32-q-bf16-cache", "bf16-q-fp32-cache", "fp16"])
@@ -149,7 +161,7 @@ def test_no_host_sync():
     the host. (The kernel launch itself is no torch op; this watches the wrapper's own torch calls.)"""
     args = make_case([1, 4], [9, 4], 1, 3, 64, 16, torch.float32)
     with RecordOps() as rec:
-        got = paged_attention(*args, scale=0.125, max_query_len=4)
+        got = paged_attention(*args, scale=0.125, max_query_len=4, num_kv_splits=2)
     assert rec.ops, "the mode saw no op at all: it would not see a sync either"
     syncs = [op for op in rec.ops if any(s in op for s in ("_local_scalar_dense", "nonzero", "aten.item"))]
     assert not syncs, syncs
@@ -164,6 +176,8 @@ def test_bad_input_is_named():
         paged_attention(q, k_cache, v_cache, cu_seqlens[:1], context_lens, block_tables, 0.125, 2)
     with pytest.raises(ValueError, match="block_tables must be an integer tensor"):
         paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables.float(), 0.125, 2)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, 0.125, 2, num_kv_splits=0)
 
 
 def test_imports_without_triton():
@@ -179,3 +193,26 @@ def test_imports_without_triton():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay():
+    """Captured once (keys split among programs, as few sequences leave SMs idle), replayed on new queries and
+    context lengths written into the same buffers."""
+    q, k_cache, v_cache, cu_seqlens, context_lens, block_tables = make_case(
+        [1, 1, 1, 1], [5, 40, 70, 200], 2, 8, 128, 16, torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def call():
+        paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, 128 ** -0.5, 1, out=out)
+
+    call()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    q.copy_(torch.randn_like(q))
+    context_lens.copy_(torch.tensor([2, 33, 70, 129]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches(out, q, k_cache, v_cache, cu_seqlens, context_lens, block_tables, 128 ** -0.5)
