@@ -531,6 +531,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     seed: int = 0
     native_kernels: bool | None = None  # the CPU backend (default: for 16-bit and quantized weights on CPU)
+    gpu_backend: bool | None = None  # the GPU backend (default: on CUDA devices; True: anywhere, for tests)
+    enforce_eager: bool = False  # GPU backend: decode steps without CUDA graphs
     enable_prefix_caching: bool = True  # reuse cached KV blocks and state snapshots of earlier prompts
     state_snapshot_bytes: int | None = None  # the snapshot pool's budget; default: see LLMEngine._num_snapshots
     default_max_tokens: int | None = None  # cap on the room left for max_tokens=None (a generation config's)

@@ -105,6 +105,10 @@ class EngineArgs:
                                         "instead of by width", flags=("-ep",), group="model")
     native_kernels: bool | None = _arg(None, "run the decoder on the native CPU kernels (default: for 16-bit and "
                                        "quantized weights on CPU)", group="model", cli=False)
+    gpu_backend: bool | None = _arg(None, "run the decoder on the GPU backend (default: on CUDA devices; True runs "
+                                    "it on any device, with its plain-torch fallbacks off CUDA)", group="model",
+                                    cli=False)
+    enforce_eager: bool = _arg(False, "on a GPU: run decode steps eagerly instead of replaying CUDA graphs")
     # engine
     max_model_len: int | None = _arg(None, "context length (default: the model's)", type=positive_int)
     max_num_seqs: int = _arg(32, "requests running at once (each holds a recurrent-state slot)", type=positive_int)

@@ -4,7 +4,10 @@ slot managers' business. The block size never depends on the recurrent state's s
 snapshots are slots too (past the running requests' ones), so taking and restoring one is a copy between slots.
 
 Allocated uninitialised (untouched pages cost no memory): attention reads only positions already written, and a
-slot's state is read only when `has_initial_state` says this sequence wrote it."""
+slot's state is read only when `has_initial_state` says this sequence wrote it.
+
+With `scratch`, one more block and one more slot exist past those the managers hand out: the rows that pad a
+CUDA-graph decode step to its captured size write there, and nothing reads them."""
 
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ from qwen35.cache.spec import AttentionCacheSpec, LinearCacheSpec
 
 class HybridCache:
     def __init__(self, spec: dict, num_blocks: int, block_size: int, num_slots: int,
-                 dtype: torch.dtype, device="cpu", state_dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype, device="cpu", state_dtype: torch.dtype = torch.float32, scratch: bool = False):
         self.block_size, self.num_blocks, self.num_slots = block_size, num_blocks, num_slots
+        self.device = torch.device(device)
+        self.scratch_block, self.scratch_slot = (num_blocks, num_slots) if scratch else (None, None)
+        num_blocks, num_slots = num_blocks + scratch, num_slots + scratch
         self.k, self.v, self.conv, self.ssm = {}, {}, {}, {}
         for i, s in spec.items():
             if isinstance(s, AttentionCacheSpec):

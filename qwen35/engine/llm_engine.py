@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from qwen35.backends import gpu
 from qwen35.cache.hybrid import HybridCache
 from qwen35.cache.manager import BlockManager, SlotPool
 from qwen35.cache.prefix import PrefixCache, PrefixCacheStats, SnapshotPool
@@ -86,7 +87,9 @@ class LLMEngine(SpeculativeDecoding):
         num_snapshots = self._num_snapshots(per_slot)
         seq_slots = config.max_num_seqs * (1 + k)  # with speculation each request has a ring of k more
         num_blocks = self._num_blocks(per_token, per_slot * (seq_slots + num_snapshots))
-        self.cache = HybridCache(spec, num_blocks, config.block_size, seq_slots + num_snapshots, dtype, self.device)
+        graphs = workers is None and not config.enforce_eager and gpu.wanted(self.device, config.gpu_backend)
+        self.cache = HybridCache(spec, num_blocks, config.block_size, seq_slots + num_snapshots, dtype, self.device,
+                                 scratch=graphs)  # the scratch block and slot that pad a graph's decode steps
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotPool(seq_slots)
         self.snapshots = SnapshotPool(seq_slots, num_snapshots)  # slots past the running requests'
@@ -103,7 +106,9 @@ class LLMEngine(SpeculativeDecoding):
             workers.send("worker", ("make_cache",), (bool(k), num_blocks, config.block_size, seq_slots + num_snapshots),
                          reply=True)
             workers.replies("allocating the cache")
-        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels, mtp=bool(k), workers=workers)
+        self.runner = ModelRunner(model, self.cache, self.device, config.native_kernels, mtp=bool(k), workers=workers,
+                                  gpu_backend=config.gpu_backend, graphs=graphs, max_num_seqs=config.max_num_seqs,
+                                  max_blocks=-(-self.max_model_len // config.block_size))
         self.spec_stats = SpecDecodeStats(k)
         self.draft_hook = None  # tests: fn(request, drafts) -> the drafts to verify instead
         self._forks: list[tuple[Request, Request]] = []  # (leader, sibling) forked this step

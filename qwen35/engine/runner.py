@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen35.backends import gpu
 from qwen35.backends.cpu import decoder_for
 from qwen35.cache.hybrid import HybridCache
 from qwen35.engine.executor import Remote, WorkerGroup
@@ -36,18 +37,24 @@ class MtpJob:
 
 class ModelRunner:
     def __init__(self, model, cache: HybridCache, device, native_kernels: bool | None = None, mtp: bool = False,
-                 workers: WorkerGroup | None = None):
+                 workers: WorkerGroup | None = None, *, gpu_backend: bool | None = None, graphs: bool = True,
+                 max_num_seqs: int = 1, max_blocks: int = 1):
         """native_kernels: run the text decoder on the CPU backend (backends.cpu.decoder_for decides by default;
-        its weights then move out of the model). mtp: keep each step's hidden states for the MTP head (`propose`).
+        its weights then move out of the model). gpu_backend, graphs, max_num_seqs, max_blocks: the GPU backend
+        (backends.gpu.decoder_for: on CUDA devices by default; decode steps from CUDA graphs up to max_num_seqs
+        sequences of max_blocks KV blocks). mtp: keep each step's hidden states for the MTP head (`propose`).
         workers: the other ranks of a tensor-parallel model (`model` is rank 0's shard): every call on the model
-        and the cache reaches them too (distributed/executor.py); the reference model runs, not the CPU backend."""
+        and the cache reaches them too (distributed/executor.py); the reference model runs, not a backend."""
         self.model, self.cache, self.device = model, cache, device
         if workers is not None:
             self.decoder, self.cache = Remote(workers, "model", model), Remote(workers, "cache", cache)
             self.native = False
         else:
-            self.decoder = decoder_for(model, device, native_kernels) or model
-            self.native = self.decoder is not model
+            on_gpu = gpu.decoder_for(model, device, cache, gpu_backend=gpu_backend, graphs=graphs,
+                                     max_num_seqs=max_num_seqs, max_blocks=max_blocks)
+            native = None if on_gpu is not None else decoder_for(model, device, native_kernels)
+            self.decoder = on_gpu or native or model
+            self.native = native is not None  # the CPU backend (its own mtp signature)
         self.mtp = mtp
         self._hidden, self._rows = None, {}  # the last step's hidden states; per chunk (first row, block ids)
 

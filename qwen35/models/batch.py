@@ -35,10 +35,19 @@ class ForwardBatch:
     slot_mapping: torch.Tensor | None = None  # [N] int64 flat KV position (block * block_size + offset)
     logits_indices: torch.Tensor | None = None  # [M] rows whose logits are wanted
     state_copies: list[tuple[int, int, int]] | None = None  # (sequence, after k of its new tokens, to slot)
+    query_lens: list[int] | None = None  # host copy of the new-token counts (cu_seqlens' steps): no device sync
 
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.lengths())
+
+    def lengths(self) -> list[int]:
+        """Each sequence's new-token count, from the host copy where the batch was built here (no device sync)."""
+        return self.query_lens if self.query_lens is not None else self.cu_seqlens.diff().tolist()
 
     @staticmethod
     def build(chunks: list[SeqChunk], block_size: int = 16, device: str | torch.device = "cpu") -> "ForwardBatch":
@@ -73,11 +82,14 @@ class ForwardBatch:
                 logit_rows.append(start + T - 1)
             elif c.want_logits == "all":
                 logit_rows.extend(range(start, start + T))
-        t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+        device = torch.device(device)
+        # built on the host; to a GPU from pinned memory without blocking (the step's one upload, no sync)
+        up = (lambda x: x.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda x: x)
+        t = lambda x: up(torch.tensor(x, dtype=torch.int64))  # noqa: E731
         batch = ForwardBatch(
-            input_ids=t(ids), positions=torch.cat(pos, dim=-1).to(device), cu_seqlens=t(cu), context_lens=t(ctx),
-            has_initial_state=torch.tensor([c.num_past > 0 for c in chunks], device=device),
-            logits_indices=t(logit_rows),
+            input_ids=t(ids), positions=up(torch.cat(pos, dim=-1)), cu_seqlens=t(cu), context_lens=t(ctx),
+            has_initial_state=up(torch.tensor([c.num_past > 0 for c in chunks])),
+            logits_indices=t(logit_rows), query_lens=[len(c.token_ids) for c in chunks],
         )
         if use_cache:
             width = max(len(b) for b in tables)

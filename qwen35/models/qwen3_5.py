@@ -56,16 +56,17 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z)
         return self.out_proj(o.reshape(N, self.value_dim))
 
-    def mix(self, mixed, a, b, batch: ForwardBatch, cache=None, conv=causal_conv1d, conv_weight=None):
+    def mix(self, mixed, a, b, batch: ForwardBatch, cache=None, conv=causal_conv1d, conv_weight=None,
+            delta_rule=gated_delta_rule):
         """Everything between the projections: the causal conv and the delta rule over the cache's states, which
         are read and written back, and copied to other slots after some of a sequence's tokens where the batch asks
         (`batch.state_copies`: the delta rule reads those states off inside its chunks, the conv history is the
-        inputs before that point)."""
+        inputs before that point). A backend passes its own conv and delta rule, of the same contracts."""
         weight = self.conv1d.weight[:, 0, :] if conv_weight is None else conv_weight
         g, beta = self._gates(a, b)
         if cache is None:
             mixed, _ = conv(mixed, weight, batch.cu_seqlens, None)
-            return gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, None)[0]
+            return delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, None)[0]
         conv_pool, ssm_pool = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
         has = batch.has_initial_state[:, None, None]
         conv_state = torch.where(has, conv_pool[batch.state_slots], 0)  # where, not *: a stale slot may hold NaN
@@ -74,10 +75,10 @@ class GatedDeltaNet(nn.Module):
         x = mixed = mixed.to(conv_pool.dtype).to(mixed.dtype)
         mixed, new_conv_state = conv(mixed, weight, batch.cu_seqlens, conv_state)
         copies = batch.state_copies or []
-        lengths = batch.cu_seqlens.diff().tolist() if copies else []
+        lengths = batch.lengths() if copies else []
         inside = [(s, k) for s, k, _ in copies if k < lengths[s]]
-        o, new_ssm_state, *captured = gated_delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state,
-                                                       capture=inside)
+        o, new_ssm_state, *captured = delta_rule(*self._split(mixed), g, beta, batch.cu_seqlens, ssm_state,
+                                                 capture=inside)
         at = {c: i for i, c in enumerate(inside)}
         for s, k, to in copies:
             if k == lengths[s]:
@@ -121,8 +122,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, batch: ForwardBatch, cache=None):
         return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, batch, cache))
 
-    def attend(self, q, k, v, cos, sin, batch: ForwardBatch, cache=None):
-        """Everything between the projections: q/k norms, rotary, the cache, attention, the gate (o_proj's input)."""
+    def attend(self, q, k, v, cos, sin, batch: ForwardBatch, cache=None, attention=varlen_attention):
+        """Everything between the projections: q/k norms, rotary, the cache, attention, the gate (o_proj's input).
+        A backend passes its own attention, of varlen_attention's contract."""
         N, D = q.shape[0], self.head_dim
         # Each head's q_proj rows are [query_h | gate_h]; splitting the flat output in half would be wrong.
         q, gate = q.reshape(N, self.num_heads, 2 * D).chunk(2, dim=-1)
@@ -130,12 +132,12 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k.reshape(N, self.num_kv_heads, D)), cos, sin)
         v = v.reshape(N, self.num_kv_heads, D)
         if cache is None:
-            o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale)
+            o = attention(q, k, v, batch.cu_seqlens, self.scale)
         else:
             k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
             write_kv(k_cache, v_cache, batch.slot_mapping, k, v)
-            o = varlen_attention(q, k, v, batch.cu_seqlens, self.scale, k_cache=k_cache, v_cache=v_cache,
-                                 block_tables=batch.block_tables, context_lens=batch.context_lens)
+            o = attention(q, k, v, batch.cu_seqlens, self.scale, k_cache=k_cache, v_cache=v_cache,
+                          block_tables=batch.block_tables, context_lens=batch.context_lens)
         return o.reshape(N, self.num_heads * D) * torch.sigmoid(gate.reshape(N, self.num_heads * D))
 
 class DecoderLayer(nn.Module):

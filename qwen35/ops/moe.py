@@ -46,7 +46,10 @@ def _pairs_by_expert(weights, ids, num_experts: int, first: int | None):
         order = order[torch.argsort(local[order], stable=True)]
     else:
         order = torch.argsort(order, stable=True)
-    counts = torch.bincount(ids.reshape(-1)[order] - (first or 0), minlength=num_experts)
+    chosen = ids.reshape(-1)[order] - (first or 0)
+    # counted by a scatter, not bincount, whose output size would need the ids' maximum on the host (a GPU sync)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts.index_add_(0, chosen, torch.ones_like(chosen))
     return order // k, weights.reshape(-1)[order], counts
 
 

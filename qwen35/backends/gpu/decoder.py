@@ -1,0 +1,288 @@
+"""The text decoder of a loaded `Qwen3_5ForCausalLM` on a GPU: the model's own modules and maths, with the ops
+between its projections swapped for GPU kernels, and decode steps replayed from CUDA graphs.
+
+What runs where (`Kernels`, chosen once by `pick_kernels`, each with a fallback that is its reference or a plain
+torch form of it):
+  - causal conv: Triton (conv.py) | the reference (prompts) and a torch step (decode);
+  - gated delta rule: flash-linear-attention (gdn.py; bf16 / fp16 models) | the reference and a torch step;
+  - attention over the paged cache: Triton (attention.py), prompts and decode in one kernel | SDPA per sequence
+    (prompts) and a gathered torch form (decode);
+  - routed experts: one grouped matmul per projection (`torch._grouped_mm`) | the per-expert loop.
+Everything else (projections, norms, rotary, router, shared expert, LM head) is the model's modules on the device.
+
+CUDA graphs (`DecodeGraphs`): a decode step (one new token per sequence, text only, no state copies) is padded to
+the next size of a ladder (1, 2, 4, 8, then multiples of 16, and max_num_seqs) and replayed from a graph captured on
+that size's first use. The padding rows write only the cache's scratch slot and block, which no request owns. Every
+op on that path reads its sizes from shapes, never values from the device, so the step can be captured at all.
+Where a graph cannot be captured (an op that syncs, e.g. quantized experts), decode runs eagerly, with a warning."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.backends.gpu import attention as triton_attention
+from qwen35.backends.gpu import conv as triton_conv
+from qwen35.backends.gpu.gdn import decode_step_torch, delta_rule_fla, fla_functions
+from qwen35.layers.mlp import Experts, SparseMoeBlock
+from qwen35.models.batch import ForwardBatch
+from qwen35.ops.attention import varlen_attention
+from qwen35.ops.conv import causal_conv1d
+from qwen35.ops.gated_delta import gated_delta_rule
+from qwen35.ops.moe import experts_grouped_mm, route_logits
+from qwen35.ops.rope import rope_cos_sin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation each op takes: conv and attention "triton" | "torch", delta_rule "fla" | "torch",
+    experts "grouped_mm" | "loop"."""
+
+    conv: str = "torch"
+    attention: str = "torch"
+    delta_rule: str = "torch"
+    experts: str = "loop"
+
+    def describe(self) -> str:
+        return f"conv {self.conv}, attention {self.attention}, delta rule {self.delta_rule}, experts {self.experts}"
+
+
+def pick_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
+    """The fastest implementations this device, dtype and environment have."""
+    cuda = device.type == "cuda"
+    triton = cuda and triton_conv.triton is not None and triton_attention.triton is not None
+    fla = cuda and dtype in (torch.bfloat16, torch.float16) and fla_functions() is not None
+    grouped = cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    return Kernels(conv="triton" if triton else "torch", attention="triton" if triton else "torch",
+                   delta_rule="fla" if fla else "torch", experts="grouped_mm" if grouped else "loop")
+
+
+def is_decode(batch: ForwardBatch) -> bool:
+    """One new token per sequence (shapes only: every sequence has at least one)."""
+    return batch.input_ids.shape[0] == batch.num_seqs
+
+
+class GpuDecoder:
+    """The runner's face of the model on a GPU (as backends.cpu's CpuDecoder on a CPU): embed, forward ->
+    final-normed hidden [N, H], compute_logits, mtp. `graphs`: replay decode steps from CUDA graphs (needs the
+    cache's scratch slot and block); `max_num_seqs` and `max_blocks` size them. The model's weights stay where
+    they are: the decoder holds no copy."""
+
+    def __init__(self, model, kernels: Kernels, *, cache=None, graphs: bool = False, max_num_seqs: int = 1,
+                 max_blocks: int = 1, fla=None):
+        self.model, self.cfg, self.kernels = model, model.cfg, kernels
+        self.fla = fla  # fla's (chunk, recurrent) functions (default: fla-core's; tests pass stand-ins)
+        self.graphs = DecodeGraphs(self, cache, max_num_seqs, max_blocks) if graphs else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def mtp(self):
+        return self.model.mtp
+
+    def cache_spec(self, mtp: bool = False):
+        return self.model.cache_spec(mtp)
+
+    def embed(self, input_ids):
+        return self.model.embed(input_ids)
+
+    def compute_logits(self, hidden, ids=None):
+        return self.model.compute_logits(hidden, ids)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None) -> torch.Tensor:
+        if self.graphs is not None and inputs_embeds is None and self.graphs.fits(batch, cache):
+            return self.graphs.run(batch)
+        return self.step(input_ids, batch, cache, inputs_embeds)
+
+    __call__ = forward
+
+    def step(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None, max_query_len=None):
+        """The model's forward with this backend's ops. max_query_len: a host int (a graph passes 1; else the
+        batch's host lengths give it)."""
+        text = self.model.model
+        h = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(batch.positions, text.inv_freq, self.cfg.mrope_section, h.dtype, text.rope_scale)
+        if max_query_len is None:
+            max_query_len = batch.max_query_len
+        ops = self._ops(batch, max_query_len)
+        for layer in text.layers:
+            a = layer.input_layernorm(h)
+            if layer.layer_type == "linear_attention":
+                m, N = layer.linear_attn, a.shape[0]
+                z = m.in_proj_z(a).reshape(N, m.num_v_heads, m.v_head_dim)
+                o = m.mix(m.in_proj_qkv(a), m.in_proj_a(a), m.in_proj_b(a), batch, cache, conv=ops["conv"],
+                          delta_rule=ops["delta_rule"])
+                h = h + m.out_proj(m.norm(o, z).reshape(N, m.value_dim))
+            else:
+                m = layer.self_attn
+                h = h + m.o_proj(m.attend(m.q_proj(a), m.k_proj(a), m.v_proj(a), cos, sin, batch, cache,
+                                          attention=ops["attention"]))
+            h = h + self._ffn(layer.mlp, layer.post_attention_layernorm(h))
+        return text.norm(h)
+
+    def _ffn(self, mlp, x):
+        if self.kernels.experts == "loop" or not isinstance(mlp, SparseMoeBlock) \
+                or type(mlp.experts) is not Experts:  # quantized experts keep their own forward
+            return mlp(x)
+        e = mlp.experts
+        weights, ids = route_logits(mlp.gate(x), mlp.top_k, mlp.renormalize)
+        routed = experts_grouped_mm(x, weights, ids, e.gate_up_proj, e.down_proj, e.first_expert)
+        return routed + torch.sigmoid(mlp.shared_expert_gate(x)) * mlp.shared_expert(x)
+
+    def _ops(self, batch: ForwardBatch, max_query_len: int) -> dict:
+        """This step's conv, delta rule and attention, each of its reference's contract (the mix / attend hooks)."""
+        k, decode = self.kernels, is_decode(batch)
+        lengths = None if decode else batch.lengths()  # prompts: host lengths (built here, no sync)
+
+        def conv(x, weight, cu_seqlens, state):
+            if decode and state is not None:
+                update = triton_conv.causal_conv1d_update if k.conv == "triton" else \
+                    triton_conv.causal_conv1d_update_torch
+                return update(x, weight, state)
+            if k.conv == "triton":
+                return triton_conv.causal_conv1d(x, weight, cu_seqlens, state, max_query_len=max_query_len)
+            return causal_conv1d(x, weight, cu_seqlens, state)
+
+        def delta_rule(q, kk, v, g, beta, cu_seqlens, state, capture=None):
+            if k.delta_rule == "fla":
+                return delta_rule_fla(q, kk, v, g, beta, cu_seqlens, state, capture=capture, fla=self.fla,
+                                      lengths=lengths if lengths is not None else [1] * batch.num_seqs)
+            if decode and state is not None and not capture:
+                return decode_step_torch(q, kk, v, g, beta, state)
+            return gated_delta_rule(q, kk, v, g, beta, cu_seqlens, state, capture=capture)
+
+        def attention(q, kk, v, cu_seqlens, scale, k_cache=None, v_cache=None, block_tables=None,
+                      context_lens=None):
+            if k_cache is None:
+                return varlen_attention(q, kk, v, cu_seqlens, scale)
+            if k.attention == "triton":
+                return triton_attention.paged_attention(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables,
+                                                        scale, max_query_len)
+            if decode:
+                return paged_decode_attention_torch(q, k_cache, v_cache, context_lens, block_tables, scale)
+            return varlen_attention(q, kk, v, cu_seqlens, scale, k_cache=k_cache, v_cache=v_cache,
+                                    block_tables=block_tables, context_lens=context_lens)
+
+        return {"conv": conv, "delta_rule": delta_rule, "attention": attention}
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, context_lens, block_tables, scale: float) -> torch.Tensor:
+    """One query per sequence over its paged K/V, in plain torch with no host sync: q [S, Hq, D], caches
+    [blocks, block_size, Hkv, D], block_tables [S, W] (W blocks gathered for every sequence, masked past its
+    context)."""
+    S, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # [S, W*bs, Hkv, D]
+    v = v_cache[block_tables].flatten(1, 2).to(q.dtype)
+    G = Hq // Hkv
+    scores = torch.einsum("skgd,slkd->skgl", q.view(S, Hkv, G, D).float(), k.float()) * scale
+    beyond = torch.arange(k.shape[1], device=q.device)[None, :] >= context_lens[:, None]  # [S, L]
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    v = v.float().masked_fill(beyond[:, :, None, None], 0)  # never-written positions may hold NaN: 0 * NaN = NaN
+    return torch.einsum("skgl,slkd->skgd", torch.softmax(scores, dim=-1), v).reshape(S, Hq, D).to(q.dtype)
+
+
+def graph_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes decode graphs are captured for: 1, 2, 4, 8, then every 16, then max_num_seqs itself."""
+    ladder = [1, 2, 4, 8, *range(16, max_num_seqs, 16)]
+    return [s for s in ladder if s < max_num_seqs] + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Decode steps padded to a ladder of batch sizes and replayed from CUDA graphs (on a CPU, or with
+    capture=False, the same padded step runs eagerly: what the tests check)."""
+
+    def __init__(self, decoder: GpuDecoder, cache, max_num_seqs: int, max_blocks: int):
+        if cache is None or getattr(cache, "scratch_slot", None) is None:
+            raise ValueError("decode graphs need a cache with a scratch slot and block (HybridCache(scratch=True))")
+        self.decoder, self.cache = decoder, cache
+        self.sizes = graph_sizes(max_num_seqs)
+        self.max_blocks = max_blocks
+        self.capture = cache.device.type == "cuda"  # False after a capture fails: padded steps run eagerly
+        M, dev = self.sizes[-1], cache.device
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(M, **i64)
+        self.positions = torch.zeros(3, M, **i64)
+        self.cu_seqlens = torch.arange(M + 1, **i64)
+        self.context_lens = torch.ones(M, **i64)
+        self.has_state = torch.zeros(M, dtype=torch.bool, device=dev)
+        self.slots = torch.full((M,), cache.scratch_slot, **i64)
+        self.tables = torch.full((M, max_blocks), cache.scratch_block, **i64)
+        self.slot_mapping = torch.full((M,), cache.scratch_block * cache.block_size, **i64)
+        self.graphs: dict[int, tuple] = {}  # size -> (graph, output)
+        self.pool = None
+
+    def fits(self, batch: ForwardBatch, cache) -> bool:
+        return (cache is self.cache and is_decode(batch) and not batch.state_copies
+                and batch.num_seqs <= self.sizes[-1] and batch.block_tables is not None
+                and batch.block_tables.shape[1] <= self.max_blocks)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        S = batch.num_seqs
+        B = next(s for s in self.sizes if s >= S)
+        if self.capture and B not in self.graphs:
+            self._pad(0, B)  # warm-up and capture run over padding rows only: no request's state moves
+            try:
+                self.graphs[B] = self._capture(B)
+            except Exception as e:  # noqa: BLE001 - any op that cannot be captured
+                logger.warning("qwen35: CUDA graph capture failed (%s); decode steps run eagerly", e)
+                self.capture = False
+        self._fill(batch, S, B)
+        if not self.capture:
+            return self.decoder.step(self.ids[:B], self._batch(B), self.cache, max_query_len=1)[:S]
+        graph, out = self.graphs[B]
+        graph.replay()
+        return out[:S].clone()  # the graph's output is overwritten by the next replay
+
+    def _fill(self, batch: ForwardBatch, S: int, B: int) -> None:
+        """The step's rows, then padding rows up to B that read nothing and write only the scratch slot/block."""
+        self.ids[:S] = batch.input_ids
+        self.positions[:, :S] = batch.positions  # [N] broadcasts to all three M-RoPE axes: the same angles
+        self.context_lens[:S] = batch.context_lens
+        self.has_state[:S] = batch.has_initial_state
+        self.slots[:S] = batch.state_slots
+        W = batch.block_tables.shape[1]
+        self.tables[:S, :W] = batch.block_tables
+        self.tables[:S, W:] = self.cache.scratch_block
+        self.slot_mapping[:S] = batch.slot_mapping
+        self._pad(S, B)
+
+    def _pad(self, S: int, B: int) -> None:
+        self.ids[S:B] = 0
+        self.positions[:, S:B] = 0
+        self.context_lens[S:B] = 1
+        self.has_state[S:B] = False
+        self.slots[S:B] = self.cache.scratch_slot
+        self.tables[S:B] = self.cache.scratch_block
+        self.slot_mapping[S:B] = self.cache.scratch_block * self.cache.block_size
+
+    def _batch(self, B: int) -> ForwardBatch:
+        return ForwardBatch(input_ids=self.ids[:B], positions=self.positions[:, :B],
+                            cu_seqlens=self.cu_seqlens[:B + 1], context_lens=self.context_lens[:B],
+                            has_initial_state=self.has_state[:B], state_slots=self.slots[:B],
+                            block_tables=self.tables[:B], slot_mapping=self.slot_mapping[:B])
+
+    def _capture(self, B: int):
+        batch = self._batch(B)
+        step = functools.partial(self.decoder.step, self.ids[:B], batch, self.cache, max_query_len=1)
+        stream = torch.cuda.Stream(self.cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture: autotuning, lazy initialisation, workspaces
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        return graph, out
