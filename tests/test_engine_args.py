@@ -66,7 +66,7 @@ def test_flags_reach_llm_under_vllms_names(seen, tmp_path):
             seen["max_num_seqs"]) == (0.3, 512, 32, 3)
     assert (seen["chat_template"], seen["generation_config"], seen["enable_prefix_caching"], seen["seed"]) == (
         str(template), "vllm", False, 7)
-    assert (seen["tensor_parallel_size"], seen["enable_expert_parallel"]) == (2, True)
+    assert (seen["tensor_parallel_size"], seen["enable_expert_parallel"], seen["enforce_eager"]) == (2, True, True)
     assert EngineArgs.from_kwargs(**{k: v for k, v in seen.items() if k not in ("model", "revision")})
 
 

@@ -109,3 +109,30 @@ def test_a_row_with_nothing_to_draw_raises_instead_of_naming_an_arbitrary_id():
     with pytest.raises(ValueError, match="no token can be sampled"):
         sample_row(torch.full((3,), float("nan")), SampleRow(SamplingParams(), [], [], torch.Generator(), []))
     assert sample_row(logits[1], SampleRow(SamplingParams(temperature=0), [], [], None, [5])) == 2  # ids past V
+
+
+def test_batched_greedy_equals_row_by_row_and_fails_only_the_empty_rows():
+    """greedy_tokens (one transfer for a batch: the GPU engine's path) gives sample_row's token for every plain
+    greedy row, ties to the first index, and the same error for a row of -inf or NaN, without failing the others."""
+    from qwen35.engine.sampler import greedy_tokens, is_plain_greedy
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g)
+    logits[1, [7, 9]] = 10.0  # a tie: the first index wins
+    logits[2] = float("-inf")
+    logits[3, 4] = float("nan")
+    greedy = SamplingParams(temperature=0.0)
+    got = greedy_tokens(logits)
+    for i, tok in enumerate(got):
+        row = SampleRow(greedy, [], [], None, [])
+        assert is_plain_greedy(row)
+        if i in (2, 3):
+            assert isinstance(tok, ValueError)
+            with pytest.raises(ValueError, match="no token can be sampled"):
+                sample_row(logits[i], row)
+        else:
+            assert tok == sample_row(logits[i], row)
+    assert got[1] == 7
+    assert not is_plain_greedy(SampleRow(SamplingParams(temperature=0.0, repetition_penalty=1.1), [], [], None, []))
+    assert not is_plain_greedy(SampleRow(greedy, [], [], None, [5]))
+    assert not is_plain_greedy(SampleRow(SamplingParams(temperature=0.5), [], [], None, []))

@@ -19,7 +19,7 @@ from qwen35.cache.prefix import PrefixCache, PrefixCacheStats, SnapshotPool
 from qwen35.config import EngineConfig
 from qwen35.engine.request import Request
 from qwen35.engine.runner import ModelRunner
-from qwen35.engine.sampler import SampleRow, sample_row, top_logprobs
+from qwen35.engine.sampler import SampleRow, greedy_tokens, is_plain_greedy, sample_row, top_logprobs
 from qwen35.engine.scheduler import Scheduler
 from qwen35.engine.speculative import SpecDecodeStats, SpeculativeDecoding
 from qwen35.engine.structured import StructuredOutputs
@@ -37,6 +37,12 @@ class EngineError(ValueError):
 
 class RequestFailed(RuntimeError):
     """The engine failed one request in a step (the others carried on); the message says why."""
+
+
+def _token(tok: int | Exception) -> int:
+    if isinstance(tok, Exception):
+        raise tok
+    return tok
 
 
 def available_memory(device: torch.device) -> int:
@@ -119,6 +125,8 @@ class LLMEngine(SpeculativeDecoding):
         self._arrival = itertools.count()
         self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
+        # per-row numpy argmax is fastest on a CPU; a GPU wants one transfer for the batch
+        self.batched_greedy = self.device.type != "cpu"
         self.draft_ids = self._draft_ids(self.speculative.draft_vocab_size) if k else None
         self.structured = None
         if tokenizer is not None:
@@ -243,10 +251,11 @@ class LLMEngine(SpeculativeDecoding):
     def _child(self, request_id: str, i: int, prompt_token_ids: list[int], params: SamplingParams, prompt, mm
                ) -> Request:
         gen = None
+        # a request's generator lives where its logits are (a GPU's draws differ from a CPU's for the same seed)
         if params.seed is not None:  # an int64 seed + i (i < SamplingParams.MAX_N) stays within torch's uint64
-            gen = torch.Generator().manual_seed(params.seed + i)
+            gen = torch.Generator(self.device).manual_seed(params.seed + i)
         elif not params.is_greedy:
-            gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
+            gen = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=self._global_gen)))
         req = Request(f"{request_id}-{i}" if params.n > 1 else request_id, list(prompt_token_ids), params,
                       prompt=prompt, index=i, arrival=next(self._arrival), generator=gen, parent_id=request_id, mm=mm)
         req.max_total_tokens = len(prompt_token_ids) + self.max_new_tokens(len(prompt_token_ids), params.max_tokens)
@@ -313,9 +322,15 @@ class LLMEngine(SpeculativeDecoding):
             last = torch.stack([lg for _, lg in sampling]).float()
             self._constrain(last, reqs)
             drawable = last[:, :self.vocab_limit]  # ids without a token are never drawn; logprobs see them all
-            tokens = [None if r.is_finished else self._guarded(r, sample_row, drawable[i], SampleRow(
-                r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r)))
-                for i, r in enumerate(reqs)]  # a sibling's failure finishes a request mid-loop
+            rows = [SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r))
+                    for r in reqs]
+            plain = {}  # on a GPU: the plain greedy rows' argmaxes in one transfer, not one sync per row
+            if self.batched_greedy:
+                at = [i for i, row in enumerate(rows) if is_plain_greedy(row)]
+                plain = dict(zip(at, greedy_tokens(drawable[at]))) if len(at) > 1 else {}
+            tokens = [None if r.is_finished else self._guarded(r, _token, plain[i]) if i in plain else
+                      self._guarded(r, sample_row, drawable[i], rows[i])
+                      for i, r in enumerate(reqs)]  # a sibling's failure finishes a request mid-loop
             self._record_logprobs(last, reqs, tokens)
             for r, tok in zip(reqs, tokens):
                 if not r.is_finished:

@@ -99,7 +99,8 @@ def verify_token(logits: torch.Tensor, row: SampleRow, draft: int) -> int:
     if row.params.is_greedy:
         return _greedy(logits)
     probs = _probs(logits, row.params)
-    if float(torch.rand((), generator=row.generator)) < float(probs[draft]):
+    gen = row.generator
+    if float(torch.rand((), generator=gen, device=gen.device if gen is not None else None)) < float(probs[draft]):
         return draft
     probs[draft] = 0.0  # p(draft) < 1 here, so something else has mass
     return int(torch.multinomial(probs, 1, generator=row.generator))
@@ -127,6 +128,23 @@ def _greedy(logits: torch.Tensor) -> int:
     if not logits[tok] > float("-inf"):  # NaN or all -inf: argmax would name an arbitrary id
         raise ValueError("no token can be sampled: every logit is -inf or NaN")
     return tok
+
+
+def is_plain_greedy(row: SampleRow) -> bool:
+    """Greedy with nothing to apply first: its token is the row's argmax."""
+    p = row.params
+    return (p.is_greedy and p.allowed_token_ids is None and not p.logit_bias and not row.banned_ids
+            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int | ValueError]:
+    """Each row's argmax ([R, V] logits) with one device-to-host transfer for all rows (a GPU syncs once, not per
+    row); a row with nothing to draw (every logit -inf or NaN) gets the ValueError sample_row would raise."""
+    tok = torch.argmax(logits, dim=-1)
+    ok = logits.gather(-1, tok[:, None])[:, 0] > float("-inf")  # NaN compares False, as in _greedy
+    toks, oks = torch.stack([tok, ok.long()]).tolist()
+    return [t if good else ValueError("no token can be sampled: every logit is -inf or NaN")
+            for t, good in zip(toks, oks)]
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -71,7 +71,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     vllm.add_argument("--disable-log-requests", action="store_true", help="accepted (requests are not logged)")
     vllm.add_argument("--trust-remote-code", action="store_true",
                       help="accepted (qwen35 runs its own model code, never a checkpoint's)")
-    vllm.add_argument("--enforce-eager", action="store_true", help="accepted (no CUDA graphs on this path)")
     vllm.add_argument("--disable-log-stats", action="store_true", help="accepted (no periodic stats are logged)")
     vllm.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default: 0)")
     vllm.add_argument("--uvicorn-log-level", default="info",

@@ -83,6 +83,6 @@ def _run(chunk, recurrent, q, k, v, g, beta, cu_seqlens, lengths, state):
         o, final = recurrent(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None], **kw)
         return o[:, 0], final
     cu_cpu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    o, final = chunk(q[None], k[None], v[None], g[None], beta[None], cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_cpu,
-                     **kw)
+    o, final = chunk(q[None], k[None], v[None], g=g[None], beta=beta[None], cu_seqlens=cu_seqlens,
+                     cu_seqlens_cpu=cu_cpu, **kw)
     return o[0], final
