@@ -10,6 +10,7 @@ sibling forked after the first one's prefill gets copies of its state and of its
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,8 @@ class ModelRunner:
         logits = self.decoder.compute_logits(hidden[batch.logits_indices]) if batch.logits_indices.numel() else None
         if self.mtp:
             self._hidden = hidden
-            self._rows = {id(c): (int(batch.cu_seqlens[i]), list(c.request.block_ids)) for i, c in enumerate(chunks)}
+            starts = itertools.accumulate(batch.query_lens, initial=0)  # host lengths: no device read
+            self._rows = {id(c): (at, list(c.request.block_ids)) for c, at in zip(chunks, starts)}
         out, at = {}, 0
         for c, want in zip(chunks, wants):
             n = {"none": 0, "last": 1, "all": c.num_tokens}[want]
