@@ -145,6 +145,7 @@ def test_startup_summary(tmp_path):
     fits = blocks * size / 512
     assert f"max concurrency at max_model_len 512: {min(4, int(fits))} requests (the KV cache holds {fits:.2f}x" in text
     assert "prefix caching: on" in text and "serving on http://127.0.0.1:8000 " in text
+    assert "decoder: reference model (PyTorch ops)" in text  # fp32 on a CPU
     # random weights are named; a plain checkpoint gets no warning
     (tmp_path / "config.json").write_text('{"random_weights": true}')
     assert "random weights" in weights_warning(tmp_path)

@@ -49,15 +49,25 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         if workers is not None:
             self.decoder, self.cache = Remote(workers, "model", model), Remote(workers, "cache", cache)
-            self.native = False
+            self.native = self.on_gpu = False
         else:
             on_gpu = gpu.decoder_for(model, device, cache, gpu_backend=gpu_backend, graphs=graphs,
                                      max_num_seqs=max_num_seqs, max_blocks=max_blocks)
             native = None if on_gpu is not None else decoder_for(model, device, native_kernels)
             self.decoder = on_gpu or native or model
             self.native = native is not None  # the CPU backend (its own mtp signature)
+            self.on_gpu = on_gpu is not None
         self.mtp = mtp
         self._hidden, self._rows = None, {}  # the last step's hidden states; per chunk (first row, block ids)
+
+    def describe(self) -> str:
+        """Which decoder runs the text model, for the serve summary."""
+        if self.on_gpu:
+            graphs = "decode steps from CUDA graphs" if self.decoder.graphs is not None else "decode steps eager"
+            return f"GPU ({self.decoder.kernels.describe()}; {graphs})"
+        if self.native:
+            return "native CPU kernels"
+        return "reference model (PyTorch ops)" + (" on every rank" if isinstance(self.decoder, Remote) else "")
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> list[torch.Tensor | None]:

@@ -51,6 +51,7 @@ def startup_summary(llm, served_model_name: str, url: str) -> str:
         + f" + {e.snapshots.num_slots} prefix snapshots ({state_bytes / MiB:.1f} MiB)",
         f"max concurrency at max_model_len {e.max_model_len}: {concurrency} requests "
         f"(the KV cache holds {fits:.2f}x, max_num_seqs {max_seqs})",
+        f"decoder: {e.runner.describe()}",
         f"prefix caching: {'on' if e.prefix is not None else 'off'}",
         "speculative decoding: " + (f"MTP, {e.num_spec} draft tokens per step" if e.num_spec else "off"),
         "tensor parallel: " + (f"{llm.workers.describe()}, experts split "

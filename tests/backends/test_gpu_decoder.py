@@ -254,6 +254,8 @@ def test_engine_through_the_backend_gives_the_reference_tokens(checkpoint):
         if kw.get("gpu_backend"):
             graphs = llm.engine.runner.decoder.graphs
             assert graphs.sizes == [1, 2, 4, 5]
+            assert llm.engine.runner.describe() == ("GPU (conv torch, attention torch, delta rule torch, experts "
+                                                    "loop; decode steps from CUDA graphs)")
             run = graphs.run
             graphs.run = lambda batch: padded.append(batch.num_seqs) or run(batch)
         got = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], [greedy] * 5 + [seeded] * 5)
