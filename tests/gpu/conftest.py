@@ -9,6 +9,7 @@ reference is transformers' own torch path, so its modeling modules are imported 
 hidden; our backend still finds fla afterwards."""
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -20,6 +21,8 @@ HIDDEN = ("fla", "causal_conv1d")
 
 
 def _import_transformers_on_its_torch_path() -> None:
+    if not any(importlib.util.find_spec(k) for k in HIDDEN):
+        return  # nothing to hide (a CPU run): transformers is imported when a test needs it
     saved = {k: m for k, m in sys.modules.items() if k.split(".")[0] in HIDDEN}
     for k in saved:
         del sys.modules[k]
