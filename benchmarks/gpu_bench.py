@@ -60,6 +60,17 @@ COUNTS = {
                   concurrent=8, concurrent_prompt=64, concurrent_new=8, max_num_batched_tokens=256),
 }
 
+DEFINITIONS = {  # written into the JSON beside the figures
+    "decode_batch1": "one request; tokens_per_s over decode_tokens steps after the prefill and decode_warmup - 1 "
+                     "steps; hbm_bound_ratio = tokens_per_s x bytes_per_token.total / peaks.hbm_bytes_per_s "
+                     "(decode_bytes)",
+    "prefill": "one prompt in one engine step (its forward, the last row's logits, one sampled token); the median of "
+               "prefill_repeats after a warm-up; mfu = flops.total / seconds / peaks.bf16_flops_per_s (prefill_flops)",
+    "concurrent": "all requests queued at once, max_num_batched_tokens per step; end_to_end: output tokens / the "
+                  "wall time of every step (prefill included); decode_phase: tokens / time of the steps after the "
+                  "last prompt got its first token; full_batch: the decode steps that decoded every request",
+}
+
 # A toy of the same structure (3 Gated DeltaNet : 1 attention, routed + shared experts) for the CPU dry run.
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
@@ -391,6 +402,7 @@ def main(argv=None) -> dict:
          "counts": n,
          "versions": versions(device), "params": groups,
          "peaks": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "bf16_flops_per_s": PEAK_BF16_FLOPS, "of": "H200, nominal"},
+         "definitions": DEFINITIONS,
          "complete": False}
 
     def save(stage: str):
