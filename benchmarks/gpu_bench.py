@@ -54,10 +54,10 @@ BLOCK_SIZE = 16
 COUNTS = {
     "full": dict(decode_context=1024, decode_warmup=8, decode_tokens=64, prefill_tokens=8192, prefill_repeats=3,
                  concurrent=64, concurrent_prompt=512, concurrent_new=128, max_num_batched_tokens=8192),
-    "cpu": dict(decode_context=256, decode_warmup=2, decode_tokens=8, prefill_tokens=1024, prefill_repeats=1,
-                concurrent=16, concurrent_prompt=32, concurrent_new=8, max_num_batched_tokens=512),
-    "quick": dict(decode_context=128, decode_warmup=2, decode_tokens=8, prefill_tokens=512, prefill_repeats=1,
-                  concurrent=8, concurrent_prompt=64, concurrent_new=8, max_num_batched_tokens=256),
+    "cpu": dict(decode_context=512, decode_warmup=4, decode_tokens=16, prefill_tokens=2048, prefill_repeats=1,
+                concurrent=16, concurrent_prompt=64, concurrent_new=16, max_num_batched_tokens=512),
+    "quick": dict(decode_context=64, decode_warmup=2, decode_tokens=4, prefill_tokens=256, prefill_repeats=1,
+                  concurrent=8, concurrent_prompt=32, concurrent_new=6, max_num_batched_tokens=128),
 }
 
 DEFINITIONS = {  # written into the JSON beside the figures
@@ -396,6 +396,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (the dry run is --geometry tiny --device cpu)")
     n = COUNTS["quick" if a.quick else "full" if device.type == "cuda" else "cpu"]
+    if device.type == "cpu":  # the toy's ops are tiny: OpenMP threads spinning on a shared CPU cost more than they give
+        torch.set_num_threads(1)
     cfg = text_config(a.geometry)
     groups = param_groups(cfg)
     r = {"geometry": a.geometry, "device": a.device, "dtype": str(dtype).removeprefix("torch."), "quick": a.quick,
