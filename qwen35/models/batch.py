@@ -82,19 +82,35 @@ class ForwardBatch:
                 logit_rows.append(start + T - 1)
             elif c.want_logits == "all":
                 logit_rows.extend(range(start, start + T))
-        device = torch.device(device)
-        # built on the host; to a GPU from pinned memory without blocking (the step's one upload, no sync)
-        up = (lambda x: x.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda x: x)
-        t = lambda x: up(torch.tensor(x, dtype=torch.int64))  # noqa: E731
-        batch = ForwardBatch(
-            input_ids=t(ids), positions=up(torch.cat(pos, dim=-1)), cu_seqlens=t(cu), context_lens=t(ctx),
-            has_initial_state=up(torch.tensor([c.num_past > 0 for c in chunks])),
-            logits_indices=t(logit_rows), query_lens=[len(c.token_ids) for c in chunks],
-        )
+        host = dict(input_ids=torch.tensor(ids, dtype=torch.int64), positions=torch.cat(pos, dim=-1),
+                    cu_seqlens=torch.tensor(cu, dtype=torch.int64), context_lens=torch.tensor(ctx, dtype=torch.int64),
+                    has_initial_state=torch.tensor([c.num_past > 0 for c in chunks]),
+                    logits_indices=torch.tensor(logit_rows, dtype=torch.int64))
         if use_cache:
             width = max(len(b) for b in tables)
-            batch.state_slots = t(slots)
-            batch.block_tables = t([b + [0] * (width - len(b)) for b in tables])
-            batch.slot_mapping = t(slot_map)
-            batch.state_copies = copies or None
+            host.update(state_slots=torch.tensor(slots, dtype=torch.int64),
+                        block_tables=torch.tensor([b + [0] * (width - len(b)) for b in tables], dtype=torch.int64),
+                        slot_mapping=torch.tensor(slot_map, dtype=torch.int64))
+        batch = ForwardBatch(**_upload(host, torch.device(device)), query_lens=[len(c.token_ids) for c in chunks])
+        batch.state_copies = (copies or None) if use_cache else None
         return batch
+
+
+def _upload(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The step's tensors on `device`. To a GPU: packed into one pinned int64 buffer and copied without blocking
+    (one transfer per step, no sync), each field a view of the copy."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in host.items()}
+    return _unpack(_pack(host).pin_memory().to(device, non_blocking=True), host)
+
+
+def _pack(host: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).long() for v in host.values()])
+
+
+def _unpack(flat: torch.Tensor, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for k, v in host.items():
+        out[k] = flat[at:at + v.numel()].view(v.shape).to(v.dtype)  # the bool field: one small cast on the device
+        at += v.numel()
+    return out

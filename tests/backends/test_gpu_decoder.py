@@ -89,6 +89,10 @@ def test_pieces_and_decode_equal_the_reference(moe, kernels):
         assert close(g, r), (g - r).abs().max()
 
 
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run; tests/gpu run on CUDA")
+
+
+@INTERPRETER
 def test_triton_kernels_in_the_interpreter_equal_the_reference(checkpoint):
     """The Triton conv and attention kernels (Triton's interpreter here) inside the whole decoder."""
     pytest.importorskip("triton")
@@ -220,6 +224,8 @@ def test_a_graph_decode_step_needs_no_host_sync(moe, kernels):
     kernels' wrappers): no op reads a device value on the host."""
     if kernels.conv == "triton":
         pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the interpreter's run; tests/gpu run on CUDA")
     cache = scratch_cache(moe)
     decoder = GpuDecoder(moe, kernels, cache=cache, graphs=True, max_num_seqs=3, max_blocks=4)
     slots, blocks = [1, 3], [[2, 5], [7, 8]]
@@ -277,3 +283,20 @@ def test_qwen35_imports_no_kernel_package_until_the_backend_runs():
             "print(sorted(m for m in ('triton', 'fla') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_step_uploads_as_one_buffer_with_the_same_fields():
+    """To a GPU, ForwardBatch.build packs every field into one int64 buffer (one pinned, non-blocking copy per step)
+    and views it back: the same values, shapes and dtypes (M-RoPE positions [3, N], the bool flags)."""
+    from qwen35.models.batch import _pack, _unpack
+
+    pos = torch.arange(12).view(3, 4)
+    batch = ForwardBatch.build([SeqChunk([1, 2, 3], num_past=2, state_slot=1, block_ids=[4, 5], positions=pos[:, :3]),
+                                SeqChunk([9], state_slot=2, block_ids=[6, 7], positions=pos[:, 3:])], 4)
+    host = {k: getattr(batch, k) for k in ("input_ids", "positions", "cu_seqlens", "context_lens",
+                                            "has_initial_state", "logits_indices", "state_slots", "block_tables",
+                                            "slot_mapping")}
+    flat = _pack(host)
+    assert flat.dtype == torch.int64 and flat.dim() == 1
+    for k, v in _unpack(flat, host).items():
+        assert v.dtype == host[k].dtype and torch.equal(v, host[k]), k
