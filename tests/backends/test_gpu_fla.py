@@ -1,11 +1,7 @@
 """flash-linear-attention's own kernels behind our adapter (backends/gpu/gdn.py) against our reference delta rule.
 
-fla-core is an optional package and must not be importable in the main test run: transformers, our numerical
-reference, would route its own maths through fla's Triton kernels, which cannot run on a CPU. These tests therefore
-run as their own tier where fla is importable:
-
-    pip install --target .fla-site fla-core==0.6.0 einops
-    PYTHONPATH=.fla-site python -m pytest -q tests/backends/test_gpu_fla.py
+fla-core is in the test extra; tests/conftest.py keeps transformers (our numerical reference) from routing its own
+maths through fla's kernels, which it would otherwise do wherever fla imports.
 
 Without CUDA, fla's recurrent kernel runs in Triton's interpreter (its autotuner, which would time candidate configs
 on a GPU, takes the first one); its chunked kernel uses what the interpreter lacks, so it runs on a GPU only
