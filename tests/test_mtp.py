@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import CheckpointError, load_model
-from qwen35.models.mtp import add_mtp
 from qwen35.train.mtp import IGNORE_INDEX, mtp_loss, mtp_targets
+from tests.tiny_models import random_mtp
 
 DENSE_FFN = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 MOE_FFN = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.shared_expert.gate_proj.weight",
@@ -32,14 +32,7 @@ def with_mtp(kind, checkpoint, seed=0):
     """Our fp32 model of a tiny checkpoint, with a fresh MTP head whose norms are non-trivial too."""
     src, hf = checkpoint(kind)
     model, _, _ = load_model(src, dtype="float32")
-    g = torch.Generator().manual_seed(seed)
-    mtp = add_mtp(model, std=0.1, generator=g)
-    with torch.no_grad():
-        for name, p in mtp.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 3 or name.endswith("experts.down_proj"):
-                p.copy_(0.6 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    random_mtp(model, seed)
     return model, hf
 
 

@@ -49,6 +49,21 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(0.6 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 
 
+def random_mtp(model, seed: int = 0):
+    """A fresh MTP head on our (fp32) model, its norms and routed experts non-trivial too; returns the head."""
+    from qwen35.models.mtp import add_mtp
+
+    g = torch.Generator().manual_seed(seed)
+    mtp = add_mtp(model, std=0.1, generator=g)
+    with torch.no_grad():
+        for name, p in mtp.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 3 or name.endswith("experts.down_proj"):
+                p.copy_(0.6 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return mtp
+
+
 def build(kind: str, out_dir, seed: int = 0, max_shard_size=None, **overrides):
     """kind: dense | moe | moe_vl | dense_vl | next. Saves with save_pretrained and returns the HF model (fp32)."""
     import transformers as tf

@@ -7,7 +7,6 @@ other random numbers). fp32 (the tiny MoE checkpoint with an MTP head): other ch
 test_gpu_parity against transformers instead. Afterwards every block and slot is free."""
 
 import json
-import math
 import shutil
 
 import pytest
@@ -18,7 +17,7 @@ from qwen35 import LLM, SamplingParams
 from qwen35.backends.gpu.decoder import GpuDecoder
 from qwen35.cache.hybrid import HybridCache
 from qwen35.models.loader import load_model
-from qwen35.models.mtp import add_mtp
+from tests.tiny_models import random_mtp
 
 pytestmark = pytest.mark.gpu
 
@@ -47,14 +46,7 @@ def path(checkpoint, tmp_path_factory) -> str:
     dst = tmp_path_factory.mktemp("gpu-mtp") / "moe-mtp"
     shutil.copytree(src, dst)
     model = load_model(src, dtype="float32")[0]
-    g = torch.Generator().manual_seed(1)
-    mtp = add_mtp(model, std=0.1, generator=g)
-    with torch.no_grad():
-        for name, p in mtp.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 3 or name.endswith("experts.down_proj"):
-                p.copy_(0.6 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    random_mtp(model, seed=1)
     tensors = load_file(str(dst / "model.safetensors"))
     tensors.update({k: v.clone() for k, v in model.state_dict().items() if k.startswith("mtp.")})
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -198,8 +198,8 @@ def graph_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Decode steps padded to a ladder of batch sizes and replayed from CUDA graphs (on a CPU, or with
-    capture=False, the same padded step runs eagerly: what the tests check)."""
+    """Decode steps padded to a ladder of batch sizes and replayed from CUDA graphs. Off CUDA, or once a capture
+    has failed, the same padded step runs eagerly (what the CPU tests check)."""
 
     def __init__(self, decoder: GpuDecoder, cache, max_num_seqs: int, max_blocks: int):
         if cache is None or getattr(cache, "scratch_slot", None) is None:
