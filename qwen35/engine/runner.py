@@ -193,7 +193,8 @@ class ModelRunner:
         mm.embeds[at:at + feats.shape[0]] = feats
 
     def _embeds(self, chunks: list[ScheduledChunk], batch: ForwardBatch) -> torch.Tensor | None:
-        if all(c.request.mm is None for c in chunks):
+        if all(c.request.mm is None or c.request.num_computed_tokens >= c.request.mm.num_prompt_tokens
+               for c in chunks):  # no placeholder rows in this step (decoding requests with images: ids only)
             return None
         embeds = self.decoder.embed(batch.input_ids)
         at = 0

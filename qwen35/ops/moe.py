@@ -36,9 +36,9 @@ def experts_reference(x, weights, ids, gate_up_proj, down_proj):
 
 
 def _pairs_by_expert(weights, ids, num_experts: int, first: int | None):
-    """The (token, expert) pairs sorted by expert, stable: (token of each pair, its weight, tokens per expert
-    [num_experts]). first: the weights hold experts first.. only (expert parallelism): other pairs are left out."""
-    k = ids.shape[1]
+    """The (token, expert) pairs sorted by expert, stable: (each pair's index n * k + j into ids [N, k], its weight,
+    tokens per expert [num_experts]). first: the weights hold experts first.. only (expert parallelism): other
+    pairs are left out."""
     order = ids.reshape(-1)
     if first is not None:
         local = order - first
@@ -50,13 +50,14 @@ def _pairs_by_expert(weights, ids, num_experts: int, first: int | None):
     # counted by a scatter, not bincount, whose output size would need the ids' maximum on the host (a GPU sync)
     counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
     counts.index_add_(0, chosen, torch.ones_like(chosen))
-    return order // k, weights.reshape(-1)[order], counts
+    return order, weights.reshape(-1)[order], counts
 
 
 def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
     """Sort (token, expert) pairs by expert; run each hit expert once over its contiguous slice. first: see
     `_pairs_by_expert`."""
-    token_of_pair, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
+    pairs, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
+    token_of_pair = pairs // ids.shape[1]
     xs = x[token_of_pair]
     out = torch.zeros_like(x)
     start = 0
@@ -72,12 +73,16 @@ def experts_grouped(x, weights, ids, gate_up_proj, down_proj, first: int | None 
 
 def experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
     """As experts_grouped, but every expert's rows in one grouped matmul per projection (`torch._grouped_mm`: one
-    kernel for all experts on a GPU, and no host sync for the counts)."""
-    token_of_pair, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
+    kernel for all experts on a GPU, and no host sync for the counts). A token's k results are put back in its row
+    and summed in fp32 in one fixed order: index_add_ on a GPU would add them by atomics in any order, rounding
+    each partial sum to bf16 (tokens would differ from run to run)."""
+    pairs, ws, counts = _pairs_by_expert(weights, ids, gate_up_proj.shape[0], first)
     offs = counts.cumsum(0).to(torch.int32)
-    gate, up = torch._grouped_mm(x[token_of_pair], gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    xs = x[pairs // ids.shape[1]]
+    gate, up = torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offs) * ws[:, None]
-    return torch.zeros_like(x).index_add_(0, token_of_pair, y.to(x.dtype))
+    per_choice = y.new_zeros(ids.numel(), y.shape[1]).index_put_((pairs,), y)  # [N * k, H]; each index once
+    return per_choice.view(*ids.shape, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 
 def experts(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):

@@ -300,3 +300,60 @@ def test_a_step_uploads_as_one_buffer_with_the_same_fields():
     assert flat.dtype == torch.int64 and flat.dim() == 1
     for k, v in _unpack(flat, host).items():
         assert v.dtype == host[k].dtype and torch.equal(v, host[k]), k
+
+
+def test_a_size_whose_capture_fails_decodes_eagerly_and_unpadded(moe):
+    """Where a capture fails (here forced: this CPU captures nothing), that size's steps run eagerly, unpadded, with
+    the same logits; the other sizes are untouched."""
+    cache = scratch_cache(moe)
+    decoder = GpuDecoder(moe, Kernels(), cache=cache, graphs=True, max_num_seqs=4, max_blocks=4)
+    graphs = decoder.graphs
+    graphs.capture = True  # as on CUDA
+
+    def fail(B):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = fail
+    slots, blocks = [1, 3, 4], [[2, 5], [7, 8], [9, 10]]
+    prefill(decoder, cache, P20, slots, blocks)
+    batch = decode_batch([20] * 3, slots, blocks)
+    assert graphs.fits(batch, cache)
+    with torch.no_grad():
+        got = decoder(batch.input_ids, batch, cache)
+    assert graphs.failed == {4} and not graphs.fits(batch, cache)
+    assert graphs.fits(decode_batch([21], slots[:1], blocks[:1]), cache)  # size 1 never failed
+    eager = GpuDecoder(moe, Kernels())
+    cache2 = scratch_cache(moe)
+    prefill(eager, cache2, P20, slots, blocks)
+    with torch.no_grad():
+        assert torch.allclose(got, eager(batch.input_ids, batch, cache2), atol=1e-5, rtol=1e-5)
+
+
+def test_graphs_only_where_the_step_can_be_captured(moe, checkpoint):
+    from qwen35.backends.gpu.decoder import graphs_worthwhile
+
+    dense = load_model(checkpoint("dense")[0], dtype="float32")[0]
+    fast = Kernels(conv="triton", attention="triton", delta_rule="fla", experts="grouped_mm")
+    assert graphs_worthwhile(moe, fast) and graphs_worthwhile(dense, fast)
+    assert not graphs_worthwhile(moe, Kernels(attention="triton"))  # the per-expert loop reads counts
+    assert graphs_worthwhile(dense, Kernels(attention="triton"))
+    assert not graphs_worthwhile(dense, Kernels())  # the torch attention gathers the whole table width
+
+
+def test_a_decoding_request_with_images_needs_no_embeddings():
+    """Past its prompt, a request with images decodes from token ids like any other (so a step of such requests
+    can replay a CUDA graph, which takes ids only); a step that still covers placeholder rows gets embeddings."""
+    from types import SimpleNamespace
+
+    from qwen35.engine.runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.decoder = SimpleNamespace(embed=lambda ids: torch.zeros(len(ids), 4))
+
+    def chunk(computed, prompt, mm=True):
+        mm = SimpleNamespace(num_prompt_tokens=prompt, feature_rows=torch.full((prompt,), -1)) if mm else None
+        return SimpleNamespace(request=SimpleNamespace(mm=mm, num_computed_tokens=computed), num_tokens=1)
+
+    batch = SimpleNamespace(input_ids=torch.tensor([1, 2]))
+    assert runner._embeds([chunk(30, 30), chunk(5, 9, mm=False)], batch) is None
+    assert runner._embeds([chunk(29, 30), chunk(5, 9, mm=False)], batch) is not None

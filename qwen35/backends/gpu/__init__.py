@@ -26,9 +26,18 @@ def decoder_for(model, device, cache, *, gpu_backend: bool | None = None, graphs
     if not wanted(device, gpu_backend):
         return None
     # imported here: the kernel modules import triton, which a CPU-only run never needs
-    from qwen35.backends.gpu.decoder import GpuDecoder, pick_kernels
-    kernels = kernels or pick_kernels(torch.device(device), model.dtype)
+    from qwen35.backends.gpu.decoder import GpuDecoder, graphs_worthwhile, pick_kernels
+    device = torch.device(device)
+    kernels = kernels or pick_kernels(device, model.dtype)
     graphs = graphs and cache is not None and cache.scratch_slot is not None
+    if graphs and device.type == "cuda" and not graphs_worthwhile(model, kernels):
+        logger.info("qwen35: decode steps run eagerly: %s cannot be captured in a CUDA graph", kernels.describe())
+        graphs = False
     logger.info("qwen35: GPU backend: %s; decode steps %s", kernels.describe(),
                 "from CUDA graphs" if graphs else "eager")
-    return GpuDecoder(model, kernels, cache=cache, graphs=graphs, max_num_seqs=max_num_seqs, max_blocks=max_blocks)
+    decoder = GpuDecoder(model, kernels, cache=cache, graphs=graphs, max_num_seqs=max_num_seqs,
+                         max_blocks=max_blocks)
+    if graphs and device.type == "cuda":
+        with torch.cuda.device(device):
+            decoder.graphs.capture_all()
+    return decoder

@@ -11,13 +11,16 @@ torch form of it):
 Everything else (projections, norms, rotary, router, shared expert, LM head) is the model's modules on the device.
 
 CUDA graphs (`DecodeGraphs`): a decode step (one new token per sequence, text only, no state copies) is padded to
-the next size of a ladder (1, 2, 4, 8, then multiples of 16, and max_num_seqs) and replayed from a graph captured on
-that size's first use. The padding rows write only the cache's scratch slot and block, which no request owns. Every
-op on that path reads its sizes from shapes, never values from the device, so the step can be captured at all.
-Where a graph cannot be captured (an op that syncs, e.g. quantized experts), decode runs eagerly, with a warning."""
+the next size of a ladder (1, 2, 4, 8, then multiples of 16, and max_num_seqs) and replayed from that size's graph.
+The padding rows write only the cache's scratch slot and block, which no request owns. Every
+op on that path reads its sizes from shapes, never values from the device, so the step can be captured at all. The
+sizes are captured when the engine starts. A model whose step would sync (the per-expert loop, quantized experts,
+the torch attention) decodes eagerly; a size whose capture fails anyway decodes eagerly and unpadded, with a
+warning."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -63,6 +66,21 @@ def pick_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
                    delta_rule="fla" if fla else "torch", experts="grouped_mm" if grouped else "loop")
 
 
+def on_device(device: torch.device):
+    """Make `device` current: Triton launches on the current device and stream, and a graph captures on the current
+    device's; cuda:1 tensors under a current cuda:0 would run, or be captured, elsewhere. (Per thread: the server
+    steps the engine in its own thread.)"""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def graphs_worthwhile(model, kernels: Kernels) -> bool:
+    """Whether a CUDA graph can capture this model's decode step: the Triton attention (the torch form gathers the
+    whole table width) and no routed experts that sync (the per-expert loop reads counts; quantized experts)."""
+    moe = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    experts_ok = not moe or (kernels.experts == "grouped_mm" and all(type(m.experts) is Experts for m in moe))
+    return kernels.attention == "triton" and experts_ok
+
+
 def is_decode(batch: ForwardBatch) -> bool:
     """One new token per sequence (shapes only: every sequence has at least one)."""
     return batch.input_ids.shape[0] == batch.num_seqs
@@ -78,6 +96,7 @@ class GpuDecoder:
                  max_blocks: int = 1, fla=None):
         self.model, self.cfg, self.kernels = model, model.cfg, kernels
         self.fla = fla  # fla's (chunk, recurrent) functions (default: fla-core's; tests pass stand-ins)
+        self.device = model.model.norm.weight.device
         self.graphs = DecodeGraphs(self, cache, max_num_seqs, max_blocks) if graphs else None
 
     @property
@@ -99,9 +118,10 @@ class GpuDecoder:
 
     @torch.inference_mode()
     def forward(self, input_ids, batch: ForwardBatch, cache=None, inputs_embeds=None) -> torch.Tensor:
-        if self.graphs is not None and inputs_embeds is None and self.graphs.fits(batch, cache):
-            return self.graphs.run(batch)
-        return self.step(input_ids, batch, cache, inputs_embeds)
+        with on_device(self.device):
+            if self.graphs is not None and inputs_embeds is None and self.graphs.fits(batch, cache):
+                return self.graphs.run(batch)
+            return self.step(input_ids, batch, cache, inputs_embeds)
 
     __call__ = forward
 
@@ -207,7 +227,7 @@ class DecodeGraphs:
         self.decoder, self.cache = decoder, cache
         self.sizes = graph_sizes(max_num_seqs)
         self.max_blocks = max_blocks
-        self.capture = cache.device.type == "cuda"  # False after a capture fails: padded steps run eagerly
+        self.capture = cache.device.type == "cuda"  # off CUDA the padded step runs eagerly (what the tests check)
         M, dev = self.sizes[-1], cache.device
         i64 = dict(dtype=torch.int64, device=dev)
         self.ids = torch.zeros(M, **i64)
@@ -219,29 +239,47 @@ class DecodeGraphs:
         self.tables = torch.full((M, max_blocks), cache.scratch_block, **i64)
         self.slot_mapping = torch.full((M,), cache.scratch_block * cache.block_size, **i64)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, output)
+        self.failed: set[int] = set()  # sizes whose capture failed: their steps run eagerly, unpadded
         self.pool = None
+
+    def size_for(self, num_seqs: int) -> int:
+        return next(s for s in self.sizes if s >= num_seqs)
 
     def fits(self, batch: ForwardBatch, cache) -> bool:
         return (cache is self.cache and is_decode(batch) and not batch.state_copies
                 and batch.num_seqs <= self.sizes[-1] and batch.block_tables is not None
-                and batch.block_tables.shape[1] <= self.max_blocks)
+                and batch.block_tables.shape[1] <= self.max_blocks
+                and self.size_for(batch.num_seqs) not in self.failed)
+
+    def capture_all(self) -> None:
+        """Capture every size now (largest first, so the smaller ones reuse its memory pool), not mid-serving."""
+        for B in reversed(self.sizes):
+            self._try_capture(B)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         S = batch.num_seqs
-        B = next(s for s in self.sizes if s >= S)
-        if self.capture and B not in self.graphs:
-            self._pad(0, B)  # warm-up and capture run over padding rows only: no request's state moves
-            try:
-                self.graphs[B] = self._capture(B)
-            except Exception as e:  # noqa: BLE001 - any op that cannot be captured
-                logger.warning("qwen35: CUDA graph capture failed (%s); decode steps run eagerly", e)
-                self.capture = False
+        B = self.size_for(S)
+        if self.capture and B not in self.graphs and not self._try_capture(B):
+            return self.decoder.step(batch.input_ids, batch, self.cache)
         self._fill(batch, S, B)
         if not self.capture:
             return self.decoder.step(self.ids[:B], self._batch(B), self.cache, max_query_len=1)[:S]
         graph, out = self.graphs[B]
         graph.replay()
         return out[:S].clone()  # the graph's output is overwritten by the next replay
+
+    def _try_capture(self, B: int) -> bool:
+        if B in self.graphs or B in self.failed:
+            return B in self.graphs
+        self._pad(0, B)  # warm-up and capture run over padding rows only: no request's state moves
+        try:
+            self.graphs[B] = self._capture(B)
+            return True
+        except Exception as e:  # noqa: BLE001 - any op that cannot be captured
+            logger.warning("qwen35: CUDA graph capture of decode steps of %d sequences failed (%s); they run "
+                           "eagerly", B, e)
+            self.failed.add(B)
+            return False
 
     def _fill(self, batch: ForwardBatch, S: int, B: int) -> None:
         """The step's rows, then padding rows up to B that read nothing and write only the scratch slot/block."""
@@ -250,9 +288,8 @@ class DecodeGraphs:
         self.context_lens[:S] = batch.context_lens
         self.has_state[:S] = batch.has_initial_state
         self.slots[:S] = batch.state_slots
-        W = batch.block_tables.shape[1]
-        self.tables[:S, :W] = batch.block_tables
-        self.tables[:S, W:] = self.cache.scratch_block
+        # entries past a row's own blocks keep earlier steps' block ids: valid, and never read past context_lens
+        self.tables[:S, :batch.block_tables.shape[1]] = batch.block_tables
         self.slot_mapping[:S] = batch.slot_mapping
         self._pad(S, B)
 
@@ -283,6 +320,7 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of the server's other threads (none today) cannot invalidate the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = step()
         return graph, out
