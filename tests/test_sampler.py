@@ -109,6 +109,10 @@ def test_a_row_with_nothing_to_draw_raises_instead_of_naming_an_arbitrary_id():
     with pytest.raises(ValueError, match="no token can be sampled"):
         sample_row(torch.full((3,), float("nan")), SampleRow(SamplingParams(), [], [], torch.Generator(), []))
     assert sample_row(logits[1], SampleRow(SamplingParams(temperature=0), [], [], None, [5])) == 2  # ids past V
+    # one NaN among finite logits: a clear error before the draw (on a GPU, multinomial's NaN check is a device
+    # assert that would end the server)
+    with pytest.raises(ValueError, match="no token can be sampled.*NaN"):
+        sample_row(torch.tensor([1.0, float("nan"), 0.0]), SampleRow(SamplingParams(), [], [], torch.Generator(), []))
 
 
 def test_batched_greedy_equals_row_by_row_and_fails_only_the_empty_rows():

@@ -148,8 +148,10 @@ def greedy_tokens(logits: torch.Tensor) -> list[int | ValueError]:
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    if not bool((logits > float("-inf")).any()):
-        raise ValueError("no token can be sampled: every logit is -inf or NaN")
+    # A NaN anywhere makes every probability NaN: checked here (in the one host read this row makes anyway), since
+    # torch.multinomial on a GPU meets it with a device-side assert that ends the process, not an exception.
+    if not bool((logits > float("-inf")).any() & ~logits.isnan().any()):
+        raise ValueError("no token can be sampled: every logit is -inf, or one is NaN")
     return torch.softmax(filter_logits(logits, p), -1)
 
 
