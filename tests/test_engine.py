@@ -286,14 +286,14 @@ def test_cache_managers_reuse_the_lowest_free_indices():
     assert sorted(slots.allocate() for _ in range(4)) == [0, 1, 2, 3]
 
 
-def test_batched_greedy_path_gives_the_same_tokens(moe, alone):
-    """The GPU engine's sampling (plain greedy rows' argmaxes in one transfer) on this CPU: the same tokens as the
-    row-by-row path, beside penalised and seeded rows in the same steps."""
+def test_batched_sampling_path_gives_the_same_tokens(moe, alone):
+    """The GPU engine's sampling (every row's token in one transfer) on this CPU: the same greedy and seeded tokens
+    as the row-by-row path, in the same steps."""
     path, _ = moe
     prompts, greedy, seeded, ref_greedy, ref_seeded = alone
     llm = make_llm(path, max_num_seqs=8)
-    assert not llm.engine.batched_greedy  # a CPU's default
-    llm.engine.batched_greedy = True
+    assert not llm.engine.batched_sampling  # a CPU's default
+    llm.engine.batched_sampling = True
     outs = llm.generate(prompts + prompts, [greedy] * len(prompts) + seeded)
     assert [o.outputs[0].token_ids for o in outs] == ref_greedy + ref_seeded
     assert_all_free(llm)

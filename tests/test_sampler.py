@@ -115,28 +115,35 @@ def test_a_row_with_nothing_to_draw_raises_instead_of_naming_an_arbitrary_id():
         sample_row(torch.tensor([1.0, float("nan"), 0.0]), SampleRow(SamplingParams(), [], [], torch.Generator(), []))
 
 
-def test_batched_greedy_equals_row_by_row_and_fails_only_the_empty_rows():
-    """greedy_tokens (one transfer for a batch: the GPU engine's path) gives sample_row's token for every plain
-    greedy row, ties to the first index, and the same error for a row of -inf or NaN, without failing the others."""
-    from qwen35.engine.sampler import greedy_tokens, is_plain_greedy
+def test_sampling_a_step_at_once_equals_row_by_row_and_fails_only_the_empty_rows():
+    """sample_many (a GPU step's sampling: one host transfer) gives sample_row's token for every row, greedy or
+    drawn, plain or with penalties, filters and banned ids, from the same generators; a row of -inf or with a NaN
+    gets sample_row's error without failing the others; ties go to the first index."""
+    from qwen35.engine.sampler import is_plain_greedy, sample_many
 
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(6, 50, generator=g)
+    logits = torch.randn(9, 50, generator=g)
     logits[1, [7, 9]] = 10.0  # a tie: the first index wins
     logits[2] = float("-inf")
     logits[3, 4] = float("nan")
-    greedy = SamplingParams(temperature=0.0)
-    got = greedy_tokens(logits)
-    for i, tok in enumerate(got):
-        row = SampleRow(greedy, [], [], None, [])
-        assert is_plain_greedy(row)
-        if i in (2, 3):
+    logits[8, 5] = float("nan")  # a drawn row with a NaN
+    params = [SamplingParams(temperature=0.0)] * 4 + [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=0.7, top_k=5, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.8, min_p=0.05, logit_bias={3: 5.0}),
+        SamplingParams(temperature=0.9, presence_penalty=1.0), SamplingParams(temperature=1.0)]
+
+    def rows():
+        return [SampleRow(p, [1, 2], [3], torch.Generator().manual_seed(10 + i), [6] if i == 6 else [])
+                for i, p in enumerate(params)]
+
+    got = sample_many(logits, rows())
+    for i, (row, tok) in enumerate(zip(rows(), got)):
+        if i in (2, 3, 8):
             assert isinstance(tok, ValueError)
             with pytest.raises(ValueError, match="no token can be sampled"):
                 sample_row(logits[i], row)
         else:
-            assert tok == sample_row(logits[i], row)
+            assert tok == sample_row(logits[i], row), i
     assert got[1] == 7
-    assert not is_plain_greedy(SampleRow(SamplingParams(temperature=0.0, repetition_penalty=1.1), [], [], None, []))
-    assert not is_plain_greedy(SampleRow(greedy, [], [], None, [5]))
-    assert not is_plain_greedy(SampleRow(SamplingParams(temperature=0.5), [], [], None, []))
+    assert [is_plain_greedy(r) for r in rows()] == [True] * 4 + [False] * 5
+    assert sample_many(logits[:0], []) == []

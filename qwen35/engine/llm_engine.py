@@ -19,7 +19,7 @@ from qwen35.cache.prefix import PrefixCache, PrefixCacheStats, SnapshotPool
 from qwen35.config import EngineConfig
 from qwen35.engine.request import Request
 from qwen35.engine.runner import ModelRunner
-from qwen35.engine.sampler import SampleRow, greedy_tokens, is_plain_greedy, sample_row, top_logprobs
+from qwen35.engine.sampler import SampleRow, sample_many, sample_row, top_logprobs
 from qwen35.engine.scheduler import Scheduler
 from qwen35.engine.speculative import SpecDecodeStats, SpeculativeDecoding
 from qwen35.engine.structured import StructuredOutputs
@@ -125,8 +125,8 @@ class LLMEngine(SpeculativeDecoding):
         self._arrival = itertools.count()
         self._failed: list[str] = []  # parents failed since the last step's outputs
         self._global_gen = torch.Generator().manual_seed(config.seed)
-        # per-row numpy argmax is fastest on a CPU; a GPU wants one transfer for the batch
-        self.batched_greedy = self.device.type != "cpu"
+        # row by row (numpy's argmax) is fastest on a CPU; a GPU wants one transfer for the step
+        self.batched_sampling = self.device.type != "cpu"
         self.draft_ids = self._draft_ids(self.speculative.draft_vocab_size) if k else None
         self.structured = None
         if tokenizer is not None:
@@ -324,13 +324,12 @@ class LLMEngine(SpeculativeDecoding):
             drawable = last[:, :self.vocab_limit]  # ids without a token are never drawn; logprobs see them all
             rows = [SampleRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self._banned(r))
                     for r in reqs]
-            plain = {}  # on a GPU: the plain greedy rows' argmaxes in one transfer, not one sync per row
-            if self.batched_greedy:
-                at = [i for i, row in enumerate(rows) if is_plain_greedy(row)]
-                plain = dict(zip(at, greedy_tokens(drawable[at]))) if len(at) > 1 else {}
-            tokens = [None if r.is_finished else self._guarded(r, _token, plain[i]) if i in plain else
-                      self._guarded(r, sample_row, drawable[i], rows[i])
-                      for i, r in enumerate(reqs)]  # a sibling's failure finishes a request mid-loop
+            if self.batched_sampling:  # a GPU: every row's token in one transfer, not a sync or two per row
+                drawn = sample_many(drawable, rows)
+                tokens = [None if r.is_finished else self._guarded(r, _token, drawn[i]) for i, r in enumerate(reqs)]
+            else:
+                tokens = [None if r.is_finished else self._guarded(r, sample_row, drawable[i], rows[i])
+                          for i, r in enumerate(reqs)]  # a sibling's failure finishes a request mid-loop
             self._record_logprobs(last, reqs, tokens)
             for r, tok in zip(reqs, tokens):
                 if not r.is_finished:

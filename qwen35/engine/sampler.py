@@ -137,14 +137,41 @@ def is_plain_greedy(row: SampleRow) -> bool:
             and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 
 
-def greedy_tokens(logits: torch.Tensor) -> list[int | ValueError]:
-    """Each row's argmax ([R, V] logits) with one device-to-host transfer for all rows (a GPU syncs once, not per
-    row); a row with nothing to draw (every logit -inf or NaN) gets the ValueError sample_row would raise."""
-    tok = torch.argmax(logits, dim=-1)
-    ok = logits.gather(-1, tok[:, None])[:, 0] > float("-inf")  # NaN compares False, as in _greedy
-    toks, oks = torch.stack([tok, ok.long()]).tolist()
-    return [t if good else ValueError("no token can be sampled: every logit is -inf or NaN")
-            for t, good in zip(toks, oks)]
+def sample_many(logits: torch.Tensor, rows: list[SampleRow]) -> list[int | Exception]:
+    """sample_row for every row of logits [R, V], with the host reads deferred to one device-to-host transfer for
+    the step (a GPU syncs once, not once or twice per row): the plain greedy rows' argmaxes in one op, every other
+    row's token drawn on the device. A row with nothing to draw gets sample_row's ValueError instead of a token
+    (its draw, from a stand-in distribution, is discarded), as does a row whose processing raises; the other rows
+    draw exactly what sample_row would, from the same generators."""
+    toks, oks, errors = [None] * len(rows), [None] * len(rows), {}
+    plain = [i for i, row in enumerate(rows) if is_plain_greedy(row)]
+    if plain:
+        some = logits[plain]
+        best = torch.argmax(some, dim=-1)
+        good = some.gather(-1, best[:, None])[:, 0] > float("-inf")  # NaN compares False, as in _greedy
+        for j, i in enumerate(plain):
+            toks[i], oks[i] = best[j], good[j]
+    for i, row in enumerate(rows):
+        if toks[i] is not None:
+            continue
+        try:
+            lg = _processed(logits[i], row)
+            ok = (lg > float("-inf")).any() & ~lg.isnan().any()
+            if row.params.is_greedy:
+                toks[i] = torch.argmax(lg)
+                oks[i] = ok & (lg[toks[i]] > float("-inf"))
+            else:
+                stand_in = torch.where(ok, lg, 0.0)  # never NaN: a GPU's multinomial asserts on it
+                probs = torch.softmax(filter_logits(stand_in, row.params), -1)
+                toks[i], oks[i] = torch.multinomial(probs, 1, generator=row.generator)[0], ok
+        except Exception as e:  # noqa: BLE001 - this row's request fails alone
+            errors[i] = e
+            toks[i], oks[i] = logits.new_zeros((), dtype=torch.long), logits.new_zeros((), dtype=torch.bool)
+    if not rows:
+        return []
+    tok_list, ok_list = torch.stack([torch.stack(toks).long(), torch.stack(oks).long()]).tolist()
+    nothing = ValueError("no token can be sampled: every logit is -inf, or one is NaN")
+    return [errors.get(i) or (t if good else nothing) for i, (t, good) in enumerate(zip(tok_list, ok_list))]
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
