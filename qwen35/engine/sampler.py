@@ -143,6 +143,8 @@ def sample_many(logits: torch.Tensor, rows: list[SampleRow]) -> list[int | Excep
     row's token drawn on the device. A row with nothing to draw gets sample_row's ValueError instead of a token
     (its draw, from a stand-in distribution, is discarded), as does a row whose processing raises; the other rows
     draw exactly what sample_row would, from the same generators."""
+    if not rows:
+        return []
     toks, oks, errors = [None] * len(rows), [None] * len(rows), {}
     plain = [i for i, row in enumerate(rows) if is_plain_greedy(row)]
     if plain:
@@ -156,7 +158,7 @@ def sample_many(logits: torch.Tensor, rows: list[SampleRow]) -> list[int | Excep
             continue
         try:
             lg = _processed(logits[i], row)
-            ok = (lg > float("-inf")).any() & ~lg.isnan().any()
+            ok = _drawable(lg)
             if row.params.is_greedy:
                 toks[i] = torch.argmax(lg)
                 oks[i] = ok & (lg[toks[i]] > float("-inf"))
@@ -167,18 +169,24 @@ def sample_many(logits: torch.Tensor, rows: list[SampleRow]) -> list[int | Excep
         except Exception as e:  # noqa: BLE001 - this row's request fails alone
             errors[i] = e
             toks[i], oks[i] = logits.new_zeros((), dtype=torch.long), logits.new_zeros((), dtype=torch.bool)
-    if not rows:
-        return []
     tok_list, ok_list = torch.stack([torch.stack(toks).long(), torch.stack(oks).long()]).tolist()
-    nothing = ValueError("no token can be sampled: every logit is -inf, or one is NaN")
-    return [errors.get(i) or (t if good else nothing) for i, (t, good) in enumerate(zip(tok_list, ok_list))]
+    return [errors.get(i) or (t if good else ValueError(NOTHING_TO_DRAW))
+            for i, (t, good) in enumerate(zip(tok_list, ok_list))]
+
+
+NOTHING_TO_DRAW = "no token can be sampled: every logit is -inf, or one is NaN"
+
+
+def _drawable(logits: torch.Tensor) -> torch.Tensor:
+    """Whether a row can be drawn from (a bool on the row's device): some logit above -inf, none NaN. A NaN makes
+    every probability NaN, which torch.multinomial on a GPU meets with a device-side assert that ends the process,
+    not an exception: so it is checked before any draw."""
+    return (logits > float("-inf")).any() & ~logits.isnan().any()
 
 
 def _probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    # A NaN anywhere makes every probability NaN: checked here (in the one host read this row makes anyway), since
-    # torch.multinomial on a GPU meets it with a device-side assert that ends the process, not an exception.
-    if not bool((logits > float("-inf")).any() & ~logits.isnan().any()):
-        raise ValueError("no token can be sampled: every logit is -inf, or one is NaN")
+    if not bool(_drawable(logits)):
+        raise ValueError(NOTHING_TO_DRAW)
     return torch.softmax(filter_logits(logits, p), -1)
 
 

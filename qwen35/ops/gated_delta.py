@@ -2,6 +2,7 @@
 
 Owns pure functions with one signature:
 - `gated_delta_rule_recurrent`: the token-by-token recurrence, the documentation of the maths (and the decode step);
+- `gated_delta_rule_step`: its one-token step for every sequence at once, with no host sync (a GPU's graphed decode);
 - `gated_delta_rule_chunked`: the same result in chunks of C tokens, parallel inside a chunk (prefill);
 - `gated_delta_rule_chunked_recompute`: the chunked form for training: the backward recomputes the chunk
   intermediates instead of keeping them from the forward;
@@ -60,14 +61,29 @@ def gated_delta_rule_recurrent(
     for t, n in enumerate(num_active):
         state = _retire(state, n, finished)
         i = first_token[:n] + t  # token t of each of the n sequences still running
-        s = state * g[i].exp()[..., None, None]  # decay first
-        u = beta[i][..., None] * (v[i] - torch.einsum("nhk,nhkv->nhv", k[i], s))  # target minus what s predicts
-        state = s + k[i][..., :, None] * u[..., None, :]  # rank-1 write
-        o[i] = torch.einsum("nhk,nhkv->nhv", q[i], state)  # read after the write
+        o[i], state = _step(state, q[i], k[i], v[i], g[i], beta[i])
         for r, m in at_step.get(t, []):
             captured[m] = state[r]
     final = _restore_order(torch.cat([state, *finished[::-1]]), order)
     return (o.to(out_dtype), final) if capture is None else (o.to(out_dtype), final, captured)
+
+
+def gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, *,
+                          use_qk_l2norm: bool = True) -> tuple[Tensor, Tensor]:
+    """One token per sequence (q, k [S, Hk, K]; v [S, Hv, V]; g, beta [S, Hv]; state [S, Hv, K, V] float32): the
+    recurrence's step with no host sync, so a CUDA graph can capture a decode step. Returns (o [S, Hv, V] in v's
+    dtype, the new state)."""
+    q, k, v32, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
+    o, state = _step(state, q, k, v32, g, beta)
+    return o.to(v.dtype), state
+
+
+def _step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence on prepared inputs [n, Hv, ·]: (o, the new state)."""
+    s = state * g.exp()[..., None, None]  # decay first
+    u = beta[..., None] * (v - torch.einsum("nhk,nhkv->nhv", k, s))  # target minus what s predicts
+    state = s + k[..., :, None] * u[..., None, :]  # rank-1 write
+    return torch.einsum("nhk,nhkv->nhv", q, state), state  # read after the write
 
 
 def gated_delta_rule_chunked(

@@ -85,12 +85,16 @@ def experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first: int | No
     return per_choice.view(*ids.shape, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch has a grouped matmul for this device and dtype: bf16 on a Hopper or newer GPU."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def experts(x, weights, ids, gate_up_proj, down_proj, first: int | None = None):
     """The routed experts' sum: one grouped matmul per projection where torch has it for the case (bf16 on a Hopper
     or newer GPU, rows of 16-byte multiples), the per-expert loop elsewhere (the CPU backend has its own kernel;
     this loop is the reference model's). Neither path has run on a GPU here yet."""
-    if (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and gate_up_proj.shape[-1] % 8 == 0 and down_proj.shape[-1] % 8 == 0
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+    if grouped_mm_supported(x.device, x.dtype) and gate_up_proj.shape[-1] % 8 == 0 and down_proj.shape[-1] % 8 == 0:
         return experts_grouped_mm(x, weights, ids, gate_up_proj, down_proj, first)
     return experts_grouped(x, weights, ids, gate_up_proj, down_proj, first)

@@ -18,11 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen35.backends.gpu import decoder_for
 from qwen35.backends.gpu.decoder import GpuDecoder, Kernels, graph_sizes, pick_kernels
-from qwen35.backends.gpu.gdn import decode_step_torch, delta_rule_fla
+from qwen35.backends.gpu.gdn import delta_rule_fla
 from qwen35.cache.hybrid import HybridCache
 from qwen35.models.batch import ForwardBatch, SeqChunk
 from qwen35.models.loader import load_model
-from qwen35.ops.gated_delta import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from qwen35.ops.gated_delta import gated_delta_rule_chunked, gated_delta_rule_recurrent, gated_delta_rule_step
 from tests.tiny_models import run_pieces
 
 PROMPTS = [torch.randint(0, 150, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 5, 23)]
@@ -134,13 +134,13 @@ def test_fla_captures_run_in_rounds():
     assert len(calls) == 4  # the longest sequence has 3 cuts: 4 rounds
 
 
-def test_decode_step_torch_equals_the_recurrence():
+def test_the_graphable_step_equals_the_recurrence():
     g = torch.Generator().manual_seed(1)
     S, Hk, Hv, K, V = 5, 2, 6, 8, 4
     q, k, v = torch.randn(S, Hk, K, generator=g), torch.randn(S, Hk, K, generator=g), torch.randn(S, Hv, V, generator=g)
     gate, beta, state = -torch.rand(S, Hv, generator=g), torch.rand(S, Hv, generator=g), torch.randn(S, Hv, K, V)
     ref = gated_delta_rule_recurrent(q, k, v, gate, beta, torch.arange(S + 1), state)
-    got = decode_step_torch(q, k, v, gate, beta, state)
+    got = gated_delta_rule_step(q, k, v, gate, beta, state)
     for r, x in zip(ref, got):
         assert torch.allclose(x, r, atol=1e-6)
 

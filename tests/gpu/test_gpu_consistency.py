@@ -1,10 +1,11 @@
 """The hybrid-cache consistency suite on the device, through the GPU backend (its kernels; decode steps eager: the
-fp32 MoE's per-expert loop cannot be captured, test_gpu_parity checks the graphs): each request run whole and alone is the reference; prefilled in small pieces, batched with strangers,
-preempted and resumed, resumed from the prefix cache, and decoded speculatively with the MTP head, it gives the same
-greedy tokens, and the same seeded samples (speculative ones against speculation alone: rejection sampling draws
-other random numbers). fp32 (the tiny MoE checkpoint with an MTP head): other chunk shapes round differently by
-~1e-6, far below any gap between tokens; bf16 rounding of other shapes could flip a near tie, so bf16 is checked by
-test_gpu_parity against transformers instead. Afterwards every block and slot is free."""
+fp32 MoE's per-expert loop cannot be captured, test_gpu_parity checks the graphs): each request run whole and alone
+is the reference; prefilled in small pieces, batched with strangers, preempted and resumed, resumed from the prefix
+cache, and decoded speculatively with the MTP head, it gives the same greedy tokens, and the same seeded samples
+(speculative ones against speculation alone: rejection sampling draws other random numbers). fp32 (the tiny MoE
+checkpoint with an MTP head): other chunk shapes round differently by ~1e-6, far below any gap between tokens; bf16
+rounding of other shapes could flip a near tie, so bf16 is checked by test_gpu_parity against transformers instead.
+Afterwards every block and slot is free."""
 
 import json
 import shutil

@@ -29,13 +29,13 @@ import torch
 
 from qwen35.backends.gpu import attention as triton_attention
 from qwen35.backends.gpu import conv as triton_conv
-from qwen35.backends.gpu.gdn import decode_step_torch, delta_rule_fla, fla_functions
+from qwen35.backends.gpu.gdn import delta_rule_fla, fla_functions
 from qwen35.layers.mlp import Experts, SparseMoeBlock
 from qwen35.models.batch import ForwardBatch
 from qwen35.ops.attention import varlen_attention
 from qwen35.ops.conv import causal_conv1d
-from qwen35.ops.gated_delta import gated_delta_rule
-from qwen35.ops.moe import experts_grouped_mm, route_logits
+from qwen35.ops.gated_delta import gated_delta_rule, gated_delta_rule_step
+from qwen35.ops.moe import experts_grouped_mm, grouped_mm_supported, route_logits
 from qwen35.ops.rope import rope_cos_sin
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def pick_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
     cuda = device.type == "cuda"
     triton = cuda and triton_conv.triton is not None and triton_attention.triton is not None
     fla = cuda and dtype in (torch.bfloat16, torch.float16) and fla_functions() is not None
-    grouped = cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
-        and torch.cuda.get_device_capability(device) >= (9, 0)
+    grouped = grouped_mm_supported(device, dtype)
     return Kernels(conv="triton" if triton else "torch", attention="triton" if triton else "torch",
                    delta_rule="fla" if fla else "torch", experts="grouped_mm" if grouped else "loop")
 
@@ -161,7 +160,7 @@ class GpuDecoder:
     def _ops(self, batch: ForwardBatch, max_query_len: int) -> dict:
         """This step's conv, delta rule and attention, each of its reference's contract (the mix / attend hooks)."""
         k, decode = self.kernels, is_decode(batch)
-        lengths = None if decode else batch.lengths()  # prompts: host lengths (built here, no sync)
+        lengths = [1] * batch.num_seqs if decode else batch.lengths()  # host lengths (built here, no sync)
 
         def conv(x, weight, cu_seqlens, state):
             if decode and state is not None:
@@ -175,9 +174,9 @@ class GpuDecoder:
         def delta_rule(q, kk, v, g, beta, cu_seqlens, state, capture=None):
             if k.delta_rule == "fla":
                 return delta_rule_fla(q, kk, v, g, beta, cu_seqlens, state, capture=capture, fla=self.fla,
-                                      lengths=lengths if lengths is not None else [1] * batch.num_seqs)
+                                      lengths=lengths)
             if decode and state is not None and not capture:
-                return decode_step_torch(q, kk, v, g, beta, state)
+                return gated_delta_rule_step(q, kk, v, g, beta, state)
             return gated_delta_rule(q, kk, v, g, beta, cu_seqlens, state, capture=capture)
 
         def attention(q, kk, v, cu_seqlens, scale, k_cache=None, v_cache=None, block_tables=None,

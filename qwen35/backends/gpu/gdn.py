@@ -1,5 +1,5 @@
 """The gated delta rule on a GPU: flash-linear-attention's Triton kernels (the optional `fla-core` package, imported
-on first use) behind the contract of `ops.gated_delta.gated_delta_rule`, plus a plain-torch decode step.
+on first use) behind the contract of `ops.gated_delta.gated_delta_rule`.
 
 Layouts: ours and fla's agree. q, k [N, Hk, K] and v [N, Hv, V] packed become fla's [1, N, H, ·] with `cu_seqlens`
 (varlen), or [S, 1, H, ·] for a decode step (one token per sequence, no cu_seqlens: nothing depends on values on the
@@ -15,11 +15,11 @@ runs every sequence's r-th piece from the state round r - 1 left (the same maths
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch import Tensor
 
-from qwen35.ops.gated_delta import L2NORM_EPS
 
 
 @functools.cache
@@ -30,19 +30,6 @@ def fla_functions():
     except Exception:  # not installed, or no Triton for this platform
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-
-
-def decode_step_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """One token per sequence, in plain torch ops with no host sync (capturable): q, k [S, Hk, K]; v [S, Hv, V];
-    g, beta [S, Hv]; state [S, Hv, K, V] float32. Returns (o [S, Hv, V] in v's dtype, the new state)."""
-    G = v.shape[1] // q.shape[1]
-    q, k = (x.float().repeat_interleave(G, dim=1) for x in (q, k))
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS) * q.shape[-1] ** -0.5
-    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
-    state = state * g.float().exp()[..., None, None]
-    u = beta.float()[..., None] * (v.float() - torch.einsum("shkv,shk->shv", state, k))
-    state = state + k[..., :, None] * u[..., None, :]
-    return torch.einsum("shkv,shk->shv", state, q).to(v.dtype), state
 
 
 def delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor,
@@ -58,7 +45,7 @@ def delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_
         return _run(chunk, recurrent, q, k, v, g, beta, cu_seqlens, lengths, state)
     cuts = {s: sorted({t for s2, t in capture if s2 == s}) for s, _ in capture}
     pieces = [[0, *cuts.get(s, []), n] for s, n in enumerate(lengths)]  # each sequence's piece boundaries
-    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    starts = list(itertools.accumulate(lengths, initial=0))
     o = torch.empty_like(v)
     state = state.clone()
     after = {}  # (sequence, t) -> the state after its first t tokens
@@ -66,11 +53,9 @@ def delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_
         seqs = [s for s, p in enumerate(pieces) if len(p) > r + 1]
         spans = [(starts[s] + pieces[s][r], starts[s] + pieces[s][r + 1]) for s in seqs]
         rows = torch.cat([torch.arange(a, b) for a, b in spans]).to(v.device)
-        lens = [b - a for a, b in spans]
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=v.device)
         at = torch.tensor(seqs, device=v.device)
-        o[rows], state[at] = _run(chunk, recurrent, q[rows], k[rows], v[rows], g[rows], beta[rows], cu, lens,
-                                  state[at])
+        o[rows], state[at] = _run(chunk, recurrent, q[rows], k[rows], v[rows], g[rows], beta[rows], None,
+                                  [b - a for a, b in spans], state[at])
         for s in seqs:
             if pieces[s][r + 1] < lengths[s]:
                 after[s, pieces[s][r + 1]] = state[s].clone()
@@ -78,11 +63,15 @@ def delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_
 
 
 def _run(chunk, recurrent, q, k, v, g, beta, cu_seqlens, lengths, state):
+    """One fla call over packed sequences of these host lengths (cu_seqlens: their device copy, made here if
+    None)."""
     kw = dict(initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
     if len(lengths) == q.shape[0]:  # a decode step: the batch form [S, 1, H, ·]
         o, final = recurrent(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None], **kw)
         return o[:, 0], final
-    cu_cpu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu_cpu = torch.tensor(list(itertools.accumulate(lengths, initial=0)))
+    if cu_seqlens is None:
+        cu_seqlens = cu_cpu.to(v.device)
     o, final = chunk(q[None], k[None], v[None], g=g[None], beta=beta[None], cu_seqlens=cu_seqlens,
                      cu_seqlens_cpu=cu_cpu, **kw)
     return o[0], final
